@@ -1,0 +1,1 @@
+"""Batch-normalised classifiers trained with PyTorch Lightning (``python -m src.cli``)."""

@@ -1,0 +1,5 @@
+"""Callbacks usable by short name in YAML (``class_path: PredictionWriter``)."""
+
+from src.callbacks.predictions import PredictionWriter
+
+__all__ = ["PredictionWriter"]

@@ -1,0 +1,135 @@
+"""The project's one entry point.
+
+    python -m src.cli fit --config configs/mnist1d_resnet_bn.yaml
+    python -m src.cli test --ckpt_path lightning_logs/mnist1d_resnet_bn/version_0/checkpoints/last.ckpt
+    python -m src.cli predict --config configs/mnist1d_resnet_bn.yaml --ckpt_path <ckpt>
+    python -m src.cli fit --help   |   python -m src.cli fit --config <yaml> --print_config
+
+Any setting can be overridden on the command line (``--trainer.max_epochs=5``,
+``--model.init_args.hidden_size=256``, ``--data.init_args.batch_size=512``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+# jsonargparse releases after 4.39 announce future API changes on every run; they are not
+# actionable for users of this CLI.
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"jsonargparse.*")
+warnings.filterwarnings("ignore", message=r".*jsonargparse.*", category=FutureWarning)
+
+import torch  # noqa: E402
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
+
+import src.callbacks  # noqa: E402,F401  (registers callback classes for short names in YAML)
+from src.data import ClassificationDataModule  # noqa: E402
+from src.models import ClassifierModule  # noqa: E402
+
+# Values the DataModule knows and the model needs. They are linked at instantiation, so they are
+# never written twice; a value for one of them in a YAML file or on the command line is replaced
+# by the linked one (the CLI warns when that happens).
+LINKED = ("num_classes", "input_size", "class_names")
+
+
+class CLI(LightningCLI):
+    """LightningCLI over the project's base classes (subclass mode), with data → model links."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for name in LINKED:
+            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=False,
+            help="After fit, run test on the best checkpoint in the same log folder.",
+        )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        # `validate|test|predict --ckpt_path X` with no config: take the model and data classes
+        # and their arguments from the checkpoint, so nothing has to be repeated. Anything given
+        # after (a --config, --data.init_args.*) still overrides the data.
+        argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else None
+        if argv and argv[0] in ("validate", "test", "predict"):
+            ckpt_path = _flag_value(argv, "--ckpt_path")
+            if ckpt_path and ckpt_path not in ("best", "last", "hpc", "registry"):
+                if not Path(ckpt_path).is_file():
+                    sys.exit(f"error: --ckpt_path {ckpt_path!r} is not a file. Pass the path of a .ckpt file.")
+                ckpt = _load_checkpoint(ckpt_path)
+                injected = []
+                for key, flag in (("hyper_parameters", "--model"), ("datamodule_hyper_parameters", "--data")):
+                    hparams = dict(ckpt.get(key) or {})
+                    hparams.pop("_instantiator", None)
+                    if "_class_path" in hparams:
+                        init = {k: v for k, v in hparams.items() if k != "_class_path" and k not in LINKED}
+                        injected += [flag, json.dumps({"class_path": hparams["_class_path"], "init_args": init})]
+                argv = [argv[0], *injected, *argv[1:]]
+            args = argv
+        super().parse_arguments(parser, args)
+
+    def before_instantiate_classes(self) -> None:
+        sub = self.config.get("subcommand")
+        cfg = self.config[sub] if sub else self.config
+        if cfg.get("data") is None:
+            self.parser.error(
+                "No data given. Pass a config (--config configs/<name>.yaml) or --data=<DataModule> "
+                "(e.g. --data=MNIST1D), or a checkpoint with --ckpt_path for validate/test/predict."
+            )
+        model_args = (cfg.get("model") or {}).get("init_args") or {}
+        for name in LINKED:
+            if model_args.get(name) is not None and name != "class_names":
+                warnings.warn(
+                    f"model.init_args.{name}={model_args.get(name)!r} is set in the config but is linked "
+                    f"from the data (data.{name}); the data's value is used.",
+                    stacklevel=1,
+                )
+
+    def after_fit(self) -> None:
+        if self.config.fit.get("test_after_fit"):
+            ckpt = "best" if self.trainer.checkpoint_callback is not None else None
+            if self.trainer.fast_dev_run:
+                ckpt = None
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _load_checkpoint(path: str) -> dict[str, Any]:
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:
+        sys.exit(
+            f"error: could not read checkpoint {path!r}: {type(err).__name__}: {str(err).splitlines()[0]}\n"
+            "The file is corrupt, truncated or not a Lightning checkpoint. Point --ckpt_path to a .ckpt "
+            "written by this project (e.g. lightning_logs/<run>/version_N/checkpoints/last.ckpt)."
+        )
+
+
+def main(args: Any = None, run: bool = True) -> CLI:
+    """Build and run the CLI (``args`` lets tests and scripts call it in-process)."""
+    torch.set_num_threads(int(os.environ.get("BN_NUM_THREADS", torch.get_num_threads())))
+    return CLI(
+        ClassifierModule,
+        ClassificationDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        args=args,
+        run=run,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,6 @@
+"""LightningDataModules, one per dataset, on the shared :class:`ClassificationDataModule` base."""
+
+from src.data.base import ClassificationDataModule, TensorBatches
+from src.data.mnist1d import MNIST1D
+
+__all__ = ["ClassificationDataModule", "MNIST1D", "TensorBatches"]

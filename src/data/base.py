@@ -1,0 +1,262 @@
+"""Shared DataModule base: splits, in-memory tensor batching, and what the model needs to know.
+
+Every dataset here fits in memory, so the default path keeps each split as tensors on the
+training device and slices mini-batches from them (:class:`TensorBatches`): no per-sample
+``__getitem__``, no worker processes, no per-batch host-to-device copies. ``loader="dataloader"``
+switches to a plain ``torch.utils.data.DataLoader`` for comparison or for data that does not fit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
+Split = tuple[Tensor, ...]
+"""One split: ``(inputs, labels)`` (text datasets may add more tensors, e.g. lengths)."""
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class TensorBatches:
+    """Mini-batches sliced from tensors that already sit on the training device.
+
+    Each epoch draws a permutation from ``seed + epoch`` (Lightning calls :meth:`set_epoch`
+    through the ``sampler`` attribute, so a resumed run replays the same order). Under
+    ``torch.distributed`` each rank takes its own shard: for training the permutation is padded
+    (like ``DistributedSampler``) so every rank runs the same number of steps; for evaluation the
+    shards are left unpadded, so metrics cover every sample exactly once.
+
+    Args:
+        tensors: tensors with the same first dimension.
+        batch_size: samples per batch (per rank).
+        shuffle: draw a new permutation each epoch.
+        drop_last: drop the last incomplete batch.
+        seed: base seed of the per-epoch permutation.
+        even_shards: pad shards to equal size across ranks (training).
+        collate: optional function applied to each sliced batch (e.g. trim padding).
+    """
+
+    def __init__(
+        self,
+        tensors: Split,
+        batch_size: int,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        seed: int = 0,
+        even_shards: bool = False,
+        collate: Callable[[Split], Split] | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        n = len(tensors[0])
+        if any(len(t) != n for t in tensors):
+            raise ValueError("all tensors of a split must have the same length")
+        self.tensors = tensors
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.seed = seed
+        self.even_shards = even_shards
+        self.collate = collate
+        self.epoch = 0
+        # Lightning's loops call `dataloader.sampler.set_epoch(epoch)` when it exists.
+        self.sampler = self
+        self.batch_sampler = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _num_local(self) -> int:
+        n = len(self.tensors[0])
+        rank, world = _rank_and_world()
+        if world == 1:
+            return n
+        if self.even_shards:
+            return math.ceil(n / world)
+        return len(range(rank, n, world))
+
+    def __len__(self) -> int:
+        m = self._num_local()
+        return m // self.batch_size if self.drop_last else math.ceil(m / self.batch_size)
+
+    def _indices(self) -> Tensor | None:
+        """Sample indices for this rank and epoch, or ``None`` for the identity (fast slicing)."""
+        n = len(self.tensors[0])
+        rank, world = _rank_and_world()
+        if not self.shuffle and world == 1:
+            return None
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            idx = torch.randperm(n, generator=g)
+        else:
+            idx = torch.arange(n)
+        if world > 1:
+            if self.even_shards:
+                total = math.ceil(n / world) * world
+                idx = torch.cat([idx, idx[: total - n]]) if total > n else idx
+            idx = idx[rank::world]
+        return idx
+
+    def __iter__(self) -> Iterator[Split]:
+        idx = self._indices()
+        if idx is None:
+            data = self.tensors
+        else:
+            # One gather per epoch, then every batch is a cheap view.
+            data = tuple(t[idx.to(t.device)] for t in self.tensors)
+        m = len(data[0])
+        stop = (m // self.batch_size) * self.batch_size if self.drop_last else m
+        for start in range(0, stop, self.batch_size):
+            batch = tuple(t[start : start + self.batch_size] for t in data)
+            yield self.collate(batch) if self.collate is not None else batch
+
+
+class ClassificationDataModule(LightningDataModule):
+    """Base DataModule for the project's classification datasets.
+
+    Subclasses implement :meth:`load_splits` (return tensors for ``train``/``test`` and
+    optionally ``val``) and expose :attr:`num_classes`, :attr:`input_size` and
+    :attr:`class_names`, which the CLI links into the model so they are never configured twice.
+    Per-batch work that must see the device (normalisation, augmentation) goes in
+    :meth:`transform_batch`.
+
+    Args:
+        batch_size: training batch size (per device).
+        eval_batch_size: batch size for validation/test/predict (default: ``4 * batch_size``).
+        val_size: samples carved from the training split for validation when the dataset has no
+            validation split (an int count or a fraction in (0, 1)).
+        split_seed: seed of the train/validation split (fixed so runs are comparable).
+        shuffle_seed: base seed of the per-epoch training permutation.
+        loader: ``tensors`` (whole split on the device, sliced batches) or ``dataloader``
+            (a classic ``DataLoader`` over a ``TensorDataset``).
+        num_workers: worker processes for the ``dataloader`` path.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        val_size: int | float = 0.1,
+        split_seed: int = 42,
+        shuffle_seed: int = 0,
+        loader: Literal["tensors", "dataloader"] = "tensors",
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or 4 * batch_size
+        self.val_size = val_size
+        self.split_seed = split_seed
+        self.shuffle_seed = shuffle_seed
+        self.loader = loader
+        self.num_workers = num_workers
+        self.splits: dict[str, Split] = {}
+
+    # ------------------------------------------------------------------ what subclasses provide
+    @property
+    def num_classes(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def input_size(self) -> int:
+        """Size of one input as the model sees it (features, signal length, vocabulary size)."""
+        raise NotImplementedError
+
+    @property
+    def class_names(self) -> list[str]:
+        return [str(i) for i in range(self.num_classes)]
+
+    def load_splits(self) -> dict[str, Split]:
+        """Return CPU tensors per split: ``train`` and ``test`` required, ``val`` optional."""
+        raise NotImplementedError
+
+    def transform_batch(self, batch: Split, training: bool) -> Split:
+        """Per-batch transform on the device (normalisation, augmentation). Identity by default."""
+        return batch
+
+    def collate(self, batch: Split) -> Split:
+        """Applied to each sliced batch before transfer (e.g. trimming padding). Identity."""
+        return batch
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        splits = dict(self.load_splits())
+        if "val" not in splits:
+            splits["train"], splits["val"] = self._carve_val(splits["train"])
+        device = self._device()
+        if self.loader == "tensors" and device is not None:
+            splits = {k: tuple(t.to(device) for t in v) for k, v in splits.items()}
+        self.splits = splits
+
+    def _device(self) -> torch.device | None:
+        trainer = getattr(self, "trainer", None)
+        return trainer.strategy.root_device if trainer is not None else None
+
+    def _carve_val(self, train: Split) -> tuple[Split, Split]:
+        n = len(train[0])
+        n_val = int(round(self.val_size * n)) if isinstance(self.val_size, float) else int(self.val_size)
+        if not 0 < n_val < n:
+            raise ValueError(
+                f"val_size={self.val_size} leaves no training or no validation data out of {n} training "
+                "samples; pass a count between 1 and the training-set size minus 1, or a fraction in (0, 1)."
+            )
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
+        val_idx, train_idx = perm[:n_val], perm[n_val:]
+        return tuple(t[train_idx] for t in train), tuple(t[val_idx] for t in train)
+
+    def _make_loader(self, split: str, train: bool) -> TensorBatches | DataLoader:
+        if not self.splits:
+            self.setup()
+        tensors = self.splits[split]
+        batch_size = self.batch_size if train else self.eval_batch_size
+        if self.loader == "dataloader":
+            return DataLoader(
+                TensorDataset(*tensors),
+                batch_size=batch_size,
+                shuffle=train,
+                num_workers=self.num_workers,
+                collate_fn=lambda samples: self.collate(torch.utils.data.default_collate(samples)),
+                persistent_workers=self.num_workers > 0,
+            )
+        return TensorBatches(
+            tensors,
+            batch_size=batch_size,
+            shuffle=train,
+            seed=self.shuffle_seed,
+            even_shards=train,
+            collate=self.collate,
+        )
+
+    def train_dataloader(self) -> TensorBatches | DataLoader:
+        return self._make_loader("train", train=True)
+
+    def val_dataloader(self) -> TensorBatches | DataLoader:
+        return self._make_loader("val", train=False)
+
+    def test_dataloader(self) -> TensorBatches | DataLoader:
+        return self._make_loader("test", train=False)
+
+    def predict_dataloader(self) -> TensorBatches | DataLoader:
+        return self._make_loader("test", train=False)
+
+    def on_after_batch_transfer(self, batch: Split, dataloader_idx: int) -> Split:
+        if not isinstance(batch, (tuple, list)):  # e.g. the model summary's example input
+            return batch
+        trainer = getattr(self, "trainer", None)
+        training = bool(trainer is not None and trainer.training)
+        return self.transform_batch(tuple(batch), training=training)

@@ -1,0 +1,188 @@
+"""The shared classification LightningModule: loss, metrics, logging, optimiser, prediction.
+
+A concrete model subclasses :class:`ClassifierModule` and only builds ``self.net``; everything a
+training run does with it lives here once.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+from lightning.pytorch.loggers import TensorBoardLogger
+from torchmetrics import MaxMetric, MeanMetric, MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+STAGES = ("train", "val", "test")
+# Shown in TensorBoard's hparams tab beside the run's hyperparameters.
+HP_METRICS = ("hp/best_val_acc", "hp/test_acc", "hp/test_f1")
+
+
+class ClassifierModule(LightningModule):
+    """Base LightningModule for every classifier in the project.
+
+    Metrics are torchmetrics objects updated on the device every step and computed once per
+    epoch (``{stage}_loss``, ``{stage}_acc``, ``{stage}_f1`` with macro averaging), so the
+    training loop never forces a host synchronisation. ``predict_step`` returns class
+    probabilities.
+
+    Args:
+        num_classes: number of classes (linked from the DataModule).
+        class_names: class names (linked from the DataModule); stored in the checkpoint so
+            ``predict`` can report names.
+        optimizer: optimiser class and its arguments, e.g. ``torch.optim.AdamW`` with ``lr``.
+        lr_scheduler: learning-rate scheduler or ``null``. ``ReduceLROnPlateau`` monitors
+            ``val_loss`` per epoch; schedulers that take ``total_steps`` (``OneCycleLR``) get the
+            run's total optimizer steps and step every batch.
+        label_smoothing: cross-entropy label smoothing.
+        compile_model: wrap the network with ``torch.compile``.
+    """
+
+    net: nn.Module
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        class_names: list[str] | None = None,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = ReduceLROnPlateau,
+        label_smoothing: float = 0.0,
+        compile_model: bool = False,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"got {len(class_names)} class_names for num_classes={num_classes}")
+        # The callables are not primitives: keep them out of hparams outside the CLI (inside it,
+        # LightningCLI stores their YAML form instead).
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.num_classes = num_classes
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.label_smoothing = label_smoothing
+        self.compile_model = compile_model
+        metrics = MetricCollection(
+            {
+                "acc": MulticlassAccuracy(num_classes, average="micro"),
+                "f1": MulticlassF1Score(num_classes, average="macro"),
+            }
+        )
+        # One attribute per stage (`train_metrics`, `val_loss_mean`, ...): nn.Module reserves `train`.
+        for s in STAGES:
+            setattr(self, f"{s}_metrics", metrics.clone(prefix=f"{s}_"))
+            setattr(self, f"{s}_loss_mean", MeanMetric())
+        self.best_val_acc = MaxMetric()
+        # Per-class report of `test` (seed 001): precision/recall/F1 per class and the confusion
+        # matrix, kept for callbacks (e.g. a report writer) in `self.test_report`.
+        self.test_per_class = MetricCollection(
+            {
+                "precision": MulticlassPrecision(num_classes, average=None),
+                "recall": MulticlassRecall(num_classes, average=None),
+                "f1": MulticlassF1Score(num_classes, average=None),
+                "confusion": MulticlassConfusionMatrix(num_classes),
+            }
+        )
+        self.test_report: dict[str, Tensor] = {}
+
+    # ------------------------------------------------------------------ network
+    def configure_model(self) -> None:
+        if self.compile_model and not isinstance(self.net, torch._dynamo.eval_frame.OptimizedModule):
+            self.net = torch.compile(self.net)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    # ------------------------------------------------------------------ steps
+    def shared_step(self, batch: tuple[Tensor, ...], stage: str) -> Tensor:
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing if stage == "train" else 0.0)
+        loss_mean, metrics = getattr(self, f"{stage}_loss_mean"), getattr(self, f"{stage}_metrics")
+        loss_mean.update(loss.detach(), weight=y.shape[0])
+        metrics.update(logits.detach(), y)
+        if stage == "test":
+            self.test_per_class.update(logits.detach(), y)
+        # Logging the metric objects lets Lightning compute and reset them once per epoch (and
+        # reduce them across DDP ranks), instead of syncing every step.
+        self.log(f"{stage}_loss", loss_mean, on_step=False, on_epoch=True, prog_bar=stage != "train")
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val")
+        return loss
+
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        return self.shared_step(batch, "train")
+
+    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
+        self.shared_step(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
+        self.shared_step(batch, "test")
+
+    def predict_step(self, batch: tuple[Tensor, ...], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        return torch.softmax(self(batch[0]).float(), dim=-1)
+
+    # ------------------------------------------------------------------ hparams tab
+    def _log_hparams_with_metrics(self) -> None:
+        if isinstance(self.logger, TensorBoardLogger):
+            self.logger.log_hyperparams(self.hparams, {k: float("nan") for k in HP_METRICS})
+
+    def on_fit_start(self) -> None:
+        self._log_hparams_with_metrics()
+
+    def on_test_start(self) -> None:
+        if self.trainer.state.fn == "test":  # a stand-alone `test` run has its own log folder
+            self._log_hparams_with_metrics()
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        self.best_val_acc.update(self.val_metrics["acc"].compute())
+        self.log("hp/best_val_acc", self.best_val_acc.compute())
+
+    def on_test_epoch_end(self) -> None:
+        self.log("hp/test_acc", self.test_metrics["acc"].compute())
+        self.log("hp/test_f1", self.test_metrics["f1"].compute())
+        self.test_report = {k: v.detach().cpu() for k, v in self.test_per_class.compute().items()}
+        self.test_per_class.reset()
+        for name in ("precision", "recall", "f1"):
+            for cls, value in zip(self.class_names, self.test_report[name].tolist(), strict=True):
+                self.log(f"test_{name}/{cls}", value, sync_dist=False)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer(self.parameters())
+        if self.lr_scheduler is None:
+            return optimizer
+        kwargs = {}
+        if _accepts_unset(self.lr_scheduler, "total_steps"):
+            kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.lr_scheduler(optimizer, **kwargs)
+        config: dict[str, Any] = {"scheduler": scheduler, "interval": "step" if kwargs else "epoch"}
+        if isinstance(scheduler, ReduceLROnPlateau):
+            config["monitor"] = "val_loss"
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+
+def _accepts_unset(fn: Any, name: str) -> bool:
+    """Whether callable ``fn`` takes argument ``name`` and leaves it unset (``None``)."""
+    bound = getattr(fn, "keywords", None)  # jsonargparse hands over a functools.partial
+    if bound is not None and name in bound:
+        return bound[name] is None
+    try:
+        param = inspect.signature(fn).parameters.get(name)
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.default is None
