@@ -71,6 +71,31 @@ class CLI(LightningCLI):
             args = argv
         super().parse_arguments(parser, args)
 
+    def _add_instantiators(self) -> None:
+        super()._add_instantiators()
+        # A DataModule whose model-facing values come from fitted state (e.g. a vocabulary) gets
+        # that state from the checkpoint as soon as it exists, before the data → model links are
+        # read, so `test`/`predict --ckpt_path` build the same model without the training data.
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        cli = self
+
+        def instantiate_data(class_type: type, *args: Any, **kwargs: Any) -> Any:
+            datamodule = data_instantiator(class_type, *args, **kwargs)
+            state = _load_checkpoint(ckpt_path).get(type(datamodule).__qualname__)
+            if state:
+                datamodule.load_state_dict(state)
+            return datamodule
+
+        from lightning.pytorch.cli import _InstantiatorFn
+
+        data_instantiator = _InstantiatorFn(cli=cli, key="data")
+        self.parser.add_instantiator(
+            instantiate_data, ClassificationDataModule, subclasses=True, prepend=True
+        )
+
     def before_instantiate_classes(self) -> None:
         sub = self.config.get("subcommand")
         cfg = self.config[sub] if sub else self.config
