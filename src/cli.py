@@ -82,8 +82,10 @@ class CLI(LightningCLI):
             return
         cli = self
 
-        def instantiate_data(class_type: type, *args: Any, **kwargs: Any) -> Any:
-            datamodule = data_instantiator(class_type, *args, **kwargs)
+        def instantiate_data(class_type: type, *args: Any, applied_instantiation_links: dict, **kwargs: Any) -> Any:
+            datamodule = data_instantiator(
+                class_type, *args, applied_instantiation_links=applied_instantiation_links, **kwargs
+            )
             state = _load_checkpoint(ckpt_path).get(type(datamodule).__qualname__)
             if state:
                 datamodule.load_state_dict(state)
