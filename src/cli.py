@@ -24,6 +24,7 @@ warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"jsonargp
 warnings.filterwarnings("ignore", message=r".*jsonargparse.*", category=FutureWarning)
 
 import torch  # noqa: E402
+from lightning.pytorch.callbacks import ProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 
 import src.callbacks  # noqa: E402,F401  (registers callback classes for short names in YAML)
@@ -58,7 +59,9 @@ class CLI(LightningCLI):
             ckpt_path = _flag_value(argv, "--ckpt_path")
             if ckpt_path and ckpt_path not in ("best", "last", "hpc", "registry"):
                 if not Path(ckpt_path).is_file():
-                    sys.exit(f"error: --ckpt_path {ckpt_path!r} is not a file. Pass the path of a .ckpt file.")
+                    sys.exit(
+                        f"error: --ckpt_path {ckpt_path!r} is not a file. Pass the path of a .ckpt file."
+                    )
                 ckpt = _load_checkpoint(ckpt_path)
                 injected = []
                 for key, flag in (("hyper_parameters", "--model"), ("datamodule_hyper_parameters", "--data")):
@@ -66,7 +69,10 @@ class CLI(LightningCLI):
                     hparams.pop("_instantiator", None)
                     if "_class_path" in hparams:
                         init = {k: v for k, v in hparams.items() if k != "_class_path" and k not in LINKED}
-                        injected += [flag, json.dumps({"class_path": hparams["_class_path"], "init_args": init})]
+                        injected += [
+                            flag,
+                            json.dumps({"class_path": hparams["_class_path"], "init_args": init}),
+                        ]
                 argv = [argv[0], *injected, *argv[1:]]
             args = argv
         super().parse_arguments(parser, args)
@@ -82,7 +88,9 @@ class CLI(LightningCLI):
             return
         cli = self
 
-        def instantiate_data(class_type: type, *args: Any, applied_instantiation_links: dict, **kwargs: Any) -> Any:
+        def instantiate_data(
+            class_type: type, *args: Any, applied_instantiation_links: dict, **kwargs: Any
+        ) -> Any:
             datamodule = data_instantiator(
                 class_type, *args, applied_instantiation_links=applied_instantiation_links, **kwargs
             )
@@ -114,6 +122,17 @@ class CLI(LightningCLI):
                     f"from the data (data.{name}); the data's value is used.",
                     stacklevel=1,
                 )
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+        # `--trainer.enable_progress_bar=false` should simply switch off the configured bar
+        # (Lightning would refuse the combination with a progress-bar callback in the list).
+        if config.get("enable_progress_bar") is False:
+            config = {
+                **config,
+                "callbacks": [c for c in config.get("callbacks") or [] if not isinstance(c, ProgressBar)],
+            }
+            callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+        return super()._instantiate_trainer(config, callbacks)
 
     def after_fit(self) -> None:
         if self.config.fit.get("test_after_fit"):

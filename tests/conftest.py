@@ -16,7 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: int = 300, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run ``python -m src.cli ARGS`` in a subprocess, as a user would, and return the result."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "BN_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -28,7 +30,9 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, check: bool
         timeout=timeout,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"CLI failed ({proc.returncode}): {' '.join(args)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(
+            f"CLI failed ({proc.returncode}): {' '.join(args)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 

@@ -110,11 +110,8 @@ class TensorBatches:
 
     def __iter__(self) -> Iterator[Split]:
         idx = self._indices()
-        if idx is None:
-            data = self.tensors
-        else:
-            # One gather per epoch, then every batch is a cheap view.
-            data = tuple(t[idx.to(t.device)] for t in self.tensors)
+        # One gather per epoch, then every batch is a cheap view.
+        data = self.tensors if idx is None else tuple(t[idx.to(t.device)] for t in self.tensors)
         m = len(data[0])
         stop = (m // self.batch_size) * self.batch_size if self.drop_last else m
         for start in range(0, stop, self.batch_size):

@@ -1,6 +1,6 @@
 """MNIST-1D: 1-D signals of length 40 in 10 classes, generated offline by the ``mnist1d`` package.
 
-    python -m src.cli fit --config configs/mnist1d_resnet_bn.yaml
+python -m src.cli fit --config configs/mnist1d_resnet_bn.yaml
 """
 
 from __future__ import annotations

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
-from lightning.pytorch.loggers import TensorBoardLogger
 from torchmetrics import MaxMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
@@ -174,6 +174,18 @@ class ClassifierModule(LightningModule):
         if isinstance(scheduler, ReduceLROnPlateau):
             config["monitor"] = "val_loss"
         return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        # A run resumed with a larger max_epochs outlives a fixed-length schedule (OneCycleLR):
+        # hold its final learning rate instead of failing.
+        if _schedule_finished(scheduler):
+            return
+        super().lr_scheduler_step(scheduler, metric)
+
+
+def _schedule_finished(scheduler: Any) -> bool:
+    total = getattr(scheduler, "total_steps", None)
+    return isinstance(total, int) and scheduler.last_epoch >= total
 
 
 def _accepts_unset(fn: Any, name: str) -> bool:

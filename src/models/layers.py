@@ -32,7 +32,9 @@ class NormAct(nn.Sequential):
         eps: float = 1e-5,
     ) -> None:
         if bn_position not in ("before_activation", "after_activation"):
-            raise ValueError(f"bn_position must be 'before_activation' or 'after_activation', got {bn_position!r}")
+            raise ValueError(
+                f"bn_position must be 'before_activation' or 'after_activation', got {bn_position!r}"
+            )
         act = nn.ReLU()
         if not batch_norm:
             super().__init__(act)

@@ -1,6 +1,6 @@
 """Residual MLP with batch norm before each residual branch (seed 003), for MNIST-1D.
 
-    python -m src.cli fit --config configs/mnist1d_resnet_bn.yaml
+python -m src.cli fit --config configs/mnist1d_resnet_bn.yaml
 """
 
 from __future__ import annotations
@@ -94,6 +94,14 @@ class ResidualBN(ClassifierModule):
     ) -> None:
         super().__init__(**kwargs)
         self.net = ResidualBNNet(
-            input_size, self.num_classes, hidden_size, num_blocks, batch_norm, bn_position, dropout, bn_momentum, bn_eps
+            input_size,
+            self.num_classes,
+            hidden_size,
+            num_blocks,
+            batch_norm,
+            bn_position,
+            dropout,
+            bn_momentum,
+            bn_eps,
         )
         self.example_input_array = torch.zeros(2, input_size)
