@@ -12,6 +12,7 @@ Any setting can be overridden on the command line (``--trainer.max_epochs=5``,
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import warnings
@@ -22,6 +23,18 @@ from typing import Any
 # actionable for users of this CLI.
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"jsonargparse.*")
 warnings.filterwarnings("ignore", message=r".*jsonargparse.*", category=FutureWarning)
+# lightning 2.6 calls a torch pytree API that torch deprecated; nothing a user can act on.
+warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+
+
+class _NoAdverts(logging.Filter):
+    """Drop Lightning's tips that advertise cloud services at the start of every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdverts())
 
 import torch  # noqa: E402
 from lightning.pytorch.callbacks import ProgressBar  # noqa: E402

@@ -151,6 +151,9 @@ class ClassificationDataModule(LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
+        # Collects the subclass's arguments too; the checkpoint then carries the data settings,
+        # so `test/predict --ckpt_path` can rebuild the DataModule.
+        self.save_hyperparameters()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size

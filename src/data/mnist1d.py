@@ -47,7 +47,6 @@ class MNIST1D(ClassificationDataModule):
         super().__init__(**kwargs)
         if shift_augment < 0:
             raise ValueError(f"shift_augment must be >= 0, got {shift_augment}")
-        self.save_hyperparameters()
         self.cache_dir = Path(cache_dir)
         self.shift_augment = shift_augment
         self.gen_args = {
