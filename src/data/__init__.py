@@ -1,6 +1,7 @@
 """LightningDataModules, one per dataset, on the shared :class:`ClassificationDataModule` base."""
 
+from src.data.ag_news import AGNews
 from src.data.base import ClassificationDataModule, TensorBatches
 from src.data.mnist1d import MNIST1D
 
-__all__ = ["ClassificationDataModule", "MNIST1D", "TensorBatches"]
+__all__ = ["AGNews", "ClassificationDataModule", "MNIST1D", "TensorBatches"]

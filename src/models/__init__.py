@@ -1,6 +1,7 @@
 """Networks (``nn.Module``) and their LightningModules on the shared :class:`ClassifierModule`."""
 
+from src.models.bn_cnn import BNCNN, BNCNNNet
 from src.models.classifier import ClassifierModule
 from src.models.residual_bn import ResidualBN, ResidualBNNet
 
-__all__ = ["ClassifierModule", "ResidualBN", "ResidualBNNet"]
+__all__ = ["BNCNN", "BNCNNNet", "ClassifierModule", "ResidualBN", "ResidualBNNet"]
