@@ -83,6 +83,7 @@ class BNCNNNet(nn.Module):
         dropout: dropout before each FC layer.
         embedding_dropout: dropout on the token vectors (training only).
         word_dropout: probability of replacing a token by ``<unk>`` (training only).
+        embedding_init_std: standard deviation of the initial token vectors.
     """
 
     def __init__(
@@ -103,6 +104,7 @@ class BNCNNNet(nn.Module):
         dropout: float = 0.5,
         embedding_dropout: float = 0.0,
         word_dropout: float = 0.0,
+        embedding_init_std: float = 0.1,
     ) -> None:
         super().__init__()
         if input_size < 3:
@@ -122,6 +124,12 @@ class BNCNNNet(nn.Module):
         self.word_dropout = word_dropout
         if input_encoding == "embedding":
             self.embedding: nn.Embedding | None = nn.Embedding(input_size, embedding_dim, padding_idx=PAD_ID)
+            # BN after the conv makes the output blind to the vectors' scale, so small initial
+            # vectors only make Adam's fixed-size steps relatively larger: they train much faster
+            # than the N(0, 1) default on a small corpus.
+            nn.init.normal_(self.embedding.weight, std=embedding_init_std)
+            with torch.no_grad():
+                self.embedding.weight[PAD_ID].zero_()
             channels = embedding_dim
         else:
             self.embedding = None
@@ -201,6 +209,7 @@ class BNCNN(ClassifierModule):
         dropout: dropout before each FC layer.
         embedding_dropout: dropout on the token vectors at train time.
         word_dropout: probability of replacing a token by ``<unk>`` at train time.
+        embedding_init_std: standard deviation of the initial token vectors.
         **kwargs: training options of :class:`ClassifierModule` (classes, optimizer, scheduler).
     """
 
@@ -221,6 +230,7 @@ class BNCNN(ClassifierModule):
         dropout: float = 0.5,
         embedding_dropout: float = 0.0,
         word_dropout: float = 0.0,
+        embedding_init_std: float = 0.1,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -241,6 +251,7 @@ class BNCNN(ClassifierModule):
             dropout=dropout,
             embedding_dropout=embedding_dropout,
             word_dropout=word_dropout,
+            embedding_init_std=embedding_init_std,
         )
         self.example_input_array = torch.ones(2, max(kernel_sizes), dtype=torch.long)
 
