@@ -1,5 +1,6 @@
 """Callbacks usable by short name in YAML (``class_path: PredictionWriter``)."""
 
+from src.callbacks.activation_stats import ActivationStats
 from src.callbacks.predictions import PredictionWriter
 
-__all__ = ["PredictionWriter"]
+__all__ = ["ActivationStats", "PredictionWriter"]

@@ -17,6 +17,9 @@ from src.models.layers import BNPosition, NormAct, he_init
 class ResidualBlock(nn.Module):
     """``x + Linear(Dropout(ReLU(BN(x))))``: the pre-activation residual branch."""
 
+    # Marks the output as the residual stream for ActivationStats (found by this flag, any model).
+    residual = True
+
     def __init__(
         self,
         width: int,
