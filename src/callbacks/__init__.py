@@ -1,6 +1,7 @@
 """Callbacks usable by short name in YAML (``class_path: PredictionWriter``)."""
 
 from src.callbacks.activation_stats import ActivationStats
+from src.callbacks.per_class import PerClassReport
 from src.callbacks.predictions import PredictionWriter
 
-__all__ = ["ActivationStats", "PredictionWriter"]
+__all__ = ["ActivationStats", "PerClassReport", "PredictionWriter"]
