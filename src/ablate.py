@@ -6,7 +6,9 @@
 
 Every combination of ``--grid`` values is a variant; each variant runs once per seed, one after
 the other, as a normal ``python -m src.cli fit --test_after_fit=true`` run whose TensorBoard log
-folder is ``OUTPUT/runs/<variant>/seed_<n>``. Any argument this script does not know
+folder is ``RUNS_DIR/<variant>/seed_<n>`` (its console output beside it in ``seed_<n>.txt``);
+``RUNS_DIR`` defaults to ``lightning_logs/ablations/<name of OUTPUT>``, so the summary can go to a
+folder kept in git while checkpoints stay in the ignored ``lightning_logs``. Any argument this script does not know
 (``--trainer.max_epochs=3``, ``--data.init_args.data_dir=...``) is passed to every run.
 
 Results are read back from the runs' own TensorBoard event files: best ``val_acc``, ``test_acc``,
@@ -135,7 +137,7 @@ def run_one(configs: list[str], overrides: list[str], run_dir: Path, seed: int, 
         f"--seed_everything={seed}",
         "--test_after_fit=true",
         "--trainer.enable_progress_bar=false",
-        f"--trainer.logger.init_args.save_dir={run_dir.parent.parent}",
+        f"--trainer.logger.init_args.save_dir={run_dir.parent.parent.resolve()}",
         f"--trainer.logger.init_args.name={run_dir.parent.name}",
         f"--trainer.logger.init_args.version={run_dir.name}",
     ]
@@ -159,20 +161,27 @@ def _env() -> dict[str, str]:
 
 
 def sweep(
-    configs: list[str], grid: Grid, seeds: int, output: Path, extra: list[str], target: float
+    configs: list[str],
+    grid: Grid,
+    seeds: int,
+    output: Path,
+    extra: list[str],
+    target: float,
+    runs_dir: Path | None = None,
 ) -> list[RunResult]:
     """Run (or skip, when finished) every variant × seed, then write the summary and the plot."""
+    runs_dir = runs_dir or Path("lightning_logs/ablations") / output.resolve().name
     results = []
     todo = [(name, ovr, s) for name, ovr in variants(grid) for s in range(seeds)]
     for i, (name, overrides, seed) in enumerate(todo, 1):
-        run_dir = output / "runs" / name / f"seed_{seed}"
+        run_dir = runs_dir / name / f"seed_{seed}"
         done = read_run(run_dir, name, seed)
         if done is None:
             if run_dir.exists():  # interrupted: start it again from scratch
                 shutil.rmtree(run_dir)
             print(f"[{i}/{len(todo)}] {name} seed {seed}: running", flush=True)
             start = time.perf_counter()
-            run_one(configs, [*extra, *overrides], run_dir, seed, output / "logs" / f"{name}_seed_{seed}.txt")
+            run_one(configs, [*extra, *overrides], run_dir, seed, run_dir.with_suffix(".txt"))
             done = read_run(run_dir, name, seed)
             if done is None:
                 raise SystemExit(
@@ -295,7 +304,10 @@ def plot_curves(results: list[RunResult], path: Path) -> None:
 # ---------------------------------------------------------------------- entry point
 def main(argv: list[str] | None = None) -> list[RunResult]:
     parser = argparse.ArgumentParser(
-        prog="python -m src.ablate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m src.ablate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # unknown flags go to the runs: never take them for abbreviations of ours
     )
     parser.add_argument(
         "--config", action="append", required=True, help="base config (repeat to stack overlays)"
@@ -308,6 +320,9 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
         "--output", type=Path, default=None, help="default: lightning_logs/ablations/<config name>"
     )
     parser.add_argument(
+        "--runs_dir", type=Path, default=None, help="default: lightning_logs/ablations/<name of OUTPUT>"
+    )
+    parser.add_argument(
         "--target", type=float, default=0.8, help="val accuracy for the epochs-to-target column"
     )
     args, extra = parser.parse_known_args(argv)
@@ -317,7 +332,7 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
         if not Path(c).is_file():
             parser.error(f"--config {c}: no such file")
     output = args.output or Path("lightning_logs/ablations") / Path(args.config[0]).stem
-    return sweep(args.config, args.grid, args.seeds, output, extra, args.target)
+    return sweep(args.config, args.grid, args.seeds, output, extra, args.target, args.runs_dir)
 
 
 def _grid_type(text: str) -> tuple[str, list[str]]:

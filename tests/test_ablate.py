@@ -58,6 +58,7 @@ def test_sweep_tabulates_logged_results_and_resumes(
         "--grid", "model.init_args.batch_norm=true,false",
         "--seeds", "1",
         "--output", str(out),
+        "--runs_dir", str(tmp_path / "runs"),
         "--target", "0.0",
         "--trainer.max_epochs=1",  # passed through to every run
         "--trainer.limit_train_batches=3",
@@ -72,7 +73,7 @@ def test_sweep_tabulates_logged_results_and_resumes(
     assert set(rows) == {"batch_norm=true", "batch_norm=false"}
     for name, row in rows.items():
         # the table holds what the run itself printed as its test accuracy
-        printed = re.search(r"test_acc\D+([0-9.]+)", (out / "logs" / f"{name}_seed_0.txt").read_text())
+        printed = re.search(r"test_acc\D+([0-9.]+)", (tmp_path / "runs" / name / "seed_0.txt").read_text())
         assert float(row["test_acc_mean"]) == pytest.approx(float(printed.group(1)), abs=1e-4)
         assert row["runs"] == "1" and row["epochs_to_target_mean"] == "1.0"
     runs = list(csv.DictReader((out / "runs.csv").open()))
@@ -84,7 +85,7 @@ def test_sweep_tabulates_logged_results_and_resumes(
     main(args)
     assert capsys.readouterr().out.count("finished before, skipped") == 2
     # an interrupted run (its folder left without test results) is run again, alone
-    interrupted = out / "runs" / "batch_norm=false" / "seed_0"
+    interrupted = tmp_path / "runs" / "batch_norm=false" / "seed_0"
     for f in interrupted.glob("events.out.tfevents.*"):
         f.unlink()
     main(args)
