@@ -41,7 +41,7 @@ from lightning.pytorch.callbacks import ProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 
 import src.callbacks  # noqa: E402,F401  (registers callback classes for short names in YAML)
-from src.data import ClassificationDataModule  # noqa: E402
+from src.data import ClassificationDataModule, DataSourceError  # noqa: E402
 from src.models import ClassifierModule  # noqa: E402
 
 # Values the DataModule knows and the model needs. They are linked at instantiation, so they are
@@ -178,16 +178,21 @@ def _load_checkpoint(path: str) -> dict[str, Any]:
 def main(args: Any = None, run: bool = True) -> CLI:
     """Build and run the CLI (``args`` lets tests and scripts call it in-process)."""
     torch.set_num_threads(int(os.environ.get("BN_NUM_THREADS", torch.get_num_threads())))
-    return CLI(
-        ClassifierModule,
-        ClassificationDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-        args=args,
-        run=run,
-    )
+    try:
+        return CLI(
+            ClassifierModule,
+            ClassificationDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+        )
+    except DataSourceError as err:
+        # A missing/unreachable data source: the message says what to pass; a traceback through
+        # Lightning's loops adds nothing.
+        sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":
