@@ -75,16 +75,20 @@ class ClassifierModule(LightningModule):
         self.lr_scheduler = lr_scheduler
         self.label_smoothing = label_smoothing
         self.compile_model = compile_model
-        metrics = MetricCollection(
-            {
-                "acc": MulticlassAccuracy(num_classes, average="micro"),
-                "f1": MulticlassF1Score(num_classes, average="macro"),
-            }
-        )
         # One attribute per stage (`train_metrics`, `val_loss_mean`, ...): nn.Module reserves `train`.
+        # No argument checks in training: they call `torch.unique`, a host sync on the GPU every
+        # step (cross-entropy already rejects bad labels). No NaN filtering of the loss either: it
+        # syncs too, and a NaN loss should show in the logs rather than be dropped.
         for s in STAGES:
-            setattr(self, f"{s}_metrics", metrics.clone(prefix=f"{s}_"))
-            setattr(self, f"{s}_loss_mean", MeanMetric())
+            metrics = MetricCollection(
+                {
+                    "acc": MulticlassAccuracy(num_classes, average="micro", validate_args=s != "train"),
+                    "f1": MulticlassF1Score(num_classes, average="macro", validate_args=s != "train"),
+                },
+                prefix=f"{s}_",
+            )
+            setattr(self, f"{s}_metrics", metrics)
+            setattr(self, f"{s}_loss_mean", MeanMetric(nan_strategy="disable"))
         self.best_val_acc = MaxMetric()
         # Per-class report of `test` (seed 001): precision/recall/F1 per class and the confusion
         # matrix, kept for callbacks (e.g. a report writer) in `self.test_report`.
@@ -112,7 +116,9 @@ class ClassifierModule(LightningModule):
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing if stage == "train" else 0.0)
         loss_mean, metrics = getattr(self, f"{stage}_loss_mean"), getattr(self, f"{stage}_metrics")
-        loss_mean.update(loss.detach(), weight=y.shape[0])
+        # One value per sample: a sample-weighted epoch mean (torchmetrics ignores `weight` when
+        # NaN checks are disabled).
+        loss_mean.update(loss.detach().expand(y.shape[0]))
         metrics.update(logits.detach(), y)
         if stage == "test":
             self.test_per_class.update(logits.detach(), y)
@@ -150,16 +156,18 @@ class ClassifierModule(LightningModule):
         if self.trainer.sanity_checking:
             return
         self.best_val_acc.update(self.val_metrics["acc"].compute())
-        self.log("hp/best_val_acc", self.best_val_acc.compute())
+        self.log("hp/best_val_acc", self.best_val_acc.compute(), sync_dist=True)
 
     def on_test_epoch_end(self) -> None:
-        self.log("hp/test_acc", self.test_metrics["acc"].compute())
-        self.log("hp/test_f1", self.test_metrics["f1"].compute())
+        # Already reduced across ranks by torchmetrics (the same value on every rank); sync_dist=True
+        # only keeps Lightning from warning under DDP.
+        self.log("hp/test_acc", self.test_metrics["acc"].compute(), sync_dist=True)
+        self.log("hp/test_f1", self.test_metrics["f1"].compute(), sync_dist=True)
         self.test_report = {k: v.detach().cpu() for k, v in self.test_per_class.compute().items()}
         self.test_per_class.reset()
         for name in ("precision", "recall", "f1"):
             for cls, value in zip(self.class_names, self.test_report[name].tolist(), strict=True):
-                self.log(f"test_{name}/{cls}", value, sync_dist=False)
+                self.log(f"test_{name}/{cls}", value, sync_dist=True)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:

@@ -1,0 +1,105 @@
+"""Scaling behaviour that needs no second process: no host syncs per step, batch-norm handling
+under DDP, the effective batch-size report."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.plugins import TorchSyncBatchNorm
+
+from src.callbacks.scaling import ScalingSetup, effective_batch_report
+from src.data import TensorBatches
+from src.models import ResidualBN
+
+# Python-level conversions of a tensor: on a GPU each one waits for the device (a host sync).
+HOST_SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")
+
+
+def test_training_step_never_syncs_with_the_host(monkeypatch):
+    calls: list[str] = []
+    inside = [False]
+
+    def spy(name, original):
+        def wrapper(self, *args, **kwargs):
+            if inside[0]:
+                calls.append(name)
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    for name in HOST_SYNCS:
+        monkeypatch.setattr(torch.Tensor, name, spy(name, getattr(torch.Tensor, name)))
+
+    class Spied(ResidualBN):
+        def training_step(self, batch, batch_idx):
+            inside[0] = True
+            try:
+                return super().training_step(batch, batch_idx)
+            finally:
+                inside[0] = False
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 40), torch.randint(0, 10, (64,))
+    trainer = Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(Spied(num_classes=10, lr_scheduler=None), TensorBatches((x, y), 16, shuffle=True))
+    assert trainer.global_step == 4
+    assert calls == [], f"training_step forced host syncs: {sorted(set(calls))}"
+
+
+def test_epoch_loss_is_the_mean_over_samples_not_batches():
+    model = ResidualBN(num_classes=10)
+    model.train_loss_mean.update(torch.tensor(1.0).expand(3))  # as shared_step does: one value per sample
+    model.train_loss_mean.update(torch.tensor(4.0).expand(1))
+    assert model.train_loss_mean.compute() == pytest.approx(7 / 4)
+
+
+def fake_trainer(
+    device: str, world_size: int = 2, layer_sync=True, batch_size: int = 100, accumulate: int = 1
+):
+    optimizer = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=0.01)
+    return SimpleNamespace(
+        world_size=world_size,
+        num_nodes=1,
+        num_devices=world_size,
+        accumulate_grad_batches=accumulate,
+        datamodule=SimpleNamespace(batch_size=batch_size),
+        optimizers=[optimizer],
+        strategy=SimpleNamespace(
+            root_device=torch.device(device), _layer_sync=TorchSyncBatchNorm() if layer_sync else None
+        ),
+    )
+
+
+def test_sync_batchnorm_kept_on_gpu_and_dropped_with_one_warning_on_cpu():
+    model = ResidualBN(num_classes=10)
+    gpu = fake_trainer("cuda")
+    ScalingSetup().setup(gpu, model, "fit")
+    assert isinstance(gpu.strategy._layer_sync, TorchSyncBatchNorm)
+
+    cpu = fake_trainer("cpu")
+    with pytest.warns(UserWarning, match="SyncBatchNorm runs only on GPUs") as record:
+        ScalingSetup().setup(cpu, model, "fit")
+    assert cpu.strategy._layer_sync is None
+    assert len([w for w in record if "SyncBatchNorm" in str(w.message)]) == 1
+
+
+def test_no_batch_norm_warning_for_one_process_or_a_model_without_batch_norm(recwarn):
+    ScalingSetup().setup(fake_trainer("cpu", world_size=1), ResidualBN(num_classes=10), "fit")
+    ScalingSetup().setup(fake_trainer("cpu"), ResidualBN(num_classes=10, batch_norm=False), "fit")
+    assert not [w for w in recwarn if "SyncBatchNorm" in str(w.message)]
+
+
+def test_effective_batch_report_multiplies_processes_and_accumulation():
+    report = effective_batch_report(fake_trainer("cuda", world_size=4, accumulate=2, batch_size=100))
+    assert "Effective batch size 800 = 100 per process × 4 process(es)" in report
+    assert "AdamW lr 0.01" in report
