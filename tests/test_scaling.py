@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.plugins import TorchSyncBatchNorm
 
 from src.callbacks.scaling import ScalingSetup, effective_batch_report
@@ -103,3 +103,41 @@ def test_effective_batch_report_multiplies_processes_and_accumulation():
     report = effective_batch_report(fake_trainer("cuda", world_size=4, accumulate=2, batch_size=100))
     assert "Effective batch size 800 = 100 per process × 4 process(es)" in report
     assert "AdamW lr 0.01" in report
+
+
+def test_epoch_metrics_logged_once_per_epoch_and_reset(tmp_path):
+    class Record(Callback):
+        def __init__(self):
+            self.epochs: list[dict[str, float]] = []
+
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                self.epochs.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    torch.manual_seed(0)
+    x, y = torch.randn(96, 40), torch.randint(0, 10, (96,))
+    xv, yv = torch.randn(40, 40), torch.randint(0, 10, (40,))
+    model = ResidualBN(num_classes=10, lr_scheduler=None)
+    record = Record()
+    trainer = Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[record],
+    )
+    val = TensorBatches((xv, yv), 16)
+    trainer.fit(model, TensorBatches((x, y), 16, shuffle=True), val)
+    assert {"train_loss", "train_acc", "train_f1", "val_loss", "val_acc", "val_f1"} <= set(
+        trainer.callback_metrics
+    )
+    # val_loss of the last epoch is over the 40 validation samples only (the sanity-check
+    # batches and the previous epoch were reset)
+    model.eval()
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model(xv), yv)
+    assert float(trainer.callback_metrics["val_loss"]) == pytest.approx(float(expected), rel=1e-5)
+    assert len(record.epochs) == 2 and record.epochs[0]["val_loss"] != record.epochs[1]["val_loss"]
+    for metric in (model.train_metrics["acc"], model.val_metrics["acc"], model.val_loss_mean):
+        assert metric._update_count == 0  # reset after the epoch
