@@ -140,7 +140,7 @@ class EpochClock(Callback):
         self.clock.epoch_end(lambda: accuracy(pl_module, dm, dm.splits["test"]) if self.evaluate else 0.0)
 
 
-def run_project(pair: Pair, extra: list[str], target: float, evaluate: bool, save_dir: str) -> Clock:
+def run_project(pair: Pair, extra: list[str], target: float, evaluate: bool, save_dir: str | None) -> Clock:
     """(a): ``python -m src.cli fit --config ...`` in this process, with an epoch clock added."""
     from src.cli import main
 
@@ -150,7 +150,7 @@ def run_project(pair: Pair, extra: list[str], target: float, evaluate: bool, sav
         pair.config,
         "--trainer.enable_progress_bar=false",
         "--test_after_fit=false",
-        f"--trainer.logger.init_args.save_dir={save_dir}",
+        *([f"--trainer.logger.init_args.save_dir={save_dir}"] if save_dir else []),
         *pair.overrides,
         *extra,
     ]

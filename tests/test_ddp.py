@@ -25,6 +25,13 @@ from tests.conftest import CONFIGS, ROOT, run_cli
 from tests.test_cli import MNIST1D_CONFIG, TINY_DATA, _data_class, logs
 
 DDP = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
+# the same through the overlay preset (strategy and sync_batchnorm come from it)
+DDP_PRESET = [
+    "--config",
+    str(ROOT / "configs" / "presets" / "ddp.yaml"),
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=2",
+]
 QUICK = [
     "--trainer.max_epochs=1",
     "--trainer.limit_train_batches=2",
@@ -85,7 +92,7 @@ def logged_scalar(run_dir: Path, tag: str) -> float:
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_ddp_fit_on_two_cpu_processes(config: Path, tmp_path: Path):
     data = TINY_DATA[_data_class(config)](tmp_path)
-    out = run_cli("fit", "--config", str(config), *DDP, *QUICK, *data, *logs(tmp_path), cwd=tmp_path)
+    out = run_cli("fit", "--config", str(config), *DDP_PRESET, *QUICK, *data, *logs(tmp_path), cwd=tmp_path)
     assert "Starting with 2 processes" in out.stdout + out.stderr
     assert (out.stdout + out.stderr).count(CPU_BN_WARNING) == 1  # one warning, not one per rank
     assert "Effective batch size" in out.stdout + out.stderr
