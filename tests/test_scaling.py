@@ -9,10 +9,12 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.plugins import TorchSyncBatchNorm
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from src.callbacks.scaling import ScalingSetup, effective_batch_report
 from src.data import TensorBatches
 from src.models import ResidualBN
+from src.models.metrics import TrainStats
 
 # Python-level conversions of a tensor: on a GPU each one waits for the device (a host sync).
 HOST_SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")
@@ -56,11 +58,22 @@ def test_training_step_never_syncs_with_the_host(monkeypatch):
     assert calls == [], f"training_step forced host syncs: {sorted(set(calls))}"
 
 
-def test_epoch_loss_is_the_mean_over_samples_not_batches():
-    model = ResidualBN(num_classes=10)
-    model.train_loss_mean.update(torch.tensor(1.0).expand(3))  # as shared_step does: one value per sample
-    model.train_loss_mean.update(torch.tensor(4.0).expand(1))
-    assert model.train_loss_mean.compute() == pytest.approx(7 / 4)
+def test_train_stats_match_torchmetrics_and_weight_the_loss_by_samples():
+    torch.manual_seed(0)
+    stats = TrainStats(num_classes=5)
+    acc = MulticlassAccuracy(5, average="micro")
+    f1 = MulticlassF1Score(5, average="macro")
+    losses, sizes = [1.0, 4.0], [30, 10]
+    for loss, n in zip(losses, sizes, strict=True):
+        logits, y = torch.randn(n, 5), torch.randint(0, 4, (n,))  # class 4 absent from targets
+        logits[:, 4] = -10  # ... and never predicted
+        stats.update(logits, y, torch.tensor(loss))
+        acc.update(logits, y)
+        f1.update(logits, y)
+    out = stats.compute()
+    assert float(out["loss"]) == pytest.approx((1.0 * 30 + 4.0 * 10) / 40)  # per sample, not per batch
+    assert float(out["acc"]) == pytest.approx(float(acc.compute()))
+    assert float(out["f1"]) == pytest.approx(float(f1.compute()))
 
 
 def fake_trainer(
@@ -139,5 +152,5 @@ def test_epoch_metrics_logged_once_per_epoch_and_reset(tmp_path):
         expected = torch.nn.functional.cross_entropy(model(xv), yv)
     assert float(trainer.callback_metrics["val_loss"]) == pytest.approx(float(expected), rel=1e-5)
     assert len(record.epochs) == 2 and record.epochs[0]["val_loss"] != record.epochs[1]["val_loss"]
-    for metric in (model.train_metrics["acc"], model.val_metrics["acc"], model.val_loss_mean):
+    for metric in (model.train_stats, model.val_metrics["acc"], model.val_loss_mean):
         assert metric._update_count == 0  # reset after the epoch

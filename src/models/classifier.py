@@ -25,6 +25,8 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
+from src.models.metrics import TrainStats
+
 STAGES = ("train", "val", "test")
 # Shown in TensorBoard's hparams tab beside the run's hyperparameters.
 HP_METRICS = ("hp/best_val_acc", "hp/test_acc", "hp/test_f1")
@@ -75,15 +77,15 @@ class ClassifierModule(LightningModule):
         self.lr_scheduler = lr_scheduler
         self.label_smoothing = label_smoothing
         self.compile_model = compile_model
-        # One attribute per stage (`train_metrics`, `val_loss_mean`, ...): nn.Module reserves `train`.
-        # No argument checks in training: they call `torch.unique`, a host sync on the GPU every
-        # step (cross-entropy already rejects bad labels). No NaN filtering of the loss either: it
-        # syncs too, and a NaN loss should show in the logs rather than be dropped.
-        for s in STAGES:
+        # Training: one cheap metric object for loss/acc/F1 (no argument checks, no host sync).
+        self.train_stats = TrainStats(num_classes)
+        # Evaluation: one attribute per stage (`val_metrics`, `test_loss_mean`, ...). No NaN
+        # filtering of the loss: it syncs with the host, and a NaN loss should show in the logs.
+        for s in ("val", "test"):
             metrics = MetricCollection(
                 {
-                    "acc": MulticlassAccuracy(num_classes, average="micro", validate_args=s != "train"),
-                    "f1": MulticlassF1Score(num_classes, average="macro", validate_args=s != "train"),
+                    "acc": MulticlassAccuracy(num_classes, average="micro"),
+                    "f1": MulticlassF1Score(num_classes, average="macro"),
                 },
                 prefix=f"{s}_",
             )
@@ -115,11 +117,13 @@ class ClassifierModule(LightningModule):
         x, y = batch[0], batch[1]
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing if stage == "train" else 0.0)
-        loss_mean, metrics = getattr(self, f"{stage}_loss_mean"), getattr(self, f"{stage}_metrics")
+        if stage == "train":
+            self.train_stats.update(logits.detach(), y, loss)
+            return loss
         # One value per sample: a sample-weighted epoch mean (torchmetrics ignores `weight` when
         # NaN checks are disabled).
-        loss_mean.update(loss.detach().expand(y.shape[0]))
-        metrics.update(logits.detach(), y)
+        getattr(self, f"{stage}_loss_mean").update(loss.detach().expand(y.shape[0]))
+        getattr(self, f"{stage}_metrics").update(logits.detach(), y)
         if stage == "test":
             self.test_per_class.update(logits.detach(), y)
         return loss
@@ -131,6 +135,12 @@ class ClassifierModule(LightningModule):
         A ``self.log`` call per step would cost about a millisecond of bookkeeping each, more than
         a whole training step of the small models here.
         """
+        if stage == "train":
+            # computed (and reduced across ranks) by torchmetrics: the same value on every rank
+            stats = self.train_stats.compute()
+            self.train_stats.reset()
+            self.log_dict({f"train_{k}": v for k, v in stats.items()}, sync_dist=True)
+            return
         self.log(f"{stage}_loss", getattr(self, f"{stage}_loss_mean"), prog_bar=stage != "train")
         self.log_dict(getattr(self, f"{stage}_metrics"), prog_bar=stage == "val")
 
