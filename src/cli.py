@@ -42,7 +42,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa:
 
 import src.callbacks  # noqa: E402,F401  (registers callback classes for short names in YAML)
 from src.callbacks.scaling import ScalingSetup  # noqa: E402
-from src.data import ClassificationDataModule  # noqa: E402
+from src.data import ClassificationDataModule, DataSourceError  # noqa: E402
 from src.models import ClassifierModule  # noqa: E402
 
 # Values the DataModule knows and the model needs. They are linked at instantiation, so they are
@@ -179,19 +179,24 @@ def _load_checkpoint(path: str) -> dict[str, Any]:
 def main(args: Any = None, run: bool = True) -> CLI:
     """Build and run the CLI (``args`` lets tests and scripts call it in-process)."""
     torch.set_num_threads(int(os.environ.get("BN_NUM_THREADS", torch.get_num_threads())))
-    return CLI(
-        ClassifierModule,
-        ClassificationDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        # Scaling: SyncBatchNorm under multi-GPU DDP by default (ScalingSetup keeps per-process BN
-        # on CPU, where SyncBatchNorm cannot run) and the effective batch size/LR reported.
-        trainer_defaults={"sync_batchnorm": True, "callbacks": [ScalingSetup()]},
-        auto_configure_optimizers=False,
-        args=args,
-        run=run,
-    )
+    try:
+        return CLI(
+            ClassifierModule,
+            ClassificationDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            # Scaling: SyncBatchNorm under multi-GPU DDP by default (ScalingSetup keeps per-process
+            # BN on CPU, where SyncBatchNorm cannot run) and the effective batch size/LR reported.
+            trainer_defaults={"sync_batchnorm": True, "callbacks": [ScalingSetup()]},
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+        )
+    except DataSourceError as err:
+        # A missing/unreachable data source: the message says what to pass; a traceback through
+        # Lightning's loops adds nothing.
+        sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":
