@@ -37,12 +37,15 @@ class _NoAdverts(logging.Filter):
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdverts())
 
 import torch  # noqa: E402
+from lightning.fabric.plugins import CheckpointIO  # noqa: E402
 from lightning.pytorch.callbacks import ProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 
 import src.callbacks  # noqa: E402,F401  (registers callback classes for short names in YAML)
+from src.callbacks.fault_tolerance import FaultTolerance, NonFiniteLossError  # noqa: E402
 from src.data import ClassificationDataModule  # noqa: E402
 from src.models import ClassifierModule  # noqa: E402
+from src.reliability import CheckpointError, SafeCheckpointIO, assign_log_version, load_checkpoint  # noqa: E402
 
 # Values the DataModule knows and the model needs. They are linked at instantiation, so they are
 # never written twice; a value for one of them in a YAML file or on the command line is replaced
@@ -145,7 +148,22 @@ class CLI(LightningCLI):
                 "callbacks": [c for c in config.get("callbacks") or [] if not isinstance(c, ProgressBar)],
             }
             callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-        return super()._instantiate_trainer(config, callbacks)
+        # Exact resumption and a clean stop on a NaN loss for every run (see FaultTolerance).
+        if not any(isinstance(c, FaultTolerance) for c in callbacks + list(config.get("callbacks") or [])):
+            callbacks = [*callbacks, FaultTolerance()]
+        # Atomic checkpoint writes and weights_only loads, unless a CheckpointIO is configured.
+        plugins = config.get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            config = {**config, "plugins": [*plugins, SafeCheckpointIO()]}
+        trainer = super()._instantiate_trainer(config, callbacks)
+        # Each run gets its own version folder (even when started at the same moment);
+        # `fit --ckpt_path last` continues in the folder of the run it resumes.
+        sub = self.config.get("subcommand")
+        resume_last = sub == "fit" and self.config[sub].get("ckpt_path") == "last"
+        for logger in trainer.loggers:
+            assign_log_version(logger, resume_last=resume_last)
+        return trainer
 
     def after_fit(self) -> None:
         if self.config.fit.get("test_after_fit"):
@@ -166,28 +184,27 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
 
 def _load_checkpoint(path: str) -> dict[str, Any]:
     try:
-        return torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as err:
-        sys.exit(
-            f"error: could not read checkpoint {path!r}: {type(err).__name__}: {str(err).splitlines()[0]}\n"
-            "The file is corrupt, truncated or not a Lightning checkpoint. Point --ckpt_path to a .ckpt "
-            "written by this project (e.g. lightning_logs/<run>/version_N/checkpoints/last.ckpt)."
-        )
+        return load_checkpoint(path)
+    except CheckpointError as err:
+        sys.exit(f"error: {err}")
 
 
 def main(args: Any = None, run: bool = True) -> CLI:
     """Build and run the CLI (``args`` lets tests and scripts call it in-process)."""
     torch.set_num_threads(int(os.environ.get("BN_NUM_THREADS", torch.get_num_threads())))
-    return CLI(
-        ClassifierModule,
-        ClassificationDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-        args=args,
-        run=run,
-    )
+    try:
+        return CLI(
+            ClassifierModule,
+            ClassificationDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+        )
+    except (CheckpointError, NonFiniteLossError) as err:  # expected failures: the message, no traceback
+        sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":

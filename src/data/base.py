@@ -32,7 +32,9 @@ class TensorBatches:
     """Mini-batches sliced from tensors that already sit on the training device.
 
     Each epoch draws a permutation from ``seed + epoch`` (Lightning calls :meth:`set_epoch`
-    through the ``sampler`` attribute, so a resumed run replays the same order). Under
+    through the ``sampler`` attribute, so a resumed run replays the same order). The loader is
+    stateful (``state_dict``/``load_state_dict``, which Lightning saves in every checkpoint): a run
+    resumed from a mid-epoch checkpoint skips the batches of that epoch it had already trained on. Under
     ``torch.distributed`` each rank takes its own shard: for training the permutation is padded
     (like ``DistributedSampler``) so every rank runs the same number of steps; for evaluation the
     shards are left unpadded, so metrics cover every sample exactly once.
@@ -70,12 +72,22 @@ class TensorBatches:
         self.even_shards = even_shards
         self.collate = collate
         self.epoch = 0
+        self._served = 0  # batches handed out in the current pass (for mid-epoch checkpoints)
+        self._resume: tuple[int, int] | None = None  # (epoch, batches to skip) from a checkpoint
         # Lightning's loops call `dataloader.sampler.set_epoch(epoch)` when it exists.
         self.sampler = self
         self.batch_sampler = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def state_dict(self) -> dict[str, int]:
+        """Position in the current epoch; Lightning stores it in the checkpoint."""
+        return {"epoch": self.epoch, "batches_served": self._served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Skip the batches already served in ``state['epoch']`` when that epoch is iterated next."""
+        self._resume = (int(state["epoch"]), int(state["batches_served"]))
 
     def _num_local(self) -> int:
         n = len(self.tensors[0])
@@ -114,7 +126,13 @@ class TensorBatches:
         data = self.tensors if idx is None else tuple(t[idx.to(t.device)] for t in self.tensors)
         m = len(data[0])
         stop = (m // self.batch_size) * self.batch_size if self.drop_last else m
-        for start in range(0, stop, self.batch_size):
+        # Lightning sets the epoch before it iterates, so a checkpoint saved at the end of an
+        # epoch (whose next epoch differs) skips nothing.
+        skip = self._resume[1] if self._resume is not None and self._resume[0] == self.epoch else 0
+        self._resume = None
+        self._served = skip
+        for start in range(skip * self.batch_size, stop, self.batch_size):
+            self._served += 1
             batch = tuple(t[start : start + self.batch_size] for t in data)
             yield self.collate(batch) if self.collate is not None else batch
 

@@ -28,6 +28,8 @@ from torchmetrics.classification import (
 STAGES = ("train", "val", "test")
 # Shown in TensorBoard's hparams tab beside the run's hyperparameters.
 HP_METRICS = ("hp/best_val_acc", "hp/test_acc", "hp/test_f1")
+# Metric objects whose state is part of the checkpoint (see `__init__`).
+RESUMABLE_METRICS = ("train_metrics", "train_loss_mean", "best_val_acc")
 
 
 class ClassifierModule(LightningModule):
@@ -97,6 +99,10 @@ class ClassifierModule(LightningModule):
             }
         )
         self.test_report: dict[str, Tensor] = {}
+        # Saved in checkpoints, so a run resumed mid-epoch reports the same epoch figures and the
+        # best validation accuracy so far survives a restart.
+        for name in RESUMABLE_METRICS:
+            getattr(self, name).persistent(True)
 
     # ------------------------------------------------------------------ network
     def configure_model(self) -> None:
@@ -160,6 +166,14 @@ class ClassifierModule(LightningModule):
         for name in ("precision", "recall", "f1"):
             for cls, value in zip(self.class_names, self.test_report[name].tolist(), strict=True):
                 self.log(f"test_{name}/{cls}", value, sync_dist=False)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Checkpoints written before the metric states were saved still load.
+        state = checkpoint.get("state_dict")
+        if state is not None:
+            for key, value in self.state_dict().items():
+                if key.split(".", 1)[0] in RESUMABLE_METRICS and key not in state:
+                    state[key] = value
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
