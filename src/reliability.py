@@ -164,3 +164,34 @@ def assign_log_version(logger: Logger | None, resume_last: bool = False) -> None
     root = Path(logger.root_dir)
     version = _latest_resumable(root) if resume_last else None
     logger._version = version if version is not None else claim_version(root)
+
+
+# ---------------------------------------------------------------------------------- devices
+def check_devices(accelerator: Any, devices: Any) -> str | None:
+    """A message when ``--trainer.devices`` asks for more devices than this machine has, else ``None``.
+
+    Lightning would start one process per CPU "device" without limit, and fail late with a traceback
+    for missing GPUs; this answers before anything is built.
+    """
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    elif isinstance(devices, str) and "," in devices:
+        devices = [d for d in devices.split(",") if d.strip()]
+    wanted = len(devices) if isinstance(devices, (list, tuple)) else devices
+    if not isinstance(wanted, int) or wanted < 1:  # "auto", -1: Lightning takes what exists
+        return None
+    kind = accelerator if isinstance(accelerator, str) else "auto"
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind in ("gpu", "cuda"):
+        available, kind = torch.cuda.device_count(), "CUDA GPU"
+    elif kind == "cpu":
+        available, kind = os.cpu_count() or 1, "CPU"
+    else:
+        return None
+    if wanted <= available:
+        return None
+    return (
+        f"--trainer.devices={devices} asks for {wanted} {kind} device(s), but this machine has {available}. "
+        f"Pass --trainer.devices={max(available, 1)} or fewer (or --trainer.devices=auto)."
+    )
