@@ -43,7 +43,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa:
 
 import src.callbacks  # noqa: E402,F401  (registers callback classes for short names in YAML)
 from src.callbacks.fault_tolerance import FaultTolerance, NonFiniteLossError  # noqa: E402
-from src.data import ClassificationDataModule  # noqa: E402
+from src.data import ClassificationDataModule, DataSourceError  # noqa: E402
 from src.models import ClassifierModule  # noqa: E402
 from src.reliability import (  # noqa: E402
     CheckpointError,
@@ -231,7 +231,9 @@ def main(args: Any = None, run: bool = True) -> CLI:
             args=args,
             run=run,
         )
-    except (CheckpointError, NonFiniteLossError) as err:  # expected failures: the message, no traceback
+    except (CheckpointError, NonFiniteLossError, DataSourceError) as err:
+        # Expected failures (a missing data source, a bad checkpoint, a diverged loss): the message
+        # says what to do; a traceback through Lightning's loops adds nothing.
         sys.exit(f"error: {err}")
     except RuntimeError as err:
         if "Error(s) in loading state_dict" not in str(err):
