@@ -17,20 +17,34 @@ class PredictionWriter(BasePredictionWriter):
     """Collect ``predict`` outputs in order and save them as CSV or JSON in the run folder.
 
     Each row holds the sample index, the predicted class and its name, and the probability of
-    every class. Under DDP the per-rank results are gathered and put back in dataset order before
+    every class; for text data (a DataModule with ``texts("predict")``) also the text. Under DDP the per-rank results are gathered and put back in dataset order before
     rank 0 writes them.
 
     Args:
         output: file to write (``.csv`` or ``.json``); default ``predictions.csv`` in the log dir.
         print_limit: how many predictions to print to the console (0 = none).
+        top_k: how many class probabilities to print per prediction, highest first.
+        heatmap_dir: for text models (``BNCNN``): a folder to write one token-activation heatmap
+            PNG per predicted text (``heatmap_NNNN.png``, NNNN = the prediction's index).
+        max_heatmaps: the most heatmap PNGs written.
     """
 
-    def __init__(self, output: str | None = None, print_limit: int = 10) -> None:
+    def __init__(
+        self,
+        output: str | None = None,
+        print_limit: int = 10,
+        top_k: int = 3,
+        heatmap_dir: str | None = None,
+        max_heatmaps: int = 50,
+    ) -> None:
         super().__init__(write_interval="epoch")
         if output is not None and Path(output).suffix.lower() not in (".csv", ".json"):
             raise ValueError(f"PredictionWriter output must end in .csv or .json, got {output!r}")
         self.output = output
         self.print_limit = print_limit
+        self.top_k = top_k
+        self.heatmap_dir = heatmap_dir
+        self.max_heatmaps = max_heatmaps
 
     def write_on_epoch_end(
         self, trainer: Trainer, pl_module: LightningModule, predictions: Any, batch_indices: Any
@@ -52,12 +66,31 @@ class PredictionWriter(BasePredictionWriter):
         probs, index = probs[order], index[order]
         names = list(getattr(pl_module, "class_names", [str(i) for i in range(probs.shape[-1])]))
         rows = prediction_rows(probs, names, index.tolist())
+        texts = _predict_texts(trainer)
+        if texts is not None and len(texts) == len(rows):
+            for row in rows:
+                row["text"] = texts[row["index"]]
         write_rows(rows, path, names)
         for row in rows[: self.print_limit]:
-            ranked = sorted(row["probs"].items(), key=lambda kv: -kv[1])[:3]
+            ranked = sorted(row["probs"].items(), key=lambda kv: -kv[1])[: self.top_k]
             shown = ", ".join(f"{k} {v:.3f}" for k, v in ranked)
-            rank_zero_info(f"[{row['index']}] {row['predicted_name']}  ({shown})")
+            text = f"  {_shorten(row['text'])!r}" if "text" in row else ""
+            rank_zero_info(f"[{row['index']}] {row['predicted_name']}  ({shown}){text}")
         rank_zero_info(f"Wrote {len(rows)} predictions to {path}")
+        if self.heatmap_dir and texts:
+            from src.callbacks.token_heatmap import write_heatmaps
+
+            write_heatmaps(pl_module, trainer.datamodule, texts[: self.max_heatmaps], Path(self.heatmap_dir))
+
+
+def _predict_texts(trainer: Trainer) -> list[str] | None:
+    """The raw texts behind the predictions, when the DataModule keeps them (text datasets)."""
+    texts = getattr(trainer.datamodule, "texts", None)
+    return list(texts("predict")) if callable(texts) else None
+
+
+def _shorten(text: str, width: int = 80) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _gather_padded(pl_module: LightningModule, probs: torch.Tensor, index: torch.Tensor) -> tuple:
@@ -104,6 +137,9 @@ def write_rows(rows: list[dict[str, Any]], path: Path, names: list[str]) -> None
         return
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["index", "predicted", "predicted_name", *[f"p_{n}" for n in names]])
+        has_text = bool(rows) and "text" in rows[0]
+        text_col = ["text"] if has_text else []
+        writer.writerow(["index", "predicted", "predicted_name", *[f"p_{n}" for n in names], *text_col])
         for r in rows:
-            writer.writerow([r["index"], r["predicted"], r["predicted_name"], *r["probs"].values()])
+            text = [r["text"]] if has_text else []
+            writer.writerow([r["index"], r["predicted"], r["predicted_name"], *r["probs"].values(), *text])

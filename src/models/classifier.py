@@ -30,6 +30,8 @@ from src.models.metrics import TrainStats
 STAGES = ("train", "val", "test")
 # Shown in TensorBoard's hparams tab beside the run's hyperparameters.
 HP_METRICS = ("hp/best_val_acc", "hp/test_acc", "hp/test_f1")
+# Metric objects whose state is part of the checkpoint (see `__init__`).
+RESUMABLE_METRICS = ("train_stats", "best_val_acc")
 
 
 class ClassifierModule(LightningModule):
@@ -103,6 +105,10 @@ class ClassifierModule(LightningModule):
             }
         )
         self.test_report: dict[str, Tensor] = {}
+        # Saved in checkpoints, so a run resumed mid-epoch reports the same epoch figures and the
+        # best validation accuracy so far survives a restart.
+        for name in RESUMABLE_METRICS:
+            getattr(self, name).persistent(True)
 
     # ------------------------------------------------------------------ network
     def configure_model(self) -> None:
@@ -117,7 +123,7 @@ class ClassifierModule(LightningModule):
     # ------------------------------------------------------------------ steps
     def shared_step(self, batch: tuple[Tensor, ...], stage: str) -> Tensor:
         x, y = batch[0], batch[1]
-        logits = self(x)
+        logits = self.forward_batch(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing if stage == "train" else 0.0)
         if stage == "train":
             self.train_stats.update(logits.detach(), y, loss)
@@ -156,7 +162,23 @@ class ClassifierModule(LightningModule):
         self.shared_step(batch, "test")
 
     def predict_step(self, batch: tuple[Tensor, ...], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        return torch.softmax(self(batch[0]).float(), dim=-1)
+        return torch.softmax(self.forward_batch(batch[0]).float(), dim=-1)
+
+    def forward_batch(self, x: Tensor) -> Tensor:
+        """``self(x)``; a failure names the model, the data and the input it got (e.g. an MLP fed tokens)."""
+        try:
+            return self(x)
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, TypeError, IndexError) as err:
+            dm = self._trainer.datamodule if self._trainer is not None else None
+            data = type(dm).__name__ if dm is not None else "the data"
+            raise InputMismatchError(
+                f"{type(self).__name__} failed on a batch from {data} (inputs of shape {tuple(x.shape)}, dtype "
+                f"{x.dtype}): {type(err).__name__}: {(str(err).splitlines() or [''])[0]}. A model can only be "
+                "paired with data of the input kind and size it was built for: pick a model and data pair "
+                "from configs/."
+            ) from err
 
     # ------------------------------------------------------------------ hparams tab
     def _log_hparams_with_metrics(self) -> None:
@@ -192,6 +214,14 @@ class ClassifierModule(LightningModule):
             for cls, value in zip(self.class_names, self.test_report[name].tolist(), strict=True):
                 self.log(f"test_{name}/{cls}", value, sync_dist=True)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Checkpoints written before the metric states were saved still load.
+        state = checkpoint.get("state_dict")
+        if state is not None:
+            for key, value in self.state_dict().items():
+                if key.split(".", 1)[0] in RESUMABLE_METRICS and key not in state:
+                    state[key] = value
+
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer(self.parameters())
@@ -212,6 +242,10 @@ class ClassifierModule(LightningModule):
         if _schedule_finished(scheduler):
             return
         super().lr_scheduler_step(scheduler, metric)
+
+
+class InputMismatchError(RuntimeError):
+    """The model could not process the batches the data produced."""
 
 
 def _schedule_finished(scheduler: Any) -> bool:
