@@ -71,6 +71,13 @@ PAIRS = {
         target=0.60,  # about the best the seed loop reaches (0.58-0.62 in 60 epochs)
         note="seed 003 network, SGD(0.05, momentum 0.9)",
     ),
+    "mnist1d_resconv_bn": Pair(
+        config="configs/mnist1d_resconv_bn.yaml",
+        seed_optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9),
+        seed_epochs=60,
+        target=0.60,
+        note="seed 003 loop (SGD 0.05, momentum 0.9) on the conv network",
+    ),
     # seed 004: SGD lr 0.1, batch 32, 10 epochs (its test accuracy: 0.83 on a 6,000-image subset)
     "fashion_mnist_mlp_bn": Pair(
         config="configs/fashion_mnist_mlp_bn.yaml",
@@ -79,6 +86,18 @@ PAIRS = {
         target=0.85,
         note="seed 004 loop: SGD(0.1), 10 epochs, full training split",
         overrides=[f"--data.init_args.data_dir={DATA_DIR}/fashion_mnist"],
+    ),
+    # seed 001: Adam lr 1e-3, 10 epochs (its loader used batch 64; the seed loop uses 32)
+    "ag_news_cnn_bn": Pair(
+        config="configs/ag_news_cnn_bn.yaml",
+        seed_optimizer=partial(torch.optim.Adam, lr=1e-3),
+        seed_epochs=10,
+        target=0.70,  # the seed's own test figure: weighted F1 0.693
+        note="seed 001 loop: Adam(1e-3), 10 epochs, no scheduler",
+        overrides=[
+            "--data.init_args.data_files="
+            f"{{train: {DATA_DIR}/ag_news/train_first_10429_rows.parquet, test: {DATA_DIR}/ag_news/test.parquet}}"
+        ],
     ),
 }
 
