@@ -243,8 +243,8 @@ def write_summary(results: list[RunResult], output: Path, target: float) -> None
                 [
                     r.variant,
                     r.seed,
-                    r.best_val_acc,
-                    r.test_acc,
+                    round(r.best_val_acc, 5),
+                    round(r.test_acc, 5),
                     r.epochs_to(target),
                     len(r.val_acc),
                     round(r.wall_s, 1),
