@@ -112,6 +112,26 @@ def test_model_that_cannot_consume_the_data_names_both():
         model.forward_batch(tokens)
 
 
+def test_fashion_mlp_on_ag_news_tokens_names_model_data_and_input(tmp_path: Path):
+    from tests.ag_news_data import tiny_ag_news
+
+    args = [
+        "fit",
+        "--config",
+        str(ROOT / "configs" / "ag_news_cnn_bn.yaml"),
+        "--model=MLPBNDropout",  # the Fashion-MNIST MLP
+        *tiny_ag_news(tmp_path),
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+        "--trainer.max_epochs=1",
+        "--trainer.enable_progress_bar=false",
+    ]
+    with pytest.raises(
+        InputMismatchError, match=r"MLPBNDropout failed on a batch from AGNews .*dtype torch\.int64"
+    ):
+        main(args)
+    assert not list((tmp_path / "logs").rglob("*.ckpt"))
+
+
 # ---------------------------------------------------------------------------------- data
 class _Empty(ClassificationDataModule):
     num_classes = 10
