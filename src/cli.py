@@ -43,6 +43,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa:
 
 import src.callbacks  # noqa: E402,F401  (registers callback classes for short names in YAML)
 from src.callbacks.fault_tolerance import FaultTolerance, NonFiniteLossError  # noqa: E402
+from src.callbacks.scaling import ScalingSetup  # noqa: E402
 from src.data import ClassificationDataModule, DataSourceError  # noqa: E402
 from src.models import ClassifierModule  # noqa: E402
 from src.reliability import (  # noqa: E402
@@ -227,6 +228,9 @@ def main(args: Any = None, run: bool = True) -> CLI:
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
+            # Scaling: SyncBatchNorm under multi-GPU DDP by default (ScalingSetup keeps per-process
+            # BN on CPU, where SyncBatchNorm cannot run) and the effective batch size/LR reported.
+            trainer_defaults={"sync_batchnorm": True, "callbacks": [ScalingSetup()]},
             auto_configure_optimizers=False,
             args=args,
             run=run,
