@@ -381,3 +381,15 @@ def test_checkpoint_from_another_tokenizer_version_warns(ag_news):
     state["tokenizer_version"] = 0
     with pytest.warns(UserWarning, match="tokenizer version 0 differs"):
         make().load_state_dict(state)
+
+
+def test_ckpt_path_last_without_any_run_is_refused_for_test(capsys, tmp_path: Path, run_dir: Path):
+    shutil.copytree(run_dir / "cache", tmp_path / "cache")
+    said = fails(capsys, ["test", *quick(tmp_path), "--ckpt_path=last"])
+    assert "--ckpt_path last: no run under" in said
+
+
+def test_ckpt_path_last_tests_the_newest_run_into_a_folder_of_its_own(unharmed: Path):
+    cli = main(["test", *quick(unharmed), "--ckpt_path=last"])
+    assert cli.trainer.ckpt_path == str(last_ckpt(unharmed))
+    assert cli.trainer.logger.version != 0  # the training run's folder (config.yaml) is left alone
