@@ -13,7 +13,8 @@ Speed: one training epoch over the 55,000 training images through the Lightning 
 config's model, optimiser, scheduler, metrics and logger; validation switched off) against a plain
 PyTorch loop over the same on-device tensors, model, optimiser, scheduler and batch size. The two
 are measured in the same process, interleaved, ``--repeats`` times; the medians and the median of
-the per-pair ratios are printed.
+the per-pair ratios are printed. ``--with-callbacks`` adds a third side: the Trainer with the
+config's training-time callbacks (activation statistics every 50 steps, LR monitor, ...).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ProgressBar
 
 from benchmarks.common import fit_and_test, mean_std
 
@@ -58,8 +60,9 @@ class EpochTimer(Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def build_from_config(data_dir: str, extra: list[str]) -> tuple[Any, Any]:
-    """The config's model and DataModule, built by the CLI without running anything."""
+def build_from_config(data_dir: str, extra: list[str]) -> tuple[Any, Any, list[Callback]]:
+    """The config's model, DataModule and training-time callbacks, built by the CLI without
+    running anything (checkpointing, early stopping and the progress bar left out)."""
     from src.cli import main
 
     argv, sys.argv = sys.argv, sys.argv[:1]
@@ -67,10 +70,14 @@ def build_from_config(data_dir: str, extra: list[str]) -> tuple[Any, Any]:
         cli = main(["--config", CONFIG, f"--data.init_args.data_dir={data_dir}", *extra], run=False)
     finally:
         sys.argv = argv
-    return cli.model, cli.datamodule
+    skip = (ProgressBar, ModelCheckpoint, EarlyStopping)
+    callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, skip)]
+    return cli.model, cli.datamodule, callbacks
 
 
-def trainer_epoch(model: Any, datamodule: Any, log_dir: str) -> tuple[float, float]:
+def trainer_epoch(
+    model: Any, datamodule: Any, log_dir: str, callbacks: list[Callback] = ()
+) -> tuple[float, float]:
     """One training epoch through ``Trainer.fit``: (epoch time, whole fit() call time)."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -80,7 +87,7 @@ def trainer_epoch(model: Any, datamodule: Any, log_dir: str) -> tuple[float, flo
         accelerator="cpu",
         devices=1,
         logger=TensorBoardLogger(log_dir, name="speed", default_hp_metric=False),
-        callbacks=[timer],
+        callbacks=[timer, *copy.deepcopy(list(callbacks))],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -126,32 +133,41 @@ def plain_epoch(model: Any, datamodule: Any, seed: int) -> float:
     return time.perf_counter() - start
 
 
-def speed(data_dir: str, repeats: int, extra: list[str]) -> None:
-    model0, dm = build_from_config(data_dir, extra)
+def speed(data_dir: str, repeats: int, extra: list[str], with_callbacks: bool) -> None:
+    model0, dm, callbacks = build_from_config(data_dir, extra)
     dm.setup("fit")
     print(
         f"\nSpeed: one epoch over {len(dm.splits['train'][0]):,} training images, batch {dm.batch_size}, "
         f"{torch.get_num_threads()} torch thread(s), {repeats} interleaved repeats",
         flush=True,
     )
-    tr, fits, pl = [], [], []
+    tr, fits, pl, cb = [], [], [], []
     with tempfile.TemporaryDirectory() as log_dir:
         for r in range(repeats):
-            # Fresh copies of the same initial model for both sides; alternate which goes first.
-            order = ("trainer", "plain") if r % 2 == 0 else ("plain", "trainer")
-            for side in order:
+            # Fresh copies of the same initial model for every side; rotate which goes first.
+            sides = ["trainer", "plain", *(["callbacks"] if with_callbacks else [])]
+            for side in sides[r % len(sides) :] + sides[: r % len(sides)]:
                 model = copy.deepcopy(model0)
                 if side == "trainer":
                     epoch_s, fit_s = trainer_epoch(model, dm, log_dir)
                     tr.append(epoch_s)
                     fits.append(fit_s)
+                elif side == "callbacks":
+                    cb.append(trainer_epoch(model, dm, log_dir, callbacks)[0])
                 else:
                     pl.append(plain_epoch(model, dm, seed=r))
             print(
                 f"  repeat {r}: Trainer epoch {tr[-1]:.2f}s (whole fit() call {fits[-1]:.2f}s), "
-                f"plain loop {pl[-1]:.2f}s, ratio {tr[-1] / pl[-1]:.3f}",
+                f"plain loop {pl[-1]:.2f}s, ratio {tr[-1] / pl[-1]:.3f}"
+                + (f"; with the config's callbacks {cb[-1]:.2f}s, ratio {cb[-1] / pl[-1]:.3f}" if cb else ""),
                 flush=True,
             )
+    if cb:
+        names = ", ".join(type(c).__name__ for c in callbacks)
+        print(
+            f"with the config's training callbacks ({names}): median epoch {statistics.median(cb):.2f}s, "
+            f"ratio to plain (median of pairs) {statistics.median([c / p for c, p in zip(cb, pl, strict=True)]):.3f}"
+        )
     ratios = [t / p for t, p in zip(tr, pl, strict=True)]
     print(
         f"median: Trainer epoch {statistics.median(tr):.2f}s, whole fit() {statistics.median(fits):.2f}s, "
@@ -199,13 +215,18 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)"
     )
+    parser.add_argument(
+        "--with-callbacks",
+        action="store_true",
+        help="also time the Trainer with the config's training callbacks (activation statistics, LR monitor, ...)",
+    )
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("extra", nargs="*", help="extra CLI overrides for every run (after --)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if not args.skip_speed:
-        speed(args.data_dir, args.repeats, args.extra)
+        speed(args.data_dir, args.repeats, args.extra, args.with_callbacks)
     if not args.skip_accuracy:
         accuracy(args.data_dir, args.seeds, args.variants, args.extra)
 
