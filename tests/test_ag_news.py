@@ -44,7 +44,9 @@ def test_tail_validation_is_the_last_training_rows(tmp_path: Path):
 
     dm = _dm(tmp_path, val_split="tail")
     dm.setup("fit")
-    rows = datasets.load_dataset("parquet", data_files=str(tmp_path / "data" / "train.parquet"))["train"]["text"]
+    rows = datasets.load_dataset("parquet", data_files=str(tmp_path / "data" / "train.parquet"))["train"][
+        "text"
+    ]
     assert dm.texts("val") == list(rows[-16:]) and dm.texts("train") == list(rows[:-16])
     assert set(dm.get_vocab().itos[2:]) <= {t for text in rows[:-16] for t in text_to_tokens(text)}
 
