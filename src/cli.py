@@ -37,12 +37,23 @@ class _NoAdverts(logging.Filter):
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdverts())
 
 import torch  # noqa: E402
+from lightning.fabric.plugins import CheckpointIO  # noqa: E402
 from lightning.pytorch.callbacks import ProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 
 import src.callbacks  # noqa: E402,F401  (registers callback classes for short names in YAML)
-from src.data import ClassificationDataModule  # noqa: E402
+from src.callbacks.fault_tolerance import FaultTolerance, NonFiniteLossError  # noqa: E402
+from src.callbacks.scaling import ScalingSetup  # noqa: E402
+from src.data import ClassificationDataModule, DataSourceError  # noqa: E402
 from src.models import ClassifierModule  # noqa: E402
+from src.reliability import (  # noqa: E402
+    CheckpointError,
+    SafeCheckpointIO,
+    assign_log_version,
+    check_devices,
+    load_checkpoint,
+    newest_last_checkpoint,
+)
 
 # Values the DataModule knows and the model needs. They are linked at instantiation, so they are
 # never written twice; a value for one of them in a YAML file or on the command line is replaced
@@ -68,14 +79,19 @@ class CLI(LightningCLI):
         # and their arguments from the checkpoint, so nothing has to be repeated. Anything given
         # after (a --config, --data.init_args.*) still overrides the data.
         argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else None
-        if argv and argv[0] in ("validate", "test", "predict"):
+        self._ckpt_classes: dict[str, str] = {}
+        if argv and argv[0] in ("fit", "validate", "test", "predict"):
             ckpt_path = _flag_value(argv, "--ckpt_path")
             if ckpt_path and ckpt_path not in ("best", "last", "hpc", "registry"):
                 if not Path(ckpt_path).is_file():
                     sys.exit(
                         f"error: --ckpt_path {ckpt_path!r} is not a file. Pass the path of a .ckpt file."
                     )
-                ckpt = _load_checkpoint(ckpt_path)
+                ckpt = _load_checkpoint(ckpt_path)  # refuses corrupt files and pickled code up front
+                for key, name in (("hyper_parameters", "model"), ("datamodule_hyper_parameters", "data")):
+                    if "_class_path" in (ckpt.get(key) or {}):
+                        self._ckpt_classes[name] = ckpt[key]["_class_path"]
+            if ckpt_path and argv[0] != "fit" and ckpt_path not in ("best", "last", "hpc", "registry"):
                 injected = []
                 for key, flag in (("hyper_parameters", "--model"), ("datamodule_hyper_parameters", "--data")):
                     hparams = dict(ckpt.get(key) or {})
@@ -127,9 +143,22 @@ class CLI(LightningCLI):
                 "No data given. Pass a config (--config configs/<name>.yaml) or --data=<DataModule> "
                 "(e.g. --data=MNIST1D), or a checkpoint with --ckpt_path for validate/test/predict."
             )
+        # A checkpoint of another model/data pair cannot be loaded: say so before building anything.
+        for name, ckpt_class in getattr(self, "_ckpt_classes", {}).items():
+            chosen = (cfg.get(name) or {}).get("class_path") or ""
+            if chosen.rsplit(".", 1)[-1] != ckpt_class.rsplit(".", 1)[-1]:
+                self.parser.error(
+                    f"--ckpt_path {cfg.get('ckpt_path')!r} holds a {ckpt_class} {name}, but this run builds "
+                    f"{name} {chosen or 'None'}. Use a checkpoint written with the same model and data, "
+                    "or leave out --config to rebuild both from the checkpoint."
+                )
+        if problem := check_devices(cfg["trainer"].get("accelerator"), cfg["trainer"].get("devices")):
+            self.parser.error(problem)
         model_args = (cfg.get("model") or {}).get("init_args") or {}
+        defaults = _init_defaults((cfg.get("model") or {}).get("class_path"))
         for name in LINKED:
-            if model_args.get(name) is not None and name != "class_names":
+            # The parsed config holds the class's defaults too: only a changed value was set by hand.
+            if model_args.get(name) not in (None, defaults.get(name)) and name != "class_names":
                 warnings.warn(
                     f"model.init_args.{name}={model_args.get(name)!r} is set in the config but is linked "
                     f"from the data (data.{name}); the data's value is used.",
@@ -145,7 +174,38 @@ class CLI(LightningCLI):
                 "callbacks": [c for c in config.get("callbacks") or [] if not isinstance(c, ProgressBar)],
             }
             callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-        return super()._instantiate_trainer(config, callbacks)
+        # Exact resumption and a clean stop on a NaN loss for every run (see FaultTolerance).
+        if not any(isinstance(c, FaultTolerance) for c in callbacks + list(config.get("callbacks") or [])):
+            callbacks = [*callbacks, FaultTolerance()]
+        # Atomic checkpoint writes and weights_only loads, unless a CheckpointIO is configured.
+        plugins = config.get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            config = {**config, "plugins": [*plugins, SafeCheckpointIO()]}
+        trainer = super()._instantiate_trainer(config, callbacks)
+        # Each run gets its own version folder (even when started at the same moment).
+        # `fit --ckpt_path last` continues in the folder of the newest run with a last.ckpt;
+        # validate/test/predict take that checkpoint and log into a folder of their own.
+        sub = self.config.get("subcommand")
+        last = bool(sub) and self.config[sub].get("ckpt_path") == "last"
+        for logger in trainer.loggers:
+            root = getattr(logger, "root_dir", None)
+            if last and sub != "fit" and root is not None:
+                found = newest_last_checkpoint(Path(root))
+                if found is None:
+                    sys.exit(
+                        f"error: --ckpt_path last: no run under {root!r} has a checkpoints/last.ckpt. Pass "
+                        "the path of a .ckpt file."
+                    )
+                self.config_init[sub]["ckpt_path"] = str(found[1])
+            try:
+                assign_log_version(logger, resume_last=last and sub == "fit")
+            except OSError as err:
+                sys.exit(
+                    f"error: cannot write the log folder {root!r}: {err}. Pass a writable folder with "
+                    "--trainer.logger.init_args.save_dir=<folder>."
+                )
+        return trainer
 
     def after_fit(self) -> None:
         if self.config.fit.get("test_after_fit"):
@@ -153,6 +213,24 @@ class CLI(LightningCLI):
             if self.trainer.fast_dev_run:
                 ckpt = None
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+
+
+def _init_defaults(class_path: str | None) -> dict[str, Any]:
+    """Default ``__init__`` argument values of a class and its bases ({} if it cannot be imported)."""
+    import importlib
+    import inspect
+
+    try:
+        module, _, name = (class_path or "").rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return {}
+    defaults: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        for param in inspect.signature(klass.__init__).parameters.values():
+            if param.default is not inspect.Parameter.empty:
+                defaults[param.name] = param.default
+    return defaults
 
 
 def _flag_value(argv: list[str], flag: str) -> str | None:
@@ -166,28 +244,41 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
 
 def _load_checkpoint(path: str) -> dict[str, Any]:
     try:
-        return torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as err:
-        sys.exit(
-            f"error: could not read checkpoint {path!r}: {type(err).__name__}: {str(err).splitlines()[0]}\n"
-            "The file is corrupt, truncated or not a Lightning checkpoint. Point --ckpt_path to a .ckpt "
-            "written by this project (e.g. lightning_logs/<run>/version_N/checkpoints/last.ckpt)."
-        )
+        return load_checkpoint(path)
+    except CheckpointError as err:
+        sys.exit(f"error: {err}")
 
 
 def main(args: Any = None, run: bool = True) -> CLI:
     """Build and run the CLI (``args`` lets tests and scripts call it in-process)."""
     torch.set_num_threads(int(os.environ.get("BN_NUM_THREADS", torch.get_num_threads())))
-    return CLI(
-        ClassifierModule,
-        ClassificationDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-        args=args,
-        run=run,
-    )
+    try:
+        return CLI(
+            ClassifierModule,
+            ClassificationDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            # Scaling: SyncBatchNorm under multi-GPU DDP by default (ScalingSetup keeps per-process
+            # BN on CPU, where SyncBatchNorm cannot run) and the effective batch size/LR reported.
+            trainer_defaults={"sync_batchnorm": True, "callbacks": [ScalingSetup()]},
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+        )
+    except (CheckpointError, NonFiniteLossError, DataSourceError) as err:
+        # Expected failures (a missing data source, a bad checkpoint, a diverged loss): the message
+        # says what to do; a traceback through Lightning's loops adds nothing.
+        sys.exit(f"error: {err}")
+    except RuntimeError as err:
+        if "Error(s) in loading state_dict" not in str(err):
+            raise
+        detail = "\n".join(str(err).splitlines()[:6])
+        sys.exit(
+            f"error: the checkpoint does not fit the model this run builds:\n{detail}\nThe model or data "
+            "options differ from those the checkpoint was trained with; leave out --config (validate/test/"
+            "predict rebuild both from the checkpoint) or pass the options of the checkpoint's run."
+        )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import yaml
 
 from tests.ag_news_data import tiny_ag_news
 from tests.conftest import CONFIGS, ROOT, run_cli
+from tests.test_fashion_mnist import tiny_fashion
 
 MNIST1D_CONFIG = str(ROOT / "configs" / "mnist1d_resnet_bn.yaml")
 
@@ -29,7 +30,7 @@ def logs(tmp_path: Path) -> list[str]:
 
 # Tiny stand-ins for each DataModule's real data, keyed by the class name in the configs.
 # A config whose data class is missing here fails loudly, so every new config gets replayed.
-TINY_DATA = {"MNIST1D": tiny_mnist1d, "AGNews": tiny_ag_news}
+TINY_DATA = {"MNIST1D": tiny_mnist1d, "FashionMNIST": tiny_fashion, "AGNews": tiny_ag_news}
 
 
 def register_tiny_data(name: str):

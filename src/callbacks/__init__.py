@@ -1,6 +1,17 @@
 """Callbacks usable by short name in YAML (``class_path: PredictionWriter``)."""
 
+from src.callbacks.activation_stats import ActivationStats
+from src.callbacks.fault_tolerance import FaultTolerance
+from src.callbacks.per_class import PerClassReport
 from src.callbacks.predictions import PredictionWriter
+from src.callbacks.scaling import ScalingSetup
 from src.callbacks.token_heatmap import TokenHeatmap
 
-__all__ = ["PredictionWriter", "TokenHeatmap"]
+__all__ = [
+    "ActivationStats",
+    "FaultTolerance",
+    "PerClassReport",
+    "PredictionWriter",
+    "ScalingSetup",
+    "TokenHeatmap",
+]

@@ -58,6 +58,8 @@ class PredictionWriter(BasePredictionWriter):
             index = trainer.global_rank + trainer.world_size * torch.arange(len(probs))
         if trainer.world_size > 1:
             probs, index = _gather_padded(pl_module, probs, index)
+        # `trainer.log_dir` is a collective under DDP: every rank must ask for it.
+        path = Path(self.output) if self.output else Path(trainer.log_dir or ".") / "predictions.csv"
         if not trainer.is_global_zero:
             return
         order = torch.argsort(index)
@@ -68,7 +70,6 @@ class PredictionWriter(BasePredictionWriter):
         if texts is not None and len(texts) == len(rows):
             for row in rows:
                 row["text"] = texts[row["index"]]
-        path = Path(self.output) if self.output else Path(trainer.log_dir or ".") / "predictions.csv"
         write_rows(rows, path, names)
         for row in rows[: self.print_limit]:
             ranked = sorted(row["probs"].items(), key=lambda kv: -kv[1])[: self.top_k]

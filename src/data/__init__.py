@@ -2,6 +2,16 @@
 
 from src.data.ag_news import AGNews
 from src.data.base import ClassificationDataModule, TensorBatches
+from src.data.fashion_mnist import FashionMNIST
+from src.data.hub import DataSourceError, HubDataModule
 from src.data.mnist1d import MNIST1D
 
-__all__ = ["AGNews", "ClassificationDataModule", "MNIST1D", "TensorBatches"]
+__all__ = [
+    "AGNews",
+    "ClassificationDataModule",
+    "DataSourceError",
+    "FashionMNIST",
+    "HubDataModule",
+    "MNIST1D",
+    "TensorBatches",
+]

@@ -32,7 +32,9 @@ class TensorBatches:
     """Mini-batches sliced from tensors that already sit on the training device.
 
     Each epoch draws a permutation from ``seed + epoch`` (Lightning calls :meth:`set_epoch`
-    through the ``sampler`` attribute, so a resumed run replays the same order). Under
+    through the ``sampler`` attribute, so a resumed run replays the same order). The loader is
+    stateful (``state_dict``/``load_state_dict``, which Lightning saves in every checkpoint): a run
+    resumed from a mid-epoch checkpoint skips the batches of that epoch it had already trained on. Under
     ``torch.distributed`` each rank takes its own shard: for training the permutation is padded
     (like ``DistributedSampler``) so every rank runs the same number of steps; for evaluation the
     shards are left unpadded, so metrics cover every sample exactly once.
@@ -42,6 +44,8 @@ class TensorBatches:
         batch_size: samples per batch (per rank).
         shuffle: draw a new permutation each epoch.
         drop_last: drop the last incomplete batch.
+        drop_last_single: drop the last batch only when it holds a single sample (training:
+            BatchNorm cannot normalise one sample, and one sample is not worth a step).
         seed: base seed of the per-epoch permutation.
         even_shards: pad shards to equal size across ranks (training).
         collate: optional function applied to each sliced batch (e.g. trim padding).
@@ -53,6 +57,7 @@ class TensorBatches:
         batch_size: int,
         shuffle: bool = False,
         drop_last: bool = False,
+        drop_last_single: bool = False,
         seed: int = 0,
         even_shards: bool = False,
         collate: Callable[[Split], Split] | None = None,
@@ -66,16 +71,27 @@ class TensorBatches:
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.drop_last = drop_last
+        self.drop_last_single = drop_last_single
         self.seed = seed
         self.even_shards = even_shards
         self.collate = collate
         self.epoch = 0
+        self._served = 0  # batches handed out in the current pass (for mid-epoch checkpoints)
+        self._resume: tuple[int, int] | None = None  # (epoch, batches to skip) from a checkpoint
         # Lightning's loops call `dataloader.sampler.set_epoch(epoch)` when it exists.
         self.sampler = self
         self.batch_sampler = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def state_dict(self) -> dict[str, int]:
+        """Position in the current epoch; Lightning stores it in the checkpoint."""
+        return {"epoch": self.epoch, "batches_served": self._served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Skip the batches already served in ``state['epoch']`` when that epoch is iterated next."""
+        self._resume = (int(state["epoch"]), int(state["batches_served"]))
 
     def _num_local(self) -> int:
         n = len(self.tensors[0])
@@ -87,8 +103,12 @@ class TensorBatches:
         return len(range(rank, n, world))
 
     def __len__(self) -> int:
-        m = self._num_local()
-        return m // self.batch_size if self.drop_last else math.ceil(m / self.batch_size)
+        return math.ceil(self._stop(self._num_local()) / self.batch_size)
+
+    def _stop(self, m: int) -> int:
+        """Samples served out of ``m``: all, or up to the last full batch when it is dropped."""
+        rest = m % self.batch_size
+        return m - rest if self.drop_last or (self.drop_last_single and rest == 1) else m
 
     def _indices(self) -> Tensor | None:
         """Sample indices for this rank and epoch, or ``None`` for the identity (fast slicing)."""
@@ -113,8 +133,14 @@ class TensorBatches:
         # One gather per epoch, then every batch is a cheap view.
         data = self.tensors if idx is None else tuple(t[idx.to(t.device)] for t in self.tensors)
         m = len(data[0])
-        stop = (m // self.batch_size) * self.batch_size if self.drop_last else m
-        for start in range(0, stop, self.batch_size):
+        stop = self._stop(m)
+        # Lightning sets the epoch before it iterates, so a checkpoint saved at the end of an
+        # epoch (whose next epoch differs) skips nothing.
+        skip = self._resume[1] if self._resume is not None and self._resume[0] == self.epoch else 0
+        self._resume = None
+        self._served = skip
+        for start in range(skip * self.batch_size, stop, self.batch_size):
+            self._served += 1
             batch = tuple(t[start : start + self.batch_size] for t in data)
             yield self.collate(batch) if self.collate is not None else batch
 
@@ -196,6 +222,12 @@ class ClassificationDataModule(LightningDataModule):
         if self.splits:
             return
         splits = dict(self.load_splits())
+        for name, split in splits.items():
+            if len(split[0]) == 0:
+                raise ValueError(
+                    f"{type(self).__name__}: the {name!r} split has no samples. Check the data source "
+                    "(path, split names, filters) in the data options."
+                )
         if "val" not in splits:
             splits["train"], splits["val"] = self._carve_val(splits["train"])
         device = self._device()
@@ -229,6 +261,7 @@ class ClassificationDataModule(LightningDataModule):
                 TensorDataset(*tensors),
                 batch_size=batch_size,
                 shuffle=train,
+                drop_last=train and len(tensors[0]) % batch_size == 1,  # no single-sample BN step
                 num_workers=self.num_workers,
                 collate_fn=lambda samples: self.collate(torch.utils.data.default_collate(samples)),
                 persistent_workers=self.num_workers > 0,
@@ -237,6 +270,7 @@ class ClassificationDataModule(LightningDataModule):
             tensors,
             batch_size=batch_size,
             shuffle=train,
+            drop_last_single=train,
             seed=self.shuffle_seed,
             even_shards=train,
             collate=self.collate,

@@ -25,9 +25,15 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
+from src.models.metrics import TrainStats
+
 STAGES = ("train", "val", "test")
 # Shown in TensorBoard's hparams tab beside the run's hyperparameters.
 HP_METRICS = ("hp/best_val_acc", "hp/test_acc", "hp/test_f1")
+# Metric objects whose state is part of the checkpoint (see `__init__`); the training one is
+# reset when a fresh epoch starts.
+TRAIN_METRICS = ("train_stats",)
+RESUMABLE_METRICS = (*TRAIN_METRICS, "best_val_acc")
 
 
 class ClassifierModule(LightningModule):
@@ -75,16 +81,20 @@ class ClassifierModule(LightningModule):
         self.lr_scheduler = lr_scheduler
         self.label_smoothing = label_smoothing
         self.compile_model = compile_model
-        metrics = MetricCollection(
-            {
-                "acc": MulticlassAccuracy(num_classes, average="micro"),
-                "f1": MulticlassF1Score(num_classes, average="macro"),
-            }
-        )
-        # One attribute per stage (`train_metrics`, `val_loss_mean`, ...): nn.Module reserves `train`.
-        for s in STAGES:
-            setattr(self, f"{s}_metrics", metrics.clone(prefix=f"{s}_"))
-            setattr(self, f"{s}_loss_mean", MeanMetric())
+        # Training: one cheap metric object for loss/acc/F1 (no argument checks, no host sync).
+        self.train_stats = TrainStats(num_classes)
+        # Evaluation: one attribute per stage (`val_metrics`, `test_loss_mean`, ...). No NaN
+        # filtering of the loss: it syncs with the host, and a NaN loss should show in the logs.
+        for s in ("val", "test"):
+            metrics = MetricCollection(
+                {
+                    "acc": MulticlassAccuracy(num_classes, average="micro"),
+                    "f1": MulticlassF1Score(num_classes, average="macro"),
+                },
+                prefix=f"{s}_",
+            )
+            setattr(self, f"{s}_metrics", metrics)
+            setattr(self, f"{s}_loss_mean", MeanMetric(nan_strategy="disable"))
         self.best_val_acc = MaxMetric()
         # Per-class report of `test` (seed 001): precision/recall/F1 per class and the confusion
         # matrix, kept for callbacks (e.g. a report writer) in `self.test_report`.
@@ -97,11 +107,17 @@ class ClassifierModule(LightningModule):
             }
         )
         self.test_report: dict[str, Tensor] = {}
+        # Saved in checkpoints, so a run resumed mid-epoch reports the same epoch figures and the
+        # best validation accuracy so far survives a restart.
+        for name in RESUMABLE_METRICS:
+            getattr(self, name).persistent(True)
 
     # ------------------------------------------------------------------ network
     def configure_model(self) -> None:
-        if self.compile_model and not isinstance(self.net, torch._dynamo.eval_frame.OptimizedModule):
-            self.net = torch.compile(self.net)
+        # Module.compile() compiles in place: parameter names (and so checkpoints) stay those of
+        # the eager network, unlike `torch.compile(net)` which prefixes them with `_orig_mod.`.
+        if self.compile_model and getattr(self.net, "_compiled_call_impl", None) is None:
+            self.net.compile()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -109,18 +125,34 @@ class ClassifierModule(LightningModule):
     # ------------------------------------------------------------------ steps
     def shared_step(self, batch: tuple[Tensor, ...], stage: str) -> Tensor:
         x, y = batch[0], batch[1]
-        logits = self(x)
+        logits = self.forward_batch(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing if stage == "train" else 0.0)
-        loss_mean, metrics = getattr(self, f"{stage}_loss_mean"), getattr(self, f"{stage}_metrics")
-        loss_mean.update(loss.detach(), weight=y.shape[0])
-        metrics.update(logits.detach(), y)
+        if stage == "train":
+            self.train_stats.update(logits.detach(), y, loss)
+            return loss
+        # One value per sample: a sample-weighted epoch mean (torchmetrics ignores `weight` when
+        # NaN checks are disabled).
+        getattr(self, f"{stage}_loss_mean").update(loss.detach().expand(y.shape[0]))
+        getattr(self, f"{stage}_metrics").update(logits.detach(), y)
         if stage == "test":
             self.test_per_class.update(logits.detach(), y)
-        # Logging the metric objects lets Lightning compute and reset them once per epoch (and
-        # reduce them across DDP ranks), instead of syncing every step.
-        self.log(f"{stage}_loss", loss_mean, on_step=False, on_epoch=True, prog_bar=stage != "train")
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val")
         return loss
+
+    def log_epoch_metrics(self, stage: str) -> None:
+        """Log the stage's metric objects once, at the end of its epoch.
+
+        Lightning then computes them (reduced across DDP ranks by torchmetrics) and resets them.
+        A ``self.log`` call per step would cost about a millisecond of bookkeeping each, more than
+        a whole training step of the small models here.
+        """
+        if stage == "train":
+            # computed (and reduced across ranks) by torchmetrics: the same value on every rank
+            stats = self.train_stats.compute()
+            self.train_stats.reset()
+            self.log_dict({f"train_{k}": v for k, v in stats.items()}, sync_dist=True)
+            return
+        self.log(f"{stage}_loss", getattr(self, f"{stage}_loss_mean"), prog_bar=stage != "train")
+        self.log_dict(getattr(self, f"{stage}_metrics"), prog_bar=stage == "val")
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         return self.shared_step(batch, "train")
@@ -132,7 +164,23 @@ class ClassifierModule(LightningModule):
         self.shared_step(batch, "test")
 
     def predict_step(self, batch: tuple[Tensor, ...], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        return torch.softmax(self(batch[0]).float(), dim=-1)
+        return torch.softmax(self.forward_batch(batch[0]).float(), dim=-1)
+
+    def forward_batch(self, x: Tensor) -> Tensor:
+        """``self(x)``; a failure names the model, the data and the input it got (e.g. an MLP fed tokens)."""
+        try:
+            return self(x)
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, TypeError, IndexError) as err:
+            dm = self._trainer.datamodule if self._trainer is not None else None
+            data = type(dm).__name__ if dm is not None else "the data"
+            raise InputMismatchError(
+                f"{type(self).__name__} failed on a batch from {data} (inputs of shape {tuple(x.shape)}, dtype "
+                f"{x.dtype}): {type(err).__name__}: {(str(err).splitlines() or [''])[0]}. A model can only be "
+                "paired with data of the input kind and size it was built for: pick a model and data pair "
+                "from configs/."
+            ) from err
 
     # ------------------------------------------------------------------ hparams tab
     def _log_hparams_with_metrics(self) -> None:
@@ -146,20 +194,41 @@ class ClassifierModule(LightningModule):
         if self.trainer.state.fn == "test":  # a stand-alone `test` run has its own log folder
             self._log_hparams_with_metrics()
 
+    def on_train_epoch_end(self) -> None:
+        self.log_epoch_metrics("train")
+
     def on_validation_epoch_end(self) -> None:
+        self.log_epoch_metrics("val")  # also during the sanity check, so its batches are reset
         if self.trainer.sanity_checking:
             return
         self.best_val_acc.update(self.val_metrics["acc"].compute())
-        self.log("hp/best_val_acc", self.best_val_acc.compute())
+        self.log("hp/best_val_acc", self.best_val_acc.compute(), sync_dist=True)
 
     def on_test_epoch_end(self) -> None:
-        self.log("hp/test_acc", self.test_metrics["acc"].compute())
-        self.log("hp/test_f1", self.test_metrics["f1"].compute())
+        self.log_epoch_metrics("test")
+        # Already reduced across ranks by torchmetrics (the same value on every rank); sync_dist=True
+        # only keeps Lightning from warning under DDP.
+        self.log("hp/test_acc", self.test_metrics["acc"].compute(), sync_dist=True)
+        self.log("hp/test_f1", self.test_metrics["f1"].compute(), sync_dist=True)
         self.test_report = {k: v.detach().cpu() for k, v in self.test_per_class.compute().items()}
         self.test_per_class.reset()
         for name in ("precision", "recall", "f1"):
             for cls, value in zip(self.class_names, self.test_report[name].tolist(), strict=True):
-                self.log(f"test_{name}/{cls}", value, sync_dist=False)
+                self.log(f"test_{name}/{cls}", value, sync_dist=True)
+
+    def on_train_epoch_start(self) -> None:
+        # Not called when a run resumes mid-epoch (the restored partial sums continue); called for
+        # a fresh epoch, which must not add to the sums of a finished epoch restored from a checkpoint.
+        for name in TRAIN_METRICS:
+            getattr(self, name).reset()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Checkpoints written before the metric states were saved still load.
+        state = checkpoint.get("state_dict")
+        if state is not None:
+            for key, value in self.state_dict().items():
+                if key.split(".", 1)[0] in RESUMABLE_METRICS and key not in state:
+                    state[key] = value
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
@@ -181,6 +250,10 @@ class ClassifierModule(LightningModule):
         if _schedule_finished(scheduler):
             return
         super().lr_scheduler_step(scheduler, metric)
+
+
+class InputMismatchError(RuntimeError):
+    """The model could not process the batches the data produced."""
 
 
 def _schedule_finished(scheduler: Any) -> bool:

@@ -1,0 +1,232 @@
+"""Fashion-MNIST: 28×28 grayscale images of Zalando articles in 10 classes (Hugging Face dataset).
+
+    python -m src.cli fit --config configs/fashion_mnist_mlp_bn.yaml                    # from the Hub
+    python -m src.cli fit --config configs/fashion_mnist_mlp_bn.yaml \\
+        --data.init_args.data_dir=../shared/data/fashion_mnist                           # local parquet
+
+The PNGs are decoded once into a uint8 tensor cache (60,000×28×28 is 47 MB); batches are
+normalised on the device with the mean/std of the training part, so no per-sample PIL decoding
+happens while training.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from src.data.base import Split
+from src.data.hub import DataSourceError, HubDataModule
+
+IMAGE_SIZE = 28
+# The names of the Hub dataset card (its ClassLabel feature); used until the data says otherwise.
+CLASS_NAMES = [
+    "T - shirt / top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+CACHE_VERSION = 1
+
+
+class FashionMNIST(HubDataModule):
+    """Fashion-MNIST from the Hub (``zalando-datasets/fashion_mnist``) or local parquet files.
+
+    The official test split (10,000 images) is used for ``test`` and ``predict``; validation is
+    carved from the training split with ``split_seed`` (default 5,000 images), unless the local
+    source has a ``validation`` file. Pixels are normalised with the mean and standard deviation
+    of the training part only (after the validation split is carved off); both are saved in the
+    checkpoint with the class names.
+
+    Args:
+        hub_name: Hugging Face Hub dataset id (used when no local source is given).
+        data_dir: folder with ``train.parquet`` and ``test.parquet`` (``validation.parquet``
+            optional) in the Hub schema (``image``: PNG, ``label``: ClassLabel), e.g.
+            ``../shared/data/fashion_mnist``. Loading from it never touches the network.
+        data_files: explicit split → parquet file mapping instead of ``data_dir``.
+        cache_dir: folder for the decoded uint8 tensor cache (keyed by the source files).
+        hflip: train-time random horizontal flips (light augmentation; off by default).
+        max_shift: train-time random translations of up to this many pixels (0 = off).
+        val_size: images carved from the training split for validation (count or fraction).
+        **kwargs: ``hf_cache_dir`` and the batching/split options of the base DataModules.
+    """
+
+    columns = ("image", "label")
+
+    def __init__(
+        self,
+        hub_name: str = "zalando-datasets/fashion_mnist",
+        data_dir: str | None = None,
+        data_files: dict[str, str] | None = None,
+        cache_dir: str = "data_cache/fashion_mnist",
+        hflip: bool = False,
+        max_shift: int = 0,
+        val_size: int | float = 5000,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            hub_name=hub_name,
+            data_dir=data_dir,
+            data_files=data_files,
+            cache_dir=cache_dir,
+            val_size=val_size,
+            **kwargs,
+        )
+        if not 0 <= max_shift < IMAGE_SIZE:
+            raise ValueError(f"max_shift must be in [0, {IMAGE_SIZE - 1}], got {max_shift}")
+        self.hflip = hflip
+        self.max_shift = max_shift
+        self.mean: float | None = None
+        self.std: float | None = None
+        self._source_key: str | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(CLASS_NAMES)
+
+    @property
+    def input_size(self) -> int:
+        return IMAGE_SIZE * IMAGE_SIZE
+
+    def default_class_names(self) -> list[str]:
+        return list(CLASS_NAMES)
+
+    # ------------------------------------------------------------------ tensor cache
+    def cache_file(self, key: str) -> Path:
+        return self.cache_dir / f"fashion_mnist_v{CACHE_VERSION}_{key}.pt"
+
+    def _current_cache_file(self) -> Path:
+        try:
+            self._source_key = self.source_key()
+        except DataSourceError:
+            # The local files are gone; a checkpoint may still name a cache built from them.
+            if self._source_key is not None and self.cache_file(self._source_key).is_file():
+                warnings.warn(
+                    f"{self.data_dir or self.data_files} is not available; using the decoded cache "
+                    f"{self.cache_file(self._source_key)} that the checkpoint names.",
+                    stacklevel=2,
+                )
+                return self.cache_file(self._source_key)
+            raise
+        return self.cache_file(self._source_key)
+
+    def prepare_data(self) -> None:
+        path = self._current_cache_file()
+        if path.is_file():
+            return
+        ds = self.load_hf()
+        tensors: dict[str, Any] = {"class_names": self.class_names}
+        for split, part in ds.items():
+            tensors[f"{split}_x"] = decode_images(part, split)
+            tensors[f"{split}_y"] = check_labels(part[self.label_column], self.num_classes, split)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Write then rename, so a crash or a concurrent reader never sees half a file.
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(tensors, tmp)
+        os.replace(tmp, path)
+
+    def load_splits(self) -> dict[str, Split]:
+        path = self._current_cache_file()
+        if not path.is_file():
+            self.prepare_data()
+        try:
+            data = torch.load(path, weights_only=True)
+        except Exception as err:
+            raise RuntimeError(
+                f"Could not read the Fashion-MNIST cache {path} ({err}). Delete it and run again to rebuild it."
+            ) from err
+        self._class_names = list(data["class_names"])
+        splits = {"train": (data["train_x"], data["train_y"]), "test": (data["test_x"], data["test_y"])}
+        if "validation_x" in data:
+            splits["val"] = (data["validation_x"], data["validation_y"])
+        return splits
+
+    # ------------------------------------------------------------------ normalisation
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if self.mean is None or self.std is None:
+            # Statistics of the training part only (validation already carved off): no leakage.
+            self.mean, self.std = pixel_stats(self.splits["train"][0])
+
+    def transform_batch(self, batch: Split, training: bool) -> Split:
+        x, *rest = batch
+        if self.mean is None or self.std is None:
+            raise RuntimeError("FashionMNIST.setup() has not run: the normalisation statistics are unknown.")
+        if training and self.max_shift:
+            x = random_shift(x, self.max_shift)
+        if training and self.hflip:
+            flip = torch.rand(x.shape[0], 1, 1, device=x.device) < 0.5
+            x = torch.where(flip, x.flip(-1), x)
+        return ((x.float() - self.mean) / self.std, *rest)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.mean is not None and self.std is not None:
+            state.update(mean=self.mean, std=self.std)
+        if self._source_key is not None:
+            state["source_key"] = self._source_key
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if "mean" in state_dict and "std" in state_dict:
+            self.mean, self.std = float(state_dict["mean"]), float(state_dict["std"])
+        self._source_key = state_dict.get("source_key", self._source_key)
+
+
+def decode_images(part: Any, split: str) -> Tensor:
+    """Decode a split's PNG column once into a ``(N, 28, 28)`` uint8 tensor, checking every size."""
+    import datasets
+    from PIL import Image
+
+    raw = part.cast_column("image", datasets.Image(decode=False))["image"]
+    out = np.empty((len(raw), IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+    for i, item in enumerate(raw):
+        with Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]) as img:
+            if img.size != (IMAGE_SIZE, IMAGE_SIZE):
+                raise DataSourceError(
+                    f"Image {i} of the {split} split is {img.size[0]}×{img.size[1]}, not "
+                    f"{IMAGE_SIZE}×{IMAGE_SIZE}. Pass Fashion-MNIST parquet files (28×28 grayscale images)."
+                )
+            out[i] = np.asarray(img if img.mode == "L" else img.convert("L"))
+    return torch.from_numpy(out)
+
+
+def check_labels(labels: Sequence[int], num_classes: int, split: str) -> Tensor:
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise DataSourceError(
+            f"Labels of the {split} split run from {int(y.min())} to {int(y.max())}; expected 0..{num_classes - 1}."
+        )
+    return y
+
+
+def pixel_stats(images: Tensor) -> tuple[float, float]:
+    """Mean and standard deviation of all pixels (uint8 scale), in float64 for accuracy."""
+    x = images.to(torch.float64)
+    return float(x.mean()), float(x.std())
+
+
+def random_shift(x: Tensor, max_shift: int) -> Tensor:
+    """Translate each image of ``x`` (N, H, W) by its own random offset in [-max_shift, max_shift]
+    pixels, filling with zeros (background)."""
+    n, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (max_shift,) * 4)
+    off = torch.randint(0, 2 * max_shift + 1, (n, 2), device=x.device)
+    rows = (off[:, :1] + torch.arange(h, device=x.device)).unsqueeze(-1).expand(n, h, w + 2 * max_shift)
+    x = torch.gather(padded, 1, rows)
+    cols = (off[:, 1:] + torch.arange(w, device=x.device)).unsqueeze(1).expand(n, h, w)
+    return torch.gather(x, 2, cols)

@@ -1,0 +1,59 @@
+"""Mixed precision on every model: ``--trainer.precision=bf16-mixed`` trains on CPU with batch norm
+kept in float32 (its weights and running statistics; autocast feeds it bfloat16 activations)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from src.cli import main
+from tests.conftest import CONFIGS
+from tests.test_cli import TINY_DATA, _data_class, logs
+
+QUICK = [
+    "--trainer.accelerator=cpu",
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=2",
+    "--trainer.limit_val_batches=1",
+    "--test_after_fit=false",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+
+
+def build(config: Path, tmp_path: Path, *extra: str):
+    data = TINY_DATA[_data_class(config)](tmp_path)
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        return main(["--config", str(config), *QUICK, *data, *logs(tmp_path), *extra], run=False)
+    finally:
+        sys.argv = argv
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_bf16_mixed_fits_with_batch_norm_in_float32(config: Path, tmp_path: Path):
+    cli = build(config, tmp_path, "--trainer.precision=bf16-mixed")
+    bns = [m for m in cli.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert bns, "the config's model has no batch norm"
+    seen: set[torch.dtype] = set()
+    hooks = [bn.register_forward_hook(lambda m, i, o: seen.add(i[0].dtype)) for bn in bns]
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    for h in hooks:
+        h.remove()
+    assert torch.bfloat16 in seen  # autocast was on: BN received bf16 activations
+    for bn in bns:
+        assert bn.weight.dtype == bn.running_var.dtype == torch.float32
+        assert bn.num_batches_tracked > 0 and torch.isfinite(bn.running_var).all()
+    assert torch.isfinite(cli.trainer.callback_metrics["val_loss"])
+    state = torch.load(next((tmp_path / "logs").rglob("last.ckpt")), weights_only=True)["state_dict"]
+    assert all(v.dtype == torch.float32 for k, v in state.items() if k.endswith("running_var"))
+
+
+def test_fp16_mixed_on_cpu_falls_back_to_bf16(tmp_path: Path):
+    with pytest.warns(UserWarning, match="not supported on CPU"):
+        cli = build(Path(CONFIGS[0]), tmp_path, "--trainer.precision=16-mixed")
+    assert cli.trainer.precision == "bf16-mixed"
