@@ -39,6 +39,18 @@ def test_vocabulary_is_fitted_on_the_training_part_only(tmp_path: Path):
     assert len(dm.texts("train")) == 80 and len(dm.texts("val")) == 16 and len(dm.texts("test")) == 40
 
 
+def test_tail_validation_is_the_last_training_rows(tmp_path: Path):
+    import datasets
+
+    dm = _dm(tmp_path, val_split="tail")
+    dm.setup("fit")
+    rows = datasets.load_dataset("parquet", data_files=str(tmp_path / "data" / "train.parquet"))["train"][
+        "text"
+    ]
+    assert dm.texts("val") == list(rows[-16:]) and dm.texts("train") == list(rows[:-16])
+    assert set(dm.get_vocab().itos[2:]) <= {t for text in rows[:-16] for t in text_to_tokens(text)}
+
+
 def test_vocabulary_cache_is_reused_and_identical(tmp_path: Path):
     first = _dm(tmp_path).get_vocab()
     cached = list((tmp_path / "cache").glob("vocab_*.json"))
