@@ -52,6 +52,7 @@ from src.reliability import (  # noqa: E402
     assign_log_version,
     check_devices,
     load_checkpoint,
+    newest_last_checkpoint,
 )
 
 # Values the DataModule knows and the model needs. They are linked at instantiation, so they are
@@ -154,8 +155,10 @@ class CLI(LightningCLI):
         if problem := check_devices(cfg["trainer"].get("accelerator"), cfg["trainer"].get("devices")):
             self.parser.error(problem)
         model_args = (cfg.get("model") or {}).get("init_args") or {}
+        defaults = _init_defaults((cfg.get("model") or {}).get("class_path"))
         for name in LINKED:
-            if model_args.get(name) is not None and name != "class_names":
+            # The parsed config holds the class's defaults too: only a changed value was set by hand.
+            if model_args.get(name) not in (None, defaults.get(name)) and name != "class_names":
                 warnings.warn(
                     f"model.init_args.{name}={model_args.get(name)!r} is set in the config but is linked "
                     f"from the data (data.{name}); the data's value is used.",
@@ -180,17 +183,27 @@ class CLI(LightningCLI):
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             config = {**config, "plugins": [*plugins, SafeCheckpointIO()]}
         trainer = super()._instantiate_trainer(config, callbacks)
-        # Each run gets its own version folder (even when started at the same moment);
-        # `fit --ckpt_path last` continues in the folder of the run it resumes.
+        # Each run gets its own version folder (even when started at the same moment).
+        # `fit --ckpt_path last` continues in the folder of the newest run with a last.ckpt;
+        # validate/test/predict take that checkpoint and log into a folder of their own.
         sub = self.config.get("subcommand")
-        resume_last = sub == "fit" and self.config[sub].get("ckpt_path") == "last"
+        last = bool(sub) and self.config[sub].get("ckpt_path") == "last"
         for logger in trainer.loggers:
+            root = getattr(logger, "root_dir", None)
+            if last and sub != "fit" and root is not None:
+                found = newest_last_checkpoint(Path(root))
+                if found is None:
+                    sys.exit(
+                        f"error: --ckpt_path last: no run under {root!r} has a checkpoints/last.ckpt. Pass "
+                        "the path of a .ckpt file."
+                    )
+                self.config_init[sub]["ckpt_path"] = str(found[1])
             try:
-                assign_log_version(logger, resume_last=resume_last)
+                assign_log_version(logger, resume_last=last and sub == "fit")
             except OSError as err:
                 sys.exit(
-                    f"error: cannot write the log folder {getattr(logger, 'root_dir', '?')!r}: {err}. Pass a "
-                    "writable folder with --trainer.logger.init_args.save_dir=<folder>."
+                    f"error: cannot write the log folder {root!r}: {err}. Pass a writable folder with "
+                    "--trainer.logger.init_args.save_dir=<folder>."
                 )
         return trainer
 
@@ -200,6 +213,24 @@ class CLI(LightningCLI):
             if self.trainer.fast_dev_run:
                 ckpt = None
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+
+
+def _init_defaults(class_path: str | None) -> dict[str, Any]:
+    """Default ``__init__`` argument values of a class and its bases ({} if it cannot be imported)."""
+    import importlib
+    import inspect
+
+    try:
+        module, _, name = (class_path or "").rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return {}
+    defaults: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        for param in inspect.signature(klass.__init__).parameters.values():
+            if param.default is not inspect.Parameter.empty:
+                defaults[param.name] = param.default
+    return defaults
 
 
 def _flag_value(argv: list[str], flag: str) -> str | None:

@@ -121,14 +121,14 @@ def _versions(root: Path) -> list[int]:
     return [int(p.name[8:]) for p in root.iterdir() if p.name[8:].isdigit() and p.name.startswith("version_")]
 
 
-def _latest_resumable(root: Path) -> int | None:
-    """The version whose ``checkpoints/last*.ckpt`` was written most recently."""
-    newest: tuple[float, int] | None = None
+def newest_last_checkpoint(root: Path) -> tuple[int, Path] | None:
+    """The version and path of the most recently written ``version_N/checkpoints/last*.ckpt``."""
+    newest: tuple[float, int, Path] | None = None
     for v in _versions(root):
         for ckpt in (root / f"version_{v}" / "checkpoints").glob("last*.ckpt"):
-            stamp = (ckpt.stat().st_mtime, v)
-            newest = stamp if newest is None or stamp > newest else newest
-    return None if newest is None else newest[1]
+            stamp = (ckpt.stat().st_mtime, v, ckpt)
+            newest = stamp if newest is None or stamp[:2] > newest[:2] else newest
+    return None if newest is None else (newest[1], newest[2])
 
 
 def claim_version(root: Path) -> int:
@@ -157,13 +157,13 @@ def assign_log_version(logger: Logger | None, resume_last: bool = False) -> None
     """
     if logger is None or getattr(logger, "_version", 0) is not None or not hasattr(logger, "root_dir"):
         return
-    if int(os.environ.get("LOCAL_RANK", 0)) != 0 or int(os.environ.get("NODE_RANK", 0)) != 0:
+    if any(int(os.environ.get(k, 0)) != 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")):
         return
     if "://" in str(logger.root_dir):
         return
     root = Path(logger.root_dir)
-    version = _latest_resumable(root) if resume_last else None
-    logger._version = version if version is not None else claim_version(root)
+    found = newest_last_checkpoint(root) if resume_last else None
+    logger._version = found[0] if found is not None else claim_version(root)
 
 
 # ---------------------------------------------------------------------------------- devices

@@ -112,6 +112,26 @@ def test_model_that_cannot_consume_the_data_names_both():
         model.forward_batch(tokens)
 
 
+def test_fashion_mlp_on_ag_news_tokens_names_model_data_and_input(tmp_path: Path):
+    from tests.ag_news_data import tiny_ag_news
+
+    args = [
+        "fit",
+        "--config",
+        str(ROOT / "configs" / "ag_news_cnn_bn.yaml"),
+        "--model=MLPBNDropout",  # the Fashion-MNIST MLP
+        *tiny_ag_news(tmp_path),
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+        "--trainer.max_epochs=1",
+        "--trainer.enable_progress_bar=false",
+    ]
+    with pytest.raises(
+        InputMismatchError, match=r"MLPBNDropout failed on a batch from AGNews .*dtype torch\.int64"
+    ):
+        main(args)
+    assert not list((tmp_path / "logs").rglob("*.ckpt"))
+
+
 # ---------------------------------------------------------------------------------- data
 class _Empty(ClassificationDataModule):
     num_classes = 10
@@ -237,3 +257,139 @@ def test_unwritable_log_directory(capsys, unharmed: Path):
     blocker = unharmed / "logs" / "mnist1d_resnet_bn" / "version_0" / "config.yaml"  # a file, not a folder
     said = fails(capsys, ["fit", *quick(unharmed), f"--trainer.logger.init_args.save_dir={blocker}"])
     assert "cannot write the log folder" in said and "save_dir" in said
+
+
+# ---------------------------------------------------------------------------------- data sources
+# Missing data_dir/split, wrong columns and wrong image size are tested in test_hub.py,
+# test_fashion_mnist.py and test_ag_news.py; these are the cases left.
+def _int_labels_parquet(path: Path, n: int, top: int, image: bool) -> None:
+    import datasets
+    import numpy as np
+
+    labels = [i % (top + 1) for i in range(n)]
+    if image:
+        images = list(np.zeros((n, 28, 28), dtype=np.uint8))
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+        datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(
+            str(path)
+        )
+    else:
+        features = datasets.Features({"text": datasets.Value("string"), "label": datasets.Value("int64")})
+        texts = [f"word{i} news" for i in range(n)]
+        datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features).to_parquet(str(path))
+
+
+def test_fashion_label_ids_out_of_range(tmp_path: Path):
+    from src.data.fashion_mnist import FashionMNIST
+    from src.data.hub import DataSourceError
+
+    d = tmp_path / "fashion"
+    d.mkdir()
+    for split in ("train", "test"):
+        _int_labels_parquet(d / f"{split}.parquet", 24, top=12, image=True)
+    dm = FashionMNIST(
+        data_dir=str(d), cache_dir=str(tmp_path / "cache"), hf_cache_dir=str(tmp_path / "hf"), val_size=4
+    )
+    with pytest.raises(DataSourceError, match=r"run from 0 to 12; expected 0\.\.9"):
+        dm.setup("fit")
+
+
+def test_ag_news_label_ids_out_of_range(tmp_path: Path):
+    from src.data.ag_news import AGNews
+
+    d = tmp_path / "ag"
+    d.mkdir()
+    for split in ("train", "test"):
+        _int_labels_parquet(d / f"{split}.parquet", 24, top=6, image=False)
+    dm = AGNews(
+        data_dir=str(d), cache_dir=str(tmp_path / "cache"), hf_cache_dir=str(tmp_path / "hf"), val_size=4
+    )
+    with pytest.raises(ValueError, match=r"outside 0\.\.3"):
+        dm.setup("fit")
+
+
+def test_empty_parquet_split(tmp_path: Path):
+    from src.data.fashion_mnist import FashionMNIST
+    from src.data.hub import DataSourceError
+    from tests.test_fashion_mnist import write_fashion
+
+    d = tmp_path / "fashion"
+    d.mkdir()
+    write_fashion(d / "train.parquet", 0)
+    write_fashion(d / "test.parquet", 5)
+    dm = FashionMNIST(
+        data_dir=str(d), cache_dir=str(tmp_path / "cache"), hf_cache_dir=str(tmp_path / "hf"), val_size=4
+    )
+    with pytest.raises(DataSourceError, match=r"train\.parquet \(the train split\) has no rows"):
+        dm.setup("fit")
+
+
+# ---------------------------------------------------------------------------------- predict inputs
+@pytest.fixture
+def ag_news(tmp_path: Path):
+    """A tiny AG News DataModule (vocabulary fitted) and an untrained BN-CNN sized for it."""
+    from src.data.ag_news import AGNews
+    from src.models.bn_cnn import BNCNN
+    from tests.ag_news_data import write_tiny_ag_news
+
+    files = write_tiny_ag_news(tmp_path / "data")
+
+    def make(**kwargs) -> AGNews:
+        return AGNews(
+            data_files=files, cache_dir=str(tmp_path / "cache"), batch_size=8, val_size=16, **kwargs
+        )
+
+    vocab = make().get_vocab()
+    model = BNCNN(input_size=len(vocab), num_classes=4).eval()
+    return make, model
+
+
+def test_predict_empty_file_is_refused(tmp_path: Path, ag_news):
+    make, _ = ag_news
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="No texts to predict"):
+        make(predict_file=str(empty)).setup("predict")
+
+
+def test_predict_odd_texts_give_finite_probabilities(tmp_path: Path, ag_news):
+    make, model = ag_news
+    garbage = bytes(range(1, 32)).decode("ascii") + "\ufffd\u200b\U0001f600 \x7f"  # control chars, emoji
+    texts = ["", "   \t  ", "stocks " * 300_000, garbage, "<b></b> &amp; #36;", "Stocks rise"]
+    dm = make(predict_texts=texts)
+    dm.setup("predict")
+    batches = list(dm.predict_dataloader())
+    ids = torch.cat([b[0] for b in batches])
+    assert ids.shape[0] == len(texts) and ids.shape[1] <= dm.max_length  # the huge text is truncated
+    with torch.no_grad():
+        probs = torch.cat([model.predict_step(b, i) for i, b in enumerate(batches)])
+    assert probs.shape == (len(texts), 4) and torch.isfinite(probs).all()
+    assert torch.allclose(probs.sum(-1), torch.ones(len(texts)))
+
+
+def test_predict_file_of_binary_garbage_is_refused(tmp_path: Path, ag_news):
+    make, _ = ag_news
+    blob = tmp_path / "model.bin"
+    blob.write_bytes(bytes(range(256)) * 4)  # not UTF-8
+    with pytest.raises(ValueError, match="not UTF-8"):
+        make(predict_file=str(blob)).setup("predict")
+
+
+def test_checkpoint_from_another_tokenizer_version_warns(ag_news):
+    make, _ = ag_news
+    state = make().state_dict()
+    state["tokenizer_version"] = 0
+    with pytest.warns(UserWarning, match="tokenizer version 0 differs"):
+        make().load_state_dict(state)
+
+
+def test_ckpt_path_last_without_any_run_is_refused_for_test(capsys, tmp_path: Path, run_dir: Path):
+    shutil.copytree(run_dir / "cache", tmp_path / "cache")
+    said = fails(capsys, ["test", *quick(tmp_path), "--ckpt_path=last"])
+    assert "--ckpt_path last: no run under" in said
+
+
+def test_ckpt_path_last_tests_the_newest_run_into_a_folder_of_its_own(unharmed: Path):
+    cli = main(["test", *quick(unharmed), "--ckpt_path=last"])
+    assert cli.trainer.ckpt_path == str(last_ckpt(unharmed))
+    assert cli.trainer.logger.version != 0  # the training run's folder (config.yaml) is left alone

@@ -286,7 +286,9 @@ def test_two_fits_started_at_once_log_into_separate_version_folders(tmp_path: Pa
         "--data.init_args.num_samples=600",
         "--data.init_args.val_size=60",
     ]
-    _fit_in_process(["fit", *args[1:], "--trainer.fast_dev_run=true"])  # build the data cache first
+    from src.data import MNIST1D
+
+    MNIST1D(cache_dir=str(tmp_path / "cache"), num_samples=600).prepare_data()  # the data cache first
     ctx = mp.get_context("fork")
     procs = [ctx.Process(target=_fit_in_process, args=(args,)) for _ in range(2)]
     for p in procs:

@@ -191,6 +191,13 @@ def load_hf_dataset(
     if data_dir is not None or data_files is not None:
         files = resolve_local_files(data_dir, data_files)
         source = ", ".join(f"{s}={p}" for s, p in files.items())
+        for split, path in files.items():
+            if (
+                _parquet_rows(path) == 0
+            ):  # `datasets` would only say 'Instruction "train" corresponds to no data'
+                raise DataSourceError(
+                    f"{path} (the {split} split) has no rows. Pass a parquet file with at least one sample."
+                )
         try:
             with offline_mode():
                 ds = datasets.load_dataset(
@@ -223,6 +230,16 @@ def load_hf_dataset(
             ) from err
     check_dataset(ds, columns, source)
     return ds
+
+
+def _parquet_rows(path: str | os.PathLike) -> int | None:
+    """Row count from the parquet footer (``None`` if the file cannot be read as parquet)."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception:
+        return None  # let `datasets` report what is wrong with it
 
 
 def check_dataset(ds: Any, columns: Sequence[str], source: str) -> None:

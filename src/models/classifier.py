@@ -30,8 +30,10 @@ from src.models.metrics import TrainStats
 STAGES = ("train", "val", "test")
 # Shown in TensorBoard's hparams tab beside the run's hyperparameters.
 HP_METRICS = ("hp/best_val_acc", "hp/test_acc", "hp/test_f1")
-# Metric objects whose state is part of the checkpoint (see `__init__`).
-RESUMABLE_METRICS = ("train_stats", "best_val_acc")
+# Metric objects whose state is part of the checkpoint (see `__init__`); the training one is
+# reset when a fresh epoch starts.
+TRAIN_METRICS = ("train_stats",)
+RESUMABLE_METRICS = (*TRAIN_METRICS, "best_val_acc")
 
 
 class ClassifierModule(LightningModule):
@@ -213,6 +215,12 @@ class ClassifierModule(LightningModule):
         for name in ("precision", "recall", "f1"):
             for cls, value in zip(self.class_names, self.test_report[name].tolist(), strict=True):
                 self.log(f"test_{name}/{cls}", value, sync_dist=True)
+
+    def on_train_epoch_start(self) -> None:
+        # Not called when a run resumes mid-epoch (the restored partial sums continue); called for
+        # a fresh epoch, which must not add to the sums of a finished epoch restored from a checkpoint.
+        for name in TRAIN_METRICS:
+            getattr(self, name).reset()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Checkpoints written before the metric states were saved still load.
