@@ -249,9 +249,19 @@ def _load_checkpoint(path: str) -> dict[str, Any]:
         sys.exit(f"error: {err}")
 
 
+def _default_threads() -> int:
+    """Torch CPU threads when ``BN_NUM_THREADS`` is unset: 1 on machines with 1-2 cores.
+
+    Measured on a shared 2-core machine under load (benchmarks/speed.py): an epoch with 2 threads
+    took 14-19x longer than with 1 (OpenMP threads waiting on busy cores). Larger machines keep
+    torch's default (one thread per physical core).
+    """
+    return 1 if (os.cpu_count() or 1) <= 2 else torch.get_num_threads()
+
+
 def main(args: Any = None, run: bool = True) -> CLI:
     """Build and run the CLI (``args`` lets tests and scripts call it in-process)."""
-    torch.set_num_threads(int(os.environ.get("BN_NUM_THREADS", torch.get_num_threads())))
+    torch.set_num_threads(int(os.environ.get("BN_NUM_THREADS") or _default_threads()))
     try:
         return CLI(
             ClassifierModule,

@@ -163,3 +163,12 @@ def test_compile_model_compiles_in_place_and_keeps_checkpoint_keys():
     compiled.configure_model()  # idempotent
     assert compiled.net._compiled_call_impl is not None
     assert list(compiled.state_dict()) == list(eager.state_dict())
+
+
+def test_default_torch_threads_is_one_on_small_machines(monkeypatch):
+    from src import cli
+
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
+    assert cli._default_threads() == 1
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 32)
+    assert cli._default_threads() == torch.get_num_threads()
