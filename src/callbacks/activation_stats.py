@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
@@ -156,7 +157,8 @@ class ActivationStats(Callback):
                 f"ActivationStats found no residual blocks, NormAct blocks or norm layers in "
                 f"{type(pl_module).__name__}; nothing will be logged."
             )
-        if self.at_init and trainer.is_global_zero:
+        # Every rank runs the pass (SyncBatchNorm communicates in train mode); rank 0 logs it.
+        if self.at_init:
             batch = self._fixed_batch(trainer)
             if batch is not None:
                 self._log_init(trainer, pl_module, batch)
@@ -198,12 +200,18 @@ class ActivationStats(Callback):
         if datamodule is None:
             rank_zero_warn("ActivationStats: no DataModule, so no statistics at initialisation.")
             return None
-        batch = next(iter(datamodule.val_dataloader()))
+        try:
+            batch = next(iter(datamodule.val_dataloader()))
+        except (StopIteration, NotImplementedError, MisconfigurationException):
+            rank_zero_warn("ActivationStats: no validation batch, so no statistics at initialisation.")
+            return None
         batch = trainer.strategy.batch_to_device(batch)  # runs the DataModule's transfer hooks too
         return batch[0] if isinstance(batch, (tuple, list)) else batch
 
     def _log_init(self, trainer: Trainer, pl_module: LightningModule, x: Tensor) -> None:
         stats = collect_activation_stats(pl_module, x)
+        if not trainer.is_global_zero:
+            return
         self._log_scalars(trainer, "activations_init", stats, trainer.global_step)
         tb = _tensorboard(trainer)
         if tb is not None and stats:

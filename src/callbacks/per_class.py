@@ -9,7 +9,7 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 
@@ -29,8 +29,11 @@ class PerClassReport(Callback):
             raise ValueError(f"PerClassReport output must end in .json, got {output!r}")
         self.output = output
 
-    @rank_zero_only
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # `trainer.log_dir` is a collective under DDP: every rank asks, rank 0 writes.
+        log_dir = trainer.log_dir
+        if not trainer.is_global_zero:
+            return
         raw = getattr(pl_module, "test_report", None)
         if not raw:
             rank_zero_warn(
@@ -40,7 +43,7 @@ class PerClassReport(Callback):
             return
         names = list(getattr(pl_module, "class_names", [str(i) for i in range(len(raw["f1"]))]))
         report = build_report(raw, names)
-        path = Path(self.output) if self.output else Path(trainer.log_dir or ".") / "per_class_report.json"
+        path = Path(self.output) if self.output else Path(log_dir or ".") / "per_class_report.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=1, ensure_ascii=False))
         rank_zero_info(f"Wrote the per-class test report to {path}")
