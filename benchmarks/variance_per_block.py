@@ -70,7 +70,11 @@ def main() -> None:
             curves[(block, name)] = block_variances(x, args.seeds, block=block, **extra, **bn)
 
     print(f"\nVariance after the stem (0) and each residual block, mean of {args.seeds} He initialisations")
-    print("| blocks | setting | " + " | ".join(str(i) for i in range(6)) + " | growth per block |")
+    print(
+        "| blocks | setting | "
+        + " | ".join(str(i) for i in range(6))
+        + " | growth per block, 1 → 5 (geometric mean) |"
+    )
     print("|---|---|" + "---|" * 7)
     for (block, name), v in curves.items():
         growth = (v[-1] / v[1]) ** (1 / (len(v) - 2))

@@ -192,7 +192,10 @@ def sweep(
             print(f"[{i}/{len(todo)}] {name} seed {seed}: finished before, skipped", flush=True)
         results.append(done)
     write_summary(results, output, target)
-    plot_curves(results, output / "val_acc.png")
+    seeds_note = f"mean ± std over {seeds} seed{'s' if seeds > 1 else ''}"
+    plot_curves(
+        results, output / "val_acc.png", f"{' + '.join(Path(c).stem for c in configs)} ({seeds_note})"
+    )
     print(
         f"\n{(output / 'summary.md').read_text()}\nWrote {output}/summary.md, summary.csv, runs.csv, val_acc.png"
     )
@@ -243,8 +246,8 @@ def write_summary(results: list[RunResult], output: Path, target: float) -> None
                 [
                     r.variant,
                     r.seed,
-                    r.best_val_acc,
-                    r.test_acc,
+                    round(r.best_val_acc, 5),
+                    round(r.test_acc, 5),
                     r.epochs_to(target),
                     len(r.val_acc),
                     round(r.wall_s, 1),
@@ -270,7 +273,7 @@ def write_summary(results: list[RunResult], output: Path, target: float) -> None
     (output / "summary.md").write_text("\n".join(lines) + "\n")
 
 
-def plot_curves(results: list[RunResult], path: Path) -> None:
+def plot_curves(results: list[RunResult], path: Path, title: str = "") -> None:
     """Validation accuracy per epoch for each variant: mean over seeds, ±1 std band."""
     import matplotlib
 
@@ -294,6 +297,8 @@ def plot_curves(results: list[RunResult], path: Path) -> None:
         ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy")
+    if title:
+        ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -154,3 +154,12 @@ def test_epoch_metrics_logged_once_per_epoch_and_reset(tmp_path):
     assert len(record.epochs) == 2 and record.epochs[0]["val_loss"] != record.epochs[1]["val_loss"]
     for metric in (model.train_stats, model.val_metrics["acc"], model.val_loss_mean):
         assert metric._update_count == 0  # reset after the epoch
+
+
+def test_compile_model_compiles_in_place_and_keeps_checkpoint_keys():
+    eager = ResidualBN(num_classes=10)
+    compiled = ResidualBN(num_classes=10, compile_model=True)
+    compiled.configure_model()  # what the Trainer calls; compilation itself happens at first call
+    compiled.configure_model()  # idempotent
+    assert compiled.net._compiled_call_impl is not None
+    assert list(compiled.state_dict()) == list(eager.state_dict())

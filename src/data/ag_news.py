@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -51,6 +51,10 @@ class AGNews(HubDataModule):
         predict_texts: raw texts to classify in ``predict``.
         predict_file: UTF-8 text file with one text per line to classify in ``predict``. With neither,
             ``predict`` runs on the test split.
+        val_split: how validation is carved from the training rows: ``random`` (seeded by
+            ``split_seed``) or ``tail`` (the last rows). AG News lists related stories next to each
+            other, so a random split puts near-duplicates of training texts into validation and
+            overrates the model; ``tail`` keeps validation apart, like the test split.
         **kwargs: batching and split options of :class:`ClassificationDataModule`.
     """
 
@@ -69,6 +73,7 @@ class AGNews(HubDataModule):
         min_batch_length: int = 5,
         predict_texts: list[str] | None = None,
         predict_file: str | None = None,
+        val_split: Literal["random", "tail"] = "random",
         **kwargs: Any,
     ) -> None:
         super().__init__(hub_name, data_dir, data_files, cache_dir, hf_cache_dir, **kwargs)
@@ -86,6 +91,9 @@ class AGNews(HubDataModule):
         self.min_batch_length = min_batch_length
         self.predict_texts = predict_texts
         self.predict_file = predict_file
+        if val_split not in ("random", "tail"):
+            raise ValueError(f"val_split must be 'random' or 'tail', got {val_split!r}")
+        self.val_split = val_split
         self.vocab: Vocabulary | None = None
         self._raw: Any = None  # the loaded DatasetDict, kept between vocabulary and setup
         self._texts: dict[str, list[str]] = {}
@@ -115,6 +123,8 @@ class AGNews(HubDataModule):
         if "validation" in self._dataset():
             return torch.arange(n), None
         (train_idx,), (val_idx,) = self._carve_val((torch.arange(n),))
+        if self.val_split == "tail":  # same sizes, but validation is the last rows
+            return torch.arange(len(train_idx)), torch.arange(len(train_idx), n)
         return train_idx, val_idx
 
     def vocab_cache_file(self) -> Path:
@@ -124,6 +134,7 @@ class AGNews(HubDataModule):
             self.min_freq,
             self.val_size,
             self.split_seed,
+            self.val_split,
             TOKENIZER_VERSION,
         )
         return self.cache_dir / f"vocab_{key}.json"

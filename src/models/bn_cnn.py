@@ -78,7 +78,7 @@ class BNCNNNet(nn.Module):
         bn_position: BN before or after the ReLU.
         bn_momentum: BatchNorm momentum.
         bn_eps: BatchNorm epsilon.
-        pooling: ``max`` (global max over time) or ``max_mean`` (max and mean, concatenated).
+        pooling: ``max`` (global max over time, the seed's), ``mean``, or ``max_mean`` (both, concatenated).
         hidden_size: width of the hidden FC layer.
         dropout: dropout before each FC layer.
         embedding_dropout: dropout on the token vectors (training only).
@@ -99,7 +99,7 @@ class BNCNNNet(nn.Module):
         bn_position: BNPosition = "before_activation",
         bn_momentum: float = 0.1,
         bn_eps: float = 1e-5,
-        pooling: Literal["max", "max_mean"] = "max",
+        pooling: Literal["max", "mean", "max_mean"] = "max",
         hidden_size: int = 100,
         dropout: float = 0.5,
         embedding_dropout: float = 0.0,
@@ -115,8 +115,8 @@ class BNCNNNet(nn.Module):
             raise ValueError(f"num_conv_layers must be >= 1, got {num_conv_layers}")
         if input_encoding not in ("embedding", "one_hot"):
             raise ValueError(f"input_encoding must be 'embedding' or 'one_hot', got {input_encoding!r}")
-        if pooling not in ("max", "max_mean"):
-            raise ValueError(f"pooling must be 'max' or 'max_mean', got {pooling!r}")
+        if pooling not in ("max", "mean", "max_mean"):
+            raise ValueError(f"pooling must be 'max', 'mean' or 'max_mean', got {pooling!r}")
         self.input_size = input_size
         self.input_encoding = input_encoding
         self.kernel_sizes = tuple(kernel_sizes)
@@ -178,12 +178,14 @@ class BNCNNNet(nn.Module):
         return torch.cat([branch(x, mask) for branch in self.branches], dim=1), mask
 
     def pool(self, h: Tensor, mask: Tensor) -> Tensor:
+        """Global pooling over the real tokens only (padding is masked out of max and mean)."""
         m = mask.unsqueeze(1)
-        pooled = h.masked_fill(~m, float("-inf")).amax(dim=2)
-        if self.pooling == "max_mean":
-            mean = (h * m).sum(dim=2) / m.sum(dim=2).clamp(min=1)
-            pooled = torch.cat([pooled, mean], dim=1)
-        return pooled
+        pooled = []
+        if self.pooling in ("max", "max_mean"):
+            pooled.append(h.masked_fill(~m, float("-inf")).amax(dim=2))
+        if self.pooling in ("mean", "max_mean"):
+            pooled.append((h * m).sum(dim=2) / m.sum(dim=2).clamp(min=1))
+        return torch.cat(pooled, dim=1)
 
     def forward(self, ids: Tensor) -> Tensor:
         h, mask = self.conv_activations(ids)
@@ -204,7 +206,7 @@ class BNCNN(ClassifierModule):
         bn_position: BN before or after the ReLU.
         bn_momentum: BatchNorm momentum.
         bn_eps: BatchNorm epsilon.
-        pooling: ``max`` or ``max_mean`` (global max- and mean-pool over the text, concatenated).
+        pooling: ``max`` (global max-pool over the text, the seed's), ``mean``, or ``max_mean`` (both).
         hidden_size: width of the hidden FC layer.
         dropout: dropout before each FC layer.
         embedding_dropout: dropout on the token vectors at train time.
@@ -225,7 +227,7 @@ class BNCNN(ClassifierModule):
         bn_position: BNPosition = "before_activation",
         bn_momentum: float = 0.1,
         bn_eps: float = 1e-5,
-        pooling: Literal["max", "max_mean"] = "max",
+        pooling: Literal["max", "mean", "max_mean"] = "max",
         hidden_size: int = 100,
         dropout: float = 0.5,
         embedding_dropout: float = 0.0,

@@ -114,8 +114,10 @@ class ClassifierModule(LightningModule):
 
     # ------------------------------------------------------------------ network
     def configure_model(self) -> None:
-        if self.compile_model and not isinstance(self.net, torch._dynamo.eval_frame.OptimizedModule):
-            self.net = torch.compile(self.net)
+        # Module.compile() compiles in place: parameter names (and so checkpoints) stay those of
+        # the eager network, unlike `torch.compile(net)` which prefixes them with `_orig_mod.`.
+        if self.compile_model and getattr(self.net, "_compiled_call_impl", None) is None:
+            self.net.compile()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
