@@ -106,10 +106,10 @@ def test_missing_required_model_is_named(capsys):
 def test_model_that_cannot_consume_the_data_names_both():
     model = ResidualBN(input_size=40, num_classes=10)
     with pytest.raises(InputMismatchError, match=r"ResidualBN failed on a batch .*shape \(8, 28, 28\)"):
-        model.forward_batch(torch.randn(8, 28, 28))
+        model(torch.randn(8, 28, 28))
     tokens = torch.randint(0, 100, (8, 40))  # token ids where the model expects a float signal
     with pytest.raises(InputMismatchError, match="dtype torch.int64"):
-        model.forward_batch(tokens)
+        model(tokens)
 
 
 def test_fashion_mlp_on_ag_news_tokens_names_model_data_and_input(tmp_path: Path):

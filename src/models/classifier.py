@@ -120,12 +120,25 @@ class ClassifierModule(LightningModule):
             self.net.compile()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        """``self.net(x)``; a failure names the model, the data and the input (e.g. an MLP fed tokens)."""
+        try:
+            return self.net(x)
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, TypeError, IndexError) as err:
+            dm = self._trainer.datamodule if self._trainer is not None else None
+            data = type(dm).__name__ if dm is not None else "the data"
+            raise InputMismatchError(
+                f"{type(self).__name__} failed on a batch from {data} (inputs of shape {tuple(x.shape)}, dtype "
+                f"{x.dtype}): {type(err).__name__}: {(str(err).splitlines() or [''])[0]}. A model can only be "
+                "paired with data of the input kind and size it was built for: pick a model and data pair "
+                "from configs/."
+            ) from err
 
     # ------------------------------------------------------------------ steps
     def shared_step(self, batch: tuple[Tensor, ...], stage: str) -> Tensor:
         x, y = batch[0], batch[1]
-        logits = self.forward_batch(x)
+        logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing if stage == "train" else 0.0)
         if stage == "train":
             self.train_stats.update(logits.detach(), y, loss)
@@ -164,23 +177,7 @@ class ClassifierModule(LightningModule):
         self.shared_step(batch, "test")
 
     def predict_step(self, batch: tuple[Tensor, ...], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        return torch.softmax(self.forward_batch(batch[0]).float(), dim=-1)
-
-    def forward_batch(self, x: Tensor) -> Tensor:
-        """``self(x)``; a failure names the model, the data and the input it got (e.g. an MLP fed tokens)."""
-        try:
-            return self(x)
-        except torch.OutOfMemoryError:
-            raise
-        except (RuntimeError, TypeError, IndexError) as err:
-            dm = self._trainer.datamodule if self._trainer is not None else None
-            data = type(dm).__name__ if dm is not None else "the data"
-            raise InputMismatchError(
-                f"{type(self).__name__} failed on a batch from {data} (inputs of shape {tuple(x.shape)}, dtype "
-                f"{x.dtype}): {type(err).__name__}: {(str(err).splitlines() or [''])[0]}. A model can only be "
-                "paired with data of the input kind and size it was built for: pick a model and data pair "
-                "from configs/."
-            ) from err
+        return torch.softmax(self(batch[0]).float(), dim=-1)
 
     # ------------------------------------------------------------------ hparams tab
     def _log_hparams_with_metrics(self) -> None:
