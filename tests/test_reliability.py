@@ -263,15 +263,7 @@ def test_processes_claiming_a_version_at_the_same_moment_get_different_folders(t
     assert sorted(out.get(timeout=5) for _ in procs) == list(range(6))
 
 
-def _fit_in_process(args: list[str]) -> None:
-    from src.cli import main
-
-    main(args)
-
-
 def test_two_fits_started_at_once_log_into_separate_version_folders(tmp_path: Path):
-    import multiprocessing as mp
-
     args = [
         "fit",
         "--config",
@@ -289,13 +281,22 @@ def test_two_fits_started_at_once_log_into_separate_version_folders(tmp_path: Pa
     from src.data import MNIST1D
 
     MNIST1D(cache_dir=str(tmp_path / "cache"), num_samples=600).prepare_data()  # the data cache first
-    ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_fit_in_process, args=(args,)) for _ in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(240)
-    assert [p.exitcode for p in procs] == [0, 0]
+    # Two real processes, as two users' commands would be (forking this process, whose torch thread
+    # pool is already running, can deadlock).
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "BN_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "src.cli", *args],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     runs = sorted((tmp_path / "logs" / "mnist1d_resnet_bn").iterdir())
     assert [r.name for r in runs] == ["version_0", "version_1"]
     for run in runs:  # each run has its own config, events and checkpoint

@@ -6,6 +6,7 @@ training run does with it lives here once.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any
 
@@ -118,6 +119,19 @@ class ClassifierModule(LightningModule):
         # the eager network, unlike `torch.compile(net)` which prefixes them with `_orig_mod.`.
         if self.compile_model and getattr(self.net, "_compiled_call_impl", None) is None:
             self.net.compile()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ClassifierModule:
+        # EMAWeightAveraging deep-copies the module in `setup`. The copy must not drag the Trainer along
+        # (under DDP it holds the launcher's worker processes, which cannot be copied), and the
+        # optimizer/scheduler factories are shared, not copied.
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for shared in (self.optimizer, self.lr_scheduler):
+            memo[id(shared)] = shared
+        state = {k: v for k, v in self.__dict__.items() if k != "_trainer"}
+        new.__setstate__(copy.deepcopy(state, memo))
+        new._trainer = None
+        return new
 
     def forward(self, x: Tensor) -> Tensor:
         """``self.net(x)``; a failure names the model, the data and the input (e.g. an MLP fed tokens)."""
