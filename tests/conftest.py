@@ -36,6 +36,18 @@ def run_cli(
     return proc
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """In-process training in the suite uses one torch thread, like the CLI subprocesses
+    (``BN_NUM_THREADS=1``): on a busy 2-core machine two threads made tiny steps ~40x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def cli():
     return run_cli

@@ -18,15 +18,6 @@ from src.models.layers import NormAct
 from src.models.residual_bn import ResidualBN, ResidualBNNet
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Two torch threads on a busy 2-core machine make these tiny steps ~40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def block_variances(batch_norm: bool, seed: int) -> list[float]:
     torch.manual_seed(seed)
     net = ResidualBNNet(40, 10, hidden_size=100, num_blocks=5, batch_norm=batch_norm)

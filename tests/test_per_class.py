@@ -17,15 +17,6 @@ from src.callbacks.per_class import PerClassReport
 from src.models.classifier import ClassifierModule
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Two torch threads on a busy 2-core machine make these tiny steps ~40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class GivenLogits(ClassifierModule):
     """Its input *is* the logits, so the predictions are whatever the test says."""
 

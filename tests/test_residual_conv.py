@@ -10,15 +10,6 @@ from src.callbacks.activation_stats import collect_activation_stats
 from src.models import ResidualBN, ResidualBNNet
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Two torch threads on a busy 2-core machine make these tiny steps ~40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_conv_blocks_keep_the_length_and_pool_before_the_head():
     net = ResidualBNNet(40, 10, hidden_size=16, num_blocks=3, block="conv", kernel_size=5)
     assert net(torch.randn(8, 40)).shape == (8, 10)
