@@ -13,7 +13,8 @@ Speed: one training epoch over the 55,000 training images through the Lightning 
 config's model, optimiser, scheduler, metrics and logger; validation switched off) against a plain
 PyTorch loop over the same on-device tensors, model, optimiser, scheduler and batch size. The two
 are measured in the same process, interleaved, ``--repeats`` times; the medians and the median of
-the per-pair ratios are printed. ``--with-callbacks`` adds a third side: the Trainer with the
+the per-pair ratios are printed, by wall time and by CPU time (``time.process_time``: on a shared
+machine the wall time also counts other jobs' load, the CPU time much less). ``--with-callbacks`` adds a third side: the Trainer with the
 config's training-time callbacks (activation statistics every 50 steps, LR monitor, ...).
 """
 
@@ -48,16 +49,18 @@ VARIANTS = {
 
 
 class EpochTimer(Callback):
-    """Wall time from the start to the end of each training epoch (hooks run on the main process)."""
+    """Wall and CPU time from the start to the end of each training epoch (hooks run on the main process)."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
+        self.cpu_times: list[float] = []
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: Any) -> None:
-        self._start = time.perf_counter()
+        self._start, self._cpu = time.perf_counter(), time.process_time()
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
         self.times.append(time.perf_counter() - self._start)
+        self.cpu_times.append(time.process_time() - self._cpu)
 
 
 def build_from_config(data_dir: str, extra: list[str]) -> tuple[Any, Any, list[Callback]]:
@@ -77,8 +80,8 @@ def build_from_config(data_dir: str, extra: list[str]) -> tuple[Any, Any, list[C
 
 def trainer_epoch(
     model: Any, datamodule: Any, log_dir: str, callbacks: list[Callback] = ()
-) -> tuple[float, float]:
-    """One training epoch through ``Trainer.fit``: (epoch time, whole fit() call time)."""
+) -> tuple[float, float, float]:
+    """One training epoch through ``Trainer.fit``: (epoch wall time, whole fit() call wall time, epoch CPU time)."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
     timer = EpochTimer()
@@ -97,11 +100,11 @@ def trainer_epoch(
     )
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
-    return timer.times[0], time.perf_counter() - start
+    return timer.times[0], time.perf_counter() - start, timer.cpu_times[0]
 
 
-def plain_epoch(model: Any, datamodule: Any, seed: int) -> float:
-    """One epoch of a hand-written loop: the same tensors, network, optimiser, scheduler, batch size
+def plain_epoch(model: Any, datamodule: Any, seed: int) -> tuple[float, float]:
+    """(wall time, CPU time) of one epoch of a hand-written loop: the same tensors, network, optimiser, scheduler, batch size
     and loss, with the per-epoch permutation, on-device normalisation, and loss/accuracy tracked on
     the device like the Trainer's metrics."""
     net = model.net
@@ -112,7 +115,7 @@ def plain_epoch(model: Any, datamodule: Any, seed: int) -> float:
     steps = -(-len(x_all) // bs)
     scheduler = model.lr_scheduler(optimizer, total_steps=steps) if model.lr_scheduler else None
     mean, std, smoothing = datamodule.mean, datamodule.std, model.label_smoothing
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     perm = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(seed))
     x_all, y_all = x_all[perm], y_all[perm]
     loss_sum = torch.zeros(())
@@ -130,7 +133,7 @@ def plain_epoch(model: Any, datamodule: Any, seed: int) -> float:
         loss_sum += loss.detach() * len(y)
         correct += (logits.detach().argmax(1) == y).sum()
     float(loss_sum), int(correct)  # noqa: B018  (one sync at the end, as the Trainer's epoch-end logging)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def speed(data_dir: str, repeats: int, extra: list[str], with_callbacks: bool) -> None:
@@ -142,6 +145,7 @@ def speed(data_dir: str, repeats: int, extra: list[str], with_callbacks: bool) -
         flush=True,
     )
     tr, fits, pl, cb = [], [], [], []
+    tr_cpu, pl_cpu = [], []
     with tempfile.TemporaryDirectory() as log_dir:
         for r in range(repeats):
             # Fresh copies of the same initial model for every side; rotate which goes first.
@@ -149,16 +153,20 @@ def speed(data_dir: str, repeats: int, extra: list[str], with_callbacks: bool) -
             for side in sides[r % len(sides) :] + sides[: r % len(sides)]:
                 model = copy.deepcopy(model0)
                 if side == "trainer":
-                    epoch_s, fit_s = trainer_epoch(model, dm, log_dir)
+                    epoch_s, fit_s, cpu_s = trainer_epoch(model, dm, log_dir)
                     tr.append(epoch_s)
                     fits.append(fit_s)
+                    tr_cpu.append(cpu_s)
                 elif side == "callbacks":
                     cb.append(trainer_epoch(model, dm, log_dir, callbacks)[0])
                 else:
-                    pl.append(plain_epoch(model, dm, seed=r))
+                    wall_s, cpu_s = plain_epoch(model, dm, seed=r)
+                    pl.append(wall_s)
+                    pl_cpu.append(cpu_s)
             print(
                 f"  repeat {r}: Trainer epoch {tr[-1]:.2f}s (whole fit() call {fits[-1]:.2f}s), "
-                f"plain loop {pl[-1]:.2f}s, ratio {tr[-1] / pl[-1]:.3f}"
+                f"plain loop {pl[-1]:.2f}s, ratio {tr[-1] / pl[-1]:.3f}; CPU time Trainer {tr_cpu[-1]:.2f}s, "
+                f"plain {pl_cpu[-1]:.2f}s, ratio {tr_cpu[-1] / pl_cpu[-1]:.3f}"
                 + (f"; with the config's callbacks {cb[-1]:.2f}s, ratio {cb[-1] / pl[-1]:.3f}" if cb else ""),
                 flush=True,
             )
@@ -174,6 +182,12 @@ def speed(data_dir: str, repeats: int, extra: list[str], with_callbacks: bool) -
         f"plain loop {statistics.median(pl):.2f}s; Trainer/plain ratio (median of pairs) "
         f"{statistics.median(ratios):.3f} (goal <= 1.10); whole fit()/plain "
         f"{statistics.median([f / p for f, p in zip(fits, pl, strict=True)]):.3f}"
+    )
+    cpu_ratios = [t / p for t, p in zip(tr_cpu, pl_cpu, strict=True)]
+    print(
+        f"median CPU time: Trainer epoch {statistics.median(tr_cpu):.2f}s, plain loop "
+        f"{statistics.median(pl_cpu):.2f}s; Trainer/plain CPU-time ratio (median of pairs) "
+        f"{statistics.median(cpu_ratios):.3f} (goal <= 1.10)"
     )
 
 

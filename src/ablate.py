@@ -14,7 +14,7 @@ folder kept in git while checkpoints stay in the ignored ``lightning_logs``. Any
 Results are read back from the runs' own TensorBoard event files: best ``val_acc``, ``test_acc``,
 the first epoch whose ``val_acc`` reaches ``--target``, and the wall time between the run's first
 and last logged event (training and testing, without process start-up and data loading). The sweep writes ``OUTPUT/summary.md``, ``OUTPUT/summary.csv`` (mean ± std
-per variant), ``OUTPUT/runs.csv`` (one row per run) and ``OUTPUT/val_acc.png`` (validation
+per variant), ``OUTPUT/runs.csv`` (one row per run, with the CPU time of its process) and ``OUTPUT/val_acc.png`` (validation
 accuracy per epoch, mean over seeds with a ±1 std band). Running the same command again resumes:
 runs whose folder already holds a ``test_acc`` are skipped, unfinished ones are started afresh.
 """
@@ -27,6 +27,7 @@ import itertools
 import math
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 Grid = list[tuple[str, list[str]]]
+CPU_FILE = "cpu_seconds.txt"  # written beside the event files: CPU time of the run's process
 
 
 # ---------------------------------------------------------------------- grid
@@ -94,6 +96,7 @@ class RunResult:
     val_acc: list[tuple[int, float]] = field(default_factory=list)  # (epoch, value), epoch from 1
     test_acc: float = math.nan
     wall_s: float = math.nan
+    cpu_s: float = math.nan  # CPU time of the whole run process (NaN for runs made before it was recorded)
 
     @property
     def best_val_acc(self) -> float:
@@ -121,6 +124,9 @@ def read_run(run_dir: Path, variant: str = "", seed: int = 0) -> RunResult | Non
             result.val_acc.append((step_epoch.get(e.step, i) + 1, e.value))
     times = [e.wall_time for tag in tags for e in events.Scalars(tag)]
     result.wall_s = max(times) - min(times)
+    cpu_file = run_dir / CPU_FILE
+    if cpu_file.is_file():
+        result.cpu_s = float(cpu_file.read_text())
     return result
 
 
@@ -153,6 +159,11 @@ def run_one(configs: list[str], overrides: list[str], run_dir: Path, seed: int, 
         )
 
 
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _env() -> dict[str, str]:
     """The runs import ``src`` from this checkout wherever the sweep is started."""
     root = str(Path(__file__).resolve().parents[1])
@@ -180,14 +191,21 @@ def sweep(
             if run_dir.exists():  # interrupted: start it again from scratch
                 shutil.rmtree(run_dir)
             print(f"[{i}/{len(todo)}] {name} seed {seed}: running", flush=True)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), _children_cpu_s()
             run_one(configs, [*extra, *overrides], run_dir, seed, run_dir.with_suffix(".txt"))
+            # CPU time (user + system, all threads) including start-up and data loading: on a
+            # shared machine it is the honest cost of a run, where wall time also counts others' load.
+            (run_dir / CPU_FILE).write_text(f"{_children_cpu_s() - cpu:.2f}\n")
             done = read_run(run_dir, name, seed)
             if done is None:
                 raise SystemExit(
                     f"run {run_dir} finished but logged no test_acc; is test_after_fit possible?"
                 )
-            print(f"    test_acc {done.test_acc:.4f}  ({time.perf_counter() - start:.0f} s)", flush=True)
+            print(
+                f"    test_acc {done.test_acc:.4f}  ({time.perf_counter() - start:.0f} s wall, "
+                f"{done.cpu_s:.0f} s CPU)",
+                flush=True,
+            )
         else:
             print(f"[{i}/{len(todo)}] {name} seed {seed}: finished before, skipped", flush=True)
         results.append(done)
@@ -239,7 +257,7 @@ def write_summary(results: list[RunResult], output: Path, target: float) -> None
     with (output / "runs.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(
-            ["variant", "seed", "best_val_acc", "test_acc", "epochs_to_target", "epochs", "wall_s"]
+            ["variant", "seed", "best_val_acc", "test_acc", "epochs_to_target", "epochs", "wall_s", "cpu_s"]
         )
         for r in results:
             writer.writerow(
@@ -251,6 +269,7 @@ def write_summary(results: list[RunResult], output: Path, target: float) -> None
                     r.epochs_to(target),
                     len(r.val_acc),
                     round(r.wall_s, 1),
+                    round(r.cpu_s, 1),
                 ]
             )
 

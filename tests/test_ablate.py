@@ -78,6 +78,7 @@ def test_sweep_tabulates_logged_results_and_resumes(
         assert row["runs"] == "1" and row["epochs_to_target_mean"] == "1.0"
     runs = list(csv.DictReader((out / "runs.csv").open()))
     assert [r["epochs"] for r in runs] == ["1", "1"]
+    assert all(float(r["cpu_s"]) > 0 for r in runs)  # each run's CPU time, kept for resumed sweeps
     assert "| batch_norm=false | 1 |" in (out / "summary.md").read_text()
     assert (out / "val_acc.png").stat().st_size > 0
 
