@@ -9,61 +9,16 @@ prints test accuracy (mean ± std over seeds), the wall time and the CPU time of
 
 from __future__ import annotations
 
-import argparse
-import time
-
-import torch
-
-from benchmarks.common import fit_and_test, mean_std
-
-CONFIG = "configs/mnist1d_resconv_bn.yaml"
-VARIANTS = {"BN on": ["--model.init_args.batch_norm=true"], "BN off": ["--model.init_args.batch_norm=false"]}
+from benchmarks.mnist1d_resnet_bn import bn_on_off
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    bn_on_off(
+        "configs/mnist1d_resconv_bn.yaml",
+        "MNIST-1D residual-BN conv blocks",
+        "lightning_logs/bench_mnist1d_resconv",
+        __doc__,
     )
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)"
-    )
-    parser.add_argument("extra", nargs="*", help="extra CLI overrides for every run (after --)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
-    results: dict[str, list[dict]] = {}
-    for name, overrides in VARIANTS.items():
-        for seed in range(args.seeds):
-            cpu = time.process_time()
-            r = fit_and_test(
-                CONFIG, [*overrides, *args.extra], seed, save_dir="lightning_logs/bench_mnist1d_resconv"
-            )
-            # CPU time of this process (torch runs on --threads threads): on a shared machine it is
-            # the honest measure of training cost, where wall time also counts other users' load.
-            r["cpu_s"] = time.process_time() - cpu
-            results.setdefault(name, []).append(r)
-            print(
-                f"{name:7s} seed {seed}: test_acc {r['test_acc']:.4f}  best val_acc {r['best_val_acc']:.4f}  "
-                f"epochs {r['epochs']:3d}  wall {r['wall_s']:.1f}s  CPU {r['cpu_s']:.1f}s",
-                flush=True,
-            )
-
-    print(
-        f"\nMNIST-1D residual-BN conv blocks ({CONFIG}), {args.seeds} seeds, {args.threads} torch thread(s)"
-    )
-    print(
-        "| variant | test acc (mean ± std) | test macro-F1 | test acc per seed | wall time per run (s) | CPU time per run (s) |"
-    )
-    print("|---|---|---|---|---|---|")
-    for name, runs in results.items():
-        walls = ", ".join(f"{r['wall_s']:.1f}" for r in runs)
-        cpus = ", ".join(f"{r['cpu_s']:.1f}" for r in runs)
-        accs = ", ".join(f"{r['test_acc']:.4f}" for r in runs)
-        print(
-            f"| {name} | {mean_std([r['test_acc'] for r in runs])} | {mean_std([r['test_f1'] for r in runs])} | "
-            f"{accs} | {walls} | {cpus} |"
-        )
 
 
 if __name__ == "__main__":
