@@ -131,10 +131,13 @@ class Clock:
 
     def __init__(self, target: float) -> None:
         self.start = time.perf_counter()
+        self.cpu_start = time.process_time()
         self.excluded = 0.0
+        self.cpu_excluded = 0.0
         self.target = target
         self.time_to_target: float | None = None
         self.epoch_ends: list[float] = []
+        self.cpu_ends: list[float] = []  # process CPU time: less sensitive to other jobs' load
         self.accs: list[float] = []
 
     def now(self) -> float:
@@ -142,9 +145,11 @@ class Clock:
 
     def epoch_end(self, evaluate: Any) -> None:
         self.epoch_ends.append(self.now())
-        t0 = time.perf_counter()
+        self.cpu_ends.append(time.process_time() - self.cpu_start - self.cpu_excluded)
+        t0, c0 = time.perf_counter(), time.process_time()
         acc = evaluate()
         self.excluded += time.perf_counter() - t0
+        self.cpu_excluded += time.process_time() - c0
         self.accs.append(acc)
         if self.time_to_target is None and acc >= self.target:
             self.time_to_target = self.epoch_ends[-1]
@@ -154,8 +159,8 @@ class Clock:
         if self.time_to_target is not None:
             self.time_to_target += seconds
 
-    def epoch_times(self) -> list[float]:
-        ends = self.epoch_ends
+    def epoch_times(self, cpu: bool = False) -> list[float]:
+        ends = self.cpu_ends if cpu else self.epoch_ends
         return [b - a for a, b in zip(ends, ends[1:], strict=False)]
 
 
