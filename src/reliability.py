@@ -12,13 +12,16 @@ The CLI installs all of this by default.
 
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
@@ -70,25 +73,56 @@ class SafeCheckpointIO(TorchCheckpointIO):
     place: a copy, not an atomic rename, when that folder is on another filesystem, and nothing is
     flushed to disk. Here the temporary file sits next to the target, so ``os.replace`` is atomic.
     Remote (fsspec URL) paths fall back to Lightning's save.
+
+    The checkpoint is serialised into the temporary file by the caller; flushing it to disk, the
+    rename and the folder's flush (together often longer than a whole epoch of a small model)
+    then run on a background thread while training goes on, in order with later saves and
+    removals. A save to a path waits for the previous save to that path; loading, ``flush()`` and
+    ``teardown()`` (the end of every ``fit``/``test``) wait for all of them, and a failed one is
+    raised there or at the next save. Under ``torch.distributed`` (other ranks may read the file)
+    and with ``background_sync=False`` everything happens before ``save_checkpoint`` returns.
+
+    Args:
+        background_sync: fsync and rename on a background thread (single process only).
     """
+
+    def __init__(self, background_sync: bool = True) -> None:
+        super().__init__()
+        self.background_sync = background_sync
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: dict[str, Future] = {}  # target path -> its latest fsync/rename (or removal)
+        self._tmp_ids = itertools.count()
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any = None) -> None:
         if storage_options is not None or "://" in str(path):
+            self.flush()
             return super().save_checkpoint(checkpoint, path, storage_options)
+        self._raise_failed()
         target = Path(path)
+        earlier = self._pending.get(str(target))
+        if earlier is not None:  # never two writes of one file in flight
+            earlier.result()
         target.parent.mkdir(parents=True, exist_ok=True)
         # Hidden and not ending in .ckpt: never mistaken for a checkpoint by `--ckpt_path last`.
-        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}.{next(self._tmp_ids)}")
+        f = open(tmp, "wb")  # noqa: SIM115  (closed by _commit or below)
         try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
+            torch.save(checkpoint, f)
+            f.flush()
         except BaseException:
+            f.close()
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(target.parent)
+        if self.background_sync and not (dist.is_available() and dist.is_initialized()):
+            self._pending[str(target)] = self._submit(_commit, f, tmp, target)
+        else:
+            _commit(f, tmp, target)
+
+    def remove_checkpoint(self, path: _PATH) -> None:
+        if self._executor is None:
+            return super().remove_checkpoint(path)
+        # After the saves already queued (the new best file is in place before the old one goes).
+        self._pending[f"remove {path}"] = self._submit(super().remove_checkpoint, path)
 
     def load_checkpoint(
         self, path: _PATH, map_location: Any = lambda storage, loc: storage, weights_only: bool | None = None
@@ -97,7 +131,45 @@ class SafeCheckpointIO(TorchCheckpointIO):
             raise CheckpointError(
                 "weights_only=False is refused: loading a checkpoint must not run arbitrary code."
             )
+        self.flush()
         return load_checkpoint(path, map_location=map_location)
+
+    def flush(self) -> None:
+        """Wait until every checkpoint saved so far is on disk; raise the first failed write."""
+        if self._executor is not None:
+            self._executor.submit(lambda: None).result()  # the queue runs in order
+        self._raise_failed()
+
+    def teardown(self) -> None:
+        try:
+            self.flush()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+    def _submit(self, fn: Any, *args: Any) -> Future:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-sync")
+        return self._executor.submit(fn, *args)
+
+    def _raise_failed(self) -> None:
+        for key, future in list(self._pending.items()):
+            if future.done():
+                del self._pending[key]
+                future.result()  # re-raises the write's error
+
+
+def _commit(f: Any, tmp: Path, target: Path) -> None:
+    """Flush the written temporary file to disk and rename it over ``target`` (atomic)."""
+    try:
+        with f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -183,6 +183,30 @@ def test_failed_checkpoint_write_leaves_previous_file_and_no_temp(tmp_path: Path
     assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
 
 
+def test_background_fsync_keeps_save_and_remove_order_and_reports_failures(tmp_path: Path, monkeypatch):
+    from src.reliability import SafeCheckpointIO
+
+    io_ = SafeCheckpointIO()
+    for step in range(3):  # best-k file, then last, then the previous best goes: as ModelCheckpoint does
+        io_.save_checkpoint({"global_step": step}, tmp_path / f"best{step}.ckpt")
+        io_.save_checkpoint({"global_step": step, "w": torch.full((1000,), step)}, tmp_path / "last.ckpt")
+        if step:
+            io_.remove_checkpoint(tmp_path / f"best{step - 1}.ckpt")
+    assert io_.load_checkpoint(tmp_path / "last.ckpt")["global_step"] == 2  # loading waits for the writes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best2.ckpt", "last.ckpt"]
+
+    def no_disk(fd: int) -> None:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "fsync", no_disk)
+    io_.save_checkpoint({"global_step": 3}, tmp_path / "last.ckpt")
+    with pytest.raises(OSError, match="disk gone"):
+        io_.teardown()
+    monkeypatch.undo()
+    assert io_.load_checkpoint(tmp_path / "last.ckpt")["global_step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best2.ckpt", "last.ckpt"]
+
+
 def test_sigkill_in_the_middle_of_a_checkpoint_write_leaves_previous_last_ckpt_loadable(tmp_path: Path):
     target = tmp_path / "last.ckpt"
     script = f"""

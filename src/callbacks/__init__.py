@@ -4,6 +4,7 @@ from src.callbacks.activation_stats import ActivationStats
 from src.callbacks.fault_tolerance import FaultTolerance
 from src.callbacks.per_class import PerClassReport
 from src.callbacks.predictions import PredictionWriter
+from src.callbacks.progress import ThrottledRichProgressBar
 from src.callbacks.scaling import ScalingSetup
 from src.callbacks.token_heatmap import TokenHeatmap
 
@@ -13,5 +14,6 @@ __all__ = [
     "PerClassReport",
     "PredictionWriter",
     "ScalingSetup",
+    "ThrottledRichProgressBar",
     "TokenHeatmap",
 ]

@@ -68,15 +68,25 @@ def frozen_norm_statistics(model: nn.Module) -> Iterator[None]:
 
 
 class _Recorder:
-    """Forward hooks on the tracked layers that record stats only while ``active``."""
+    """Forward hooks on the tracked layers that record stats only while ``active``.
 
-    def __init__(self, model: nn.Module) -> None:
+    The hooks are attached only for the forward passes that record (:meth:`attach`,
+    :meth:`remove`): a module with a forward hook takes PyTorch's slower call path on every call.
+    """
+
+    def __init__(self, model: nn.Module, attach: bool = True) -> None:
         self.modules = tracked_modules(model)
         self.active = False
         self.keep_values = False
         self.stats: dict[str, Tensor] = {}
         self.values: dict[str, Tensor] = {}
-        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in self.modules.items()]
+        self.handles: list[Any] = []
+        if attach:
+            self.attach()
+
+    def attach(self) -> None:
+        if not self.handles:
+            self.handles = [m.register_forward_hook(self._hook(n)) for n, m in self.modules.items()]
 
     def _hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -103,6 +113,7 @@ class _Recorder:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+        self.handles = []
 
 
 @torch.no_grad()
@@ -131,7 +142,7 @@ class ActivationStats(Callback):
     with a plot of variance against depth (``activations_init/variance_per_layer``). During
     training, every ``every_n_steps`` optimizer steps the training batch's statistics go to
     ``activations/{mean,var}/<layer>`` and every ``histogram_every_n_steps`` steps a histogram of
-    each layer's output to ``activations/hist/<layer>``. Between logging steps the hooks do nothing.
+    each layer's output to ``activations/hist/<layer>``. Between logging steps no hook is attached.
 
     Args:
         every_n_steps: log mean/variance every this many optimizer steps (0 = only at init).
@@ -162,7 +173,7 @@ class ActivationStats(Callback):
             batch = self._fixed_batch(trainer)
             if batch is not None:
                 self._log_init(trainer, pl_module, batch)
-        self._recorder = _Recorder(pl_module)
+        self._recorder = _Recorder(pl_module, attach=False)
 
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
@@ -175,6 +186,8 @@ class ActivationStats(Callback):
             _due(step, self.histogram_every_n_steps) and _tensorboard(trainer) is not None
         )
         self._recorder.active |= self._recorder.keep_values
+        if self._recorder.active:
+            self._recorder.attach()
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -182,6 +195,7 @@ class ActivationStats(Callback):
         if self._recorder is None or not self._recorder.active:
             return
         stats, values = self._recorder.take()
+        self._recorder.remove()
         step = self._step  # the step at which this batch started
         self._log_scalars(trainer, "activations", stats, step)
         tb = _tensorboard(trainer)

@@ -10,6 +10,9 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+_NONE = torch.iinfo(torch.long).max
+_EPOCHS = 2**24  # epochs representable in the packed (step, epoch) code
+
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or inf."""
@@ -37,8 +40,9 @@ class FaultTolerance(Callback):
 
     def __init__(self, check_every_n_steps: int | None = None) -> None:
         self.check_every_n_steps = check_every_n_steps
-        self._bad_step: Tensor | None = None  # first bad global step (1-based), -1 while all good
-        self._bad_epoch: Tensor | None = None
+        # The first bad step and its epoch packed in one integer (step * _EPOCHS + epoch), so a
+        # step costs three tiny kernels; _NONE while every loss was finite.
+        self._first_bad: Tensor | None = None
         self._rng_to_restore: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ non-finite loss
@@ -46,29 +50,30 @@ class FaultTolerance(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        step = trainer.global_step
         if isinstance(loss, Tensor):
-            if self._bad_step is None or self._bad_step.device != loss.device:
-                self._bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
-                self._bad_epoch = torch.full((), -1, dtype=torch.long, device=loss.device)
-            new = ~torch.isfinite(loss.detach()) & (self._bad_step < 0)
-            # Python scalars go to the kernel as arguments: no host-device copy, no sync.
-            self._bad_step = torch.where(new, trainer.global_step, self._bad_step)
-            self._bad_epoch = torch.where(new, trainer.current_epoch, self._bad_epoch)
+            if self._first_bad is None or self._first_bad.device != loss.device:
+                self._first_bad = torch.full((), _NONE, dtype=torch.long, device=loss.device)
+            # Python scalars go to the kernel as arguments: no host-device copy, no sync. Steps only
+            # grow, so the minimum is the first bad one.
+            code = torch.where(torch.isfinite(loss.detach()), _NONE, step * _EPOCHS + trainer.current_epoch)
+            torch.minimum(self._first_bad, code, out=self._first_bad)
         every = self.check_every_n_steps or trainer.log_every_n_steps or 1
-        if trainer.global_step % every == 0:
+        if step % every == 0:
             self._stop_if_nonfinite(trainer)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._stop_if_nonfinite(trainer)
 
     def _stop_if_nonfinite(self, trainer: Trainer) -> None:
-        if self._bad_step is None:
+        if self._first_bad is None:
             return
-        flags = torch.stack([self._bad_step, self._bad_epoch])
+        first = self._first_bad
         if trainer.world_size > 1:  # every rank must stop together
-            flags = trainer.strategy.reduce(flags, reduce_op=torch.distributed.ReduceOp.MAX)
-        step, epoch = (int(v) for v in flags.tolist())
-        if step >= 0:
+            first = trainer.strategy.reduce(first.clone(), reduce_op=torch.distributed.ReduceOp.MIN)
+        code = int(first)
+        if code != _NONE:
+            step, epoch = divmod(code, _EPOCHS)
             raise NonFiniteLossError(
                 f"the training loss became non-finite (NaN or inf) at training step {step} (epoch {epoch}). "
                 "Training stopped; no checkpoint was written from that step on, so the last checkpoint is "

@@ -33,11 +33,10 @@ class TrainStats(Metric):
 
     def update(self, logits: Tensor, target: Tensor, loss: Tensor) -> None:
         """Add a batch: its logits, integer targets and mean loss."""
-        c = self.num_classes
-        pairs = target * c + logits.argmax(dim=-1)
+        pairs = logits.argmax(dim=-1).add_(target, alpha=self.num_classes)
         # index_add_, not bincount: bincount sizes its output from the data, a host sync on GPUs
         self.confmat.view(-1).index_add_(0, pairs, torch.ones_like(pairs))
-        self.loss_sum.add_(loss.detach().double() * target.shape[0])
+        self.loss_sum.add_(loss.detach(), alpha=target.shape[0])  # summed in float64
 
     def compute(self) -> dict[str, Tensor]:
         cm = self.confmat.double()
