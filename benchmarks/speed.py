@@ -83,7 +83,7 @@ PAIRS = {
         config="configs/mnist1d_resconv_bn.yaml",
         seed_optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9),
         seed_epochs=60,
-        target=0.60,
+        target=0.98,  # the seed loop on this network: 0.989 final, 0.994 best in 60 epochs
         note="seed 003 loop (SGD 0.05, momentum 0.9) on the conv network",
     ),
     # seed 004: SGD lr 0.1, batch 32, 10 epochs (its test accuracy: 0.83 on a 6,000-image subset)
