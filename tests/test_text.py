@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from src.data.text import PAD_ID, UNK_ID, Vocabulary, numericalize, preprocess, text_to_tokens, trim_batch
@@ -73,7 +74,12 @@ def _net(**kw) -> BNCNNNet:
 
 
 def test_padding_does_not_change_prediction_in_eval_mode():
-    for kw in ({}, {"num_conv_layers": 2, "pooling": "max_mean"}, {"bn_position": "after_activation"}):
+    for kw in (
+        {},
+        {"num_conv_layers": 2, "pooling": "max_mean"},
+        {"bn_position": "after_activation"},
+        {"ngram_buckets": 97, "ngram_sizes": (2, 3), "ngram_dim": 5},
+    ):
         net = _net(**kw)
         short = torch.tensor([[5, 9, 3]])
         alone = net(short)
@@ -113,3 +119,16 @@ def test_word_dropout_only_in_training():
     net = _net(word_dropout=0.9)
     ids = torch.randint(2, 50, (4, 10))
     assert torch.equal(net(ids), net(ids))  # eval: deterministic, no tokens dropped
+
+
+def test_hashed_ngram_features_shape_and_padding():
+    net = _net(ngram_buckets=97, ngram_sizes=(2, 3), ngram_dim=5)
+    ids = torch.tensor([[5, 9, 3, 0, 0], [4, 0, 0, 0, 0], [0, 0, 0, 0, 0]])
+    feats = net.ngram_features(ids)
+    assert feats.shape == (3, 5)
+    # Row 0: the mean of its two bigrams and one trigram; padding adds nothing.
+    assert torch.allclose(feats[0], net.ngram_features(ids[:1, :3])[0], atol=1e-6)
+    assert (feats[1:] == 0).all()  # a one-word or empty text has no bigram
+    assert net(ids).shape == (3, 4) and torch.isfinite(net(ids)).all()
+    with pytest.raises(ValueError, match="ngram"):
+        BNCNNNet(50, 4, ngram_buckets=-1)

@@ -3,7 +3,8 @@
 python -m src.cli fit --config configs/ag_news_cnn_bn.yaml
 
 token ids → embedding (or one-hot) → for each filter width: [Conv1d → BN → ReLU] × depth →
-global max-pool over time (optionally with mean-pool) → concat → dropout → FC → ReLU → dropout → FC.
+global max-pool over time (optionally with mean-pool) → concat [+ mean of hashed n-gram vectors] →
+dropout → FC → ReLU → dropout → FC.
 
 Padding never changes a prediction: convolutions use SAME padding, so the conv output at a
 token only sees zeros beyond the text's end whether they come from the conv's own padding or
@@ -84,6 +85,11 @@ class BNCNNNet(nn.Module):
         embedding_dropout: dropout on the token vectors (training only).
         word_dropout: probability of replacing a token by ``<unk>`` (training only).
         embedding_init_std: standard deviation of the initial token vectors.
+        ngram_buckets: size of the hashed n-gram table (0: off). With it, every n-gram of
+            ``ngram_sizes`` consecutive tokens is hashed into one of ``ngram_buckets`` learnt vectors,
+            whose mean over the text is concatenated to the pooled conv features (fastText-style).
+        ngram_sizes: n-gram lengths hashed (e.g. ``[2]`` for bigrams).
+        ngram_dim: size of the hashed n-gram vectors.
     """
 
     def __init__(
@@ -105,6 +111,9 @@ class BNCNNNet(nn.Module):
         embedding_dropout: float = 0.0,
         word_dropout: float = 0.0,
         embedding_init_std: float = 0.1,
+        ngram_buckets: int = 0,
+        ngram_sizes: tuple[int, ...] = (2,),
+        ngram_dim: int = 64,
     ) -> None:
         super().__init__()
         if input_size < 3:
@@ -117,6 +126,10 @@ class BNCNNNet(nn.Module):
             raise ValueError(f"input_encoding must be 'embedding' or 'one_hot', got {input_encoding!r}")
         if pooling not in ("max", "mean", "max_mean"):
             raise ValueError(f"pooling must be 'max', 'mean' or 'max_mean', got {pooling!r}")
+        if ngram_buckets < 0 or (ngram_buckets and (not ngram_sizes or min(ngram_sizes) < 1)):
+            raise ValueError(
+                f"ngram_buckets must be >= 0 and ngram_sizes widths >= 1, got {ngram_buckets}, {ngram_sizes}"
+            )
         self.input_size = input_size
         self.input_encoding = input_encoding
         self.kernel_sizes = tuple(kernel_sizes)
@@ -145,6 +158,14 @@ class BNCNNNet(nn.Module):
             ConvBranch(channels, num_filters, k, num_conv_layers, **norm_act) for k in self.kernel_sizes
         )
         features = num_filters * len(self.kernel_sizes) * (2 if pooling == "max_mean" else 1)
+        self.ngram_sizes = tuple(ngram_sizes)
+        self.ngram_buckets = ngram_buckets
+        self.ngrams: nn.Embedding | None = None
+        if ngram_buckets:
+            # Hashed n-gram vectors, like the word vectors small at first.
+            self.ngrams = nn.Embedding(ngram_buckets, ngram_dim)
+            nn.init.normal_(self.ngrams.weight, std=embedding_init_std)
+            features += ngram_dim
         self.head = nn.Sequential(
             nn.Dropout(dropout),
             nn.Linear(features, hidden_size),
@@ -164,14 +185,44 @@ class BNCNNNet(nn.Module):
         mask[:, 0] |= ~mask.any(dim=1)
         return mask
 
+    def drop_words(self, ids: Tensor) -> Tensor:
+        """Word dropout: at train time, each real token becomes ``<unk>`` with probability ``word_dropout``."""
+        if self.training and self.word_dropout > 0:
+            drop = (torch.rand(ids.shape, device=ids.device) < self.word_dropout) & (ids != PAD_ID)
+            ids = ids.masked_fill(drop, UNK_ID)
+        return ids
+
+    def ngram_features(self, ids: Tensor) -> Tensor:
+        """Mean of the hashed n-gram vectors over the n-grams of real tokens, ``(N, ngram_dim)``.
+
+        The hash is plain arithmetic on the vocabulary ids, so it is the same on every run and
+        machine; an n-gram touching padding is left out, so padding changes nothing.
+        """
+        assert self.ngrams is not None
+        real = ids != PAD_ID
+        total = ids.new_zeros(ids.shape[0], self.ngrams.embedding_dim, dtype=self.ngrams.weight.dtype)
+        count = ids.new_zeros(ids.shape[0], 1, dtype=total.dtype)
+        for n in self.ngram_sizes:
+            if ids.shape[1] < n:
+                continue
+            h = ids[:, : ids.shape[1] - n + 1].clone()
+            valid = real[:, : ids.shape[1] - n + 1].clone()
+            for k in range(1, n):
+                h = h * 1_000_003 + ids[:, k : ids.shape[1] - n + 1 + k]
+                valid &= real[:, k : ids.shape[1] - n + 1 + k]
+            h = (h * 31 + n) % self.ngram_buckets  # n in the hash: a bigram and a trigram rarely share a row
+            total = total + (self.ngrams(h) * valid.unsqueeze(-1)).sum(dim=1)
+            count = count + valid.sum(dim=1, keepdim=True)
+        return total / count.clamp(min=1)
+
     def conv_activations(self, ids: Tensor) -> tuple[Tensor, Tensor]:
         """Per-token outputs of every branch's last conv block, ``(N, filters × widths, L)``, and the mask."""
         if ids.dtype not in (torch.long, torch.int, torch.int32, torch.int64):
             raise TypeError(f"BNCNN expects token ids (an integer tensor), got {ids.dtype}")
+        return self._conv(self.drop_words(ids))
+
+    def _conv(self, ids: Tensor) -> tuple[Tensor, Tensor]:
         mask = self.mask(ids)
-        if self.training and self.word_dropout > 0:
-            drop = (torch.rand(ids.shape, device=ids.device) < self.word_dropout) & (ids != PAD_ID)
-            ids = ids.masked_fill(drop, UNK_ID)
         x = self.embedding(ids) if self.embedding is not None else F.one_hot(ids, self.input_size).float()
         x = self.embedding_dropout(x) * mask.unsqueeze(-1)  # zero vectors at padding (one-hot too)
         x = x.transpose(1, 2)  # (N, C, L)
@@ -188,8 +239,14 @@ class BNCNNNet(nn.Module):
         return torch.cat(pooled, dim=1)
 
     def forward(self, ids: Tensor) -> Tensor:
-        h, mask = self.conv_activations(ids)
-        return self.head(self.pool(h, mask))
+        if ids.dtype not in (torch.long, torch.int, torch.int32, torch.int64):
+            raise TypeError(f"BNCNN expects token ids (an integer tensor), got {ids.dtype}")
+        ids = self.drop_words(ids)  # the same dropped words for the convolutions and the n-grams
+        h, mask = self._conv(ids)
+        features = self.pool(h, mask)
+        if self.ngrams is not None:
+            features = torch.cat([features, self.ngram_features(ids)], dim=1)
+        return self.head(features)
 
 
 class BNCNN(ClassifierModule):
@@ -212,6 +269,10 @@ class BNCNN(ClassifierModule):
         embedding_dropout: dropout on the token vectors at train time.
         word_dropout: probability of replacing a token by ``<unk>`` at train time.
         embedding_init_std: standard deviation of the initial token vectors.
+        ngram_buckets: rows of the hashed n-gram table; 0 turns the n-gram features off. On, the mean
+            of the hashed vectors of the text's n-grams is concatenated to the pooled conv features.
+        ngram_sizes: n-gram lengths hashed (e.g. ``[2]``: bigrams).
+        ngram_dim: size of the hashed n-gram vectors.
         **kwargs: training options of :class:`ClassifierModule` (classes, optimizer, scheduler).
     """
 
@@ -233,6 +294,9 @@ class BNCNN(ClassifierModule):
         embedding_dropout: float = 0.0,
         word_dropout: float = 0.0,
         embedding_init_std: float = 0.1,
+        ngram_buckets: int = 0,
+        ngram_sizes: list[int] = [2],  # noqa: B006
+        ngram_dim: int = 64,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -254,6 +318,9 @@ class BNCNN(ClassifierModule):
             embedding_dropout=embedding_dropout,
             word_dropout=word_dropout,
             embedding_init_std=embedding_init_std,
+            ngram_buckets=ngram_buckets,
+            ngram_sizes=tuple(ngram_sizes),
+            ngram_dim=ngram_dim,
         )
         self.example_input_array = torch.ones(2, max(kernel_sizes), dtype=torch.long)
 
