@@ -60,11 +60,12 @@ def fit_args(config: Path, tmp_path: Path, save_dir: Path) -> list[str]:
     ]
 
 
-def start_cli(*args: str) -> subprocess.Popen:
+def start_cli(*args: str, cwd: Path = ROOT) -> subprocess.Popen:
+    """Start ``python -m src.cli ARGS`` in a subprocess, as a user would (not waiting for it)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "BN_NUM_THREADS": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", "src.cli", *args],
-        cwd=ROOT,
+        cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -307,19 +308,8 @@ def test_two_fits_started_at_once_log_into_separate_version_folders(tmp_path: Pa
     MNIST1D(cache_dir=str(tmp_path / "cache"), num_samples=600).prepare_data()  # the data cache first
     # Two real processes, as two users' commands would be (forking this process, whose torch thread
     # pool is already running, can deadlock).
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "BN_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "src.cli", *args],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for _ in range(2)
-    ]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    procs = [start_cli(*args, cwd=tmp_path) for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     runs = sorted((tmp_path / "logs" / "mnist1d_resnet_bn").iterdir())
     assert [r.name for r in runs] == ["version_0", "version_1"]
