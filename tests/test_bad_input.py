@@ -279,32 +279,24 @@ def _int_labels_parquet(path: Path, n: int, top: int, image: bool) -> None:
         datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features).to_parquet(str(path))
 
 
-def test_fashion_label_ids_out_of_range(tmp_path: Path):
+@pytest.mark.parametrize("dataset", ["fashion_mnist", "ag_news"])
+def test_label_ids_out_of_range_name_split_range_and_schema(tmp_path: Path, dataset: str):
+    from src.data.ag_news import AGNews
     from src.data.fashion_mnist import FashionMNIST
     from src.data.hub import DataSourceError
 
-    d = tmp_path / "fashion"
+    cls, top, expected = {"fashion_mnist": (FashionMNIST, 12, 9), "ag_news": (AGNews, 6, 3)}[dataset]
+    d = tmp_path / dataset
     d.mkdir()
     for split in ("train", "test"):
-        _int_labels_parquet(d / f"{split}.parquet", 24, top=12, image=True)
-    dm = FashionMNIST(
+        _int_labels_parquet(d / f"{split}.parquet", 24, top=top, image=cls is FashionMNIST)
+    dm = cls(
         data_dir=str(d), cache_dir=str(tmp_path / "cache"), hf_cache_dir=str(tmp_path / "hf"), val_size=4
     )
-    with pytest.raises(DataSourceError, match=r"run from 0 to 12; expected 0\.\.9"):
-        dm.setup("fit")
-
-
-def test_ag_news_label_ids_out_of_range(tmp_path: Path):
-    from src.data.ag_news import AGNews
-
-    d = tmp_path / "ag"
-    d.mkdir()
-    for split in ("train", "test"):
-        _int_labels_parquet(d / f"{split}.parquet", 24, top=6, image=False)
-    dm = AGNews(
-        data_dir=str(d), cache_dir=str(tmp_path / "cache"), hf_cache_dir=str(tmp_path / "hf"), val_size=4
-    )
-    with pytest.raises(ValueError, match=r"outside 0\.\.3"):
+    with pytest.raises(
+        DataSourceError,
+        match=rf"train split run from 0 to {top}; expected class indices 0\.\.{expected}\. Pass",
+    ):
         dm.setup("fit")
 
 

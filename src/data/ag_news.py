@@ -18,8 +18,10 @@ import torch
 from torch import Tensor
 
 from src.data.base import Split
-from src.data.hub import HubDataModule
+from src.data.hub import HubDataModule, check_labels
 from src.data.text import TOKENIZER_VERSION, Vocabulary, fingerprint, numericalize, text_to_tokens, trim_batch
+
+AG_NEWS_SCHEMA = "Pass data in the AG News schema (text, and label as a class index)."
 
 AG_NEWS_CLASSES = ["World", "Sports", "Business", "Sci/Tech"]
 
@@ -174,7 +176,8 @@ class AGNews(HubDataModule):
     def load_splits(self) -> dict[str, Split]:
         ds = self._dataset()
         train_texts, train_labels = list(ds["train"]["text"]), list(ds["train"]["label"])
-        self._check_labels(train_labels + list(ds["test"]["label"]))
+        for split in ds:  # before any text is tokenised: a wrong schema fails fast
+            check_labels(ds[split]["label"], self.num_classes, split, AG_NEWS_SCHEMA)
         train_idx, val_idx = self._train_val_indices(len(train_texts))
         parts = {"train": ([train_texts[i] for i in train_idx], [train_labels[i] for i in train_idx])}
         if val_idx is not None:
@@ -184,14 +187,6 @@ class AGNews(HubDataModule):
         parts["test"] = (list(ds["test"]["text"]), list(ds["test"]["label"]))
         self._texts.update({split: texts for split, (texts, _) in parts.items()})
         return {split: self._encode(texts, labels) for split, (texts, labels) in parts.items()}
-
-    def _check_labels(self, labels: list[int]) -> None:
-        bad = sorted({y for y in labels if not 0 <= int(y) < self.num_classes})
-        if bad:
-            raise ValueError(
-                f"labels {bad[:5]} are outside 0..{self.num_classes - 1} ({self.class_names}); pass data "
-                "in the AG News schema (text, label as a class index)."
-            )
 
     def read_predict_texts(self) -> list[str]:
         """The texts to classify, from ``predict_texts`` or ``predict_file``; ``[]`` when neither is set."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import torch
 from torch import Tensor
 
 from src.data.base import Split
-from src.data.hub import DataSourceError, HubDataModule
+from src.data.hub import DataSourceError, HubDataModule, check_labels
 
 IMAGE_SIZE = 28
 # The names of the Hub dataset card (its ClassLabel feature); used until the data says otherwise.
@@ -131,7 +130,12 @@ class FashionMNIST(HubDataModule):
         tensors: dict[str, Any] = {"class_names": self.class_names}
         for split, part in ds.items():
             tensors[f"{split}_x"] = decode_images(part, split)
-            tensors[f"{split}_y"] = check_labels(part[self.label_column], self.num_classes, split)
+            tensors[f"{split}_y"] = check_labels(
+                part[self.label_column],
+                self.num_classes,
+                split,
+                "Pass Fashion-MNIST parquet files (label: a class index).",
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         # Write then rename, so a crash or a concurrent reader never sees half a file.
         tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -203,15 +207,6 @@ def decode_images(part: Any, split: str) -> Tensor:
                 )
             out[i] = np.asarray(img if img.mode == "L" else img.convert("L"))
     return torch.from_numpy(out)
-
-
-def check_labels(labels: Sequence[int], num_classes: int, split: str) -> Tensor:
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-    if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise DataSourceError(
-            f"Labels of the {split} split run from {int(y.min())} to {int(y.max())}; expected 0..{num_classes - 1}."
-        )
-    return y
 
 
 def pixel_stats(images: Tensor) -> tuple[float, float]:

@@ -28,6 +28,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
+import torch
+from torch import Tensor
+
 from src.data.base import ClassificationDataModule
 
 REQUIRED_SPLITS = ("train", "test")
@@ -280,6 +284,18 @@ def parquet_class_names(path: str | os.PathLike, column: str = "label") -> list[
 
 
 # ---------------------------------------------------------------------------------------- DataModule
+def check_labels(labels: Sequence[int], num_classes: int, split: str, hint: str) -> Tensor:
+    """The labels as a long tensor; :class:`DataSourceError` (naming the split, the range found and
+    ``hint``: what to pass instead) when one is not a class index ``0..num_classes-1``."""
+    y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise DataSourceError(
+            f"Labels of the {split} split run from {int(y.min())} to {int(y.max())}; expected class "
+            f"indices 0..{num_classes - 1}. {hint}"
+        )
+    return y
+
+
 class HubDataModule(ClassificationDataModule):
     """Base for DataModules whose data is a Hugging Face dataset (Hub name or local parquet).
 
