@@ -28,6 +28,8 @@ def bn_on_off(config: str, title: str, save_dir: str, doc: str | None = None) ->
     )
     parser.add_argument("extra", nargs="*", help="extra CLI overrides for every run (after --)")
     args = parser.parse_args()
+    if args.seeds < 1 or args.threads < 1:
+        parser.error("--seeds and --threads must be at least 1")
     torch.set_num_threads(args.threads)
 
     results: dict[str, list[dict]] = {}
