@@ -38,8 +38,10 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdverts(
 
 import torch  # noqa: E402
 from lightning.fabric.plugins import CheckpointIO  # noqa: E402
-from lightning.pytorch.callbacks import ProgressBar  # noqa: E402
+from lightning.fabric.utilities.exceptions import MisconfigurationException  # noqa: E402
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
+from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
 
 import src.callbacks  # noqa: E402,F401  (registers callback classes for short names in YAML)
 from src.callbacks.fault_tolerance import FaultTolerance, NonFiniteLossError  # noqa: E402
@@ -207,6 +209,34 @@ class CLI(LightningCLI):
                 )
         return trainer
 
+    def before_fit(self) -> None:
+        # val_size=0: the final fit on every training sample, once the settings were chosen with
+        # validation. Nothing is validated, so what watches a validation metric is adapted.
+        if getattr(self.datamodule, "has_validation", True):
+            return
+        kept, changes = [], []
+        for cb in self.trainer.callbacks:
+            monitor = getattr(cb, "monitor", None)
+            if isinstance(cb, EarlyStopping) and str(monitor).startswith("val"):
+                changes.append(f"EarlyStopping(monitor={monitor!r}) is off")
+                continue
+            if isinstance(cb, ModelCheckpoint) and str(monitor).startswith("val"):
+                # keep the newest epoch (the end of the schedule) as the "best" checkpoint
+                cb.monitor, cb.save_top_k, cb.filename = None, 1, "epoch{epoch:03d}"
+                changes.append(f"ModelCheckpoint(monitor={monitor!r}) keeps the last epoch instead")
+            kept.append(cb)
+        self.trainer.callbacks = kept
+        rank_zero_info(
+            "val_size=0: training on every training sample without validation"
+            + (f"; {'; '.join(changes)}." if changes else ".")
+        )
+
+    def before_validate(self) -> None:
+        if not getattr(self.datamodule, "has_validation", True):
+            sys.exit(
+                "error: val_size=0 leaves no validation split to validate on. Pass a val_size, or run test."
+            )
+
     def after_fit(self) -> None:
         if self.config.fit.get("test_after_fit"):
             ckpt = "best" if self.trainer.checkpoint_callback is not None else None
@@ -276,9 +306,10 @@ def main(args: Any = None, run: bool = True) -> CLI:
             args=args,
             run=run,
         )
-    except (CheckpointError, NonFiniteLossError, DataSourceError) as err:
-        # Expected failures (a missing data source, a bad checkpoint, a diverged loss): the message
-        # says what to do; a traceback through Lightning's loops adds nothing.
+    except (CheckpointError, NonFiniteLossError, DataSourceError, MisconfigurationException) as err:
+        # Expected failures (a missing data source, a bad checkpoint, a diverged loss, settings that
+        # do not go together): the message says what to do; a traceback through Lightning's loops
+        # adds nothing.
         sys.exit(f"error: {err}")
     except RuntimeError as err:
         if "Error(s) in loading state_dict" not in str(err):

@@ -1,6 +1,7 @@
 """Callbacks usable by short name in YAML (``class_path: PredictionWriter``)."""
 
 from src.callbacks.activation_stats import ActivationStats
+from src.callbacks.averaging import EMAWeights
 from src.callbacks.fault_tolerance import FaultTolerance
 from src.callbacks.per_class import PerClassReport
 from src.callbacks.predictions import PredictionWriter
@@ -10,6 +11,7 @@ from src.callbacks.token_heatmap import TokenHeatmap
 
 __all__ = [
     "ActivationStats",
+    "EMAWeights",
     "FaultTolerance",
     "PerClassReport",
     "PredictionWriter",

@@ -121,8 +121,8 @@ class AGNews(HubDataModule):
 
     def _train_val_indices(self, n: int) -> tuple[Tensor, Tensor | None]:
         """Row indices of the training part and of the carved validation part (None if the source
-        has its own validation split)."""
-        if "validation" in self._dataset():
+        has its own validation split, or with ``val_size=0``)."""
+        if not self.has_validation or "validation" in self._dataset():
             return torch.arange(n), None
         (train_idx,), (val_idx,) = self._carve_val((torch.arange(n),))
         if self.val_split == "tail":  # same sizes, but validation is the last rows
@@ -182,7 +182,7 @@ class AGNews(HubDataModule):
         parts = {"train": ([train_texts[i] for i in train_idx], [train_labels[i] for i in train_idx])}
         if val_idx is not None:
             parts["val"] = ([train_texts[i] for i in val_idx], [train_labels[i] for i in val_idx])
-        else:
+        elif self.has_validation:
             parts["val"] = (list(ds["validation"]["text"]), list(ds["validation"]["label"]))
         parts["test"] = (list(ds["test"]["text"]), list(ds["test"]["label"]))
         self._texts.update({split: texts for split, (texts, _) in parts.items()})

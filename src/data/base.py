@@ -158,7 +158,10 @@ class ClassificationDataModule(LightningDataModule):
         batch_size: training batch size (per device).
         eval_batch_size: batch size for validation/test/predict (default: ``4 * batch_size``).
         val_size: samples carved from the training split for validation when the dataset has no
-            validation split (an int count or a fraction in (0, 1)).
+            validation split (an int count or a fraction in (0, 1)). ``0``: no validation at all
+            (not even a source's own split): every training sample is trained on. That is the final
+            fit once the settings were chosen with validation; the CLI then switches off early
+            stopping and keeps the last epoch's weights as the checkpoint.
         split_seed: seed of the train/validation split (fixed so runs are comparable).
         shuffle_seed: base seed of the per-epoch training permutation.
         loader: ``tensors`` (whole split on the device, sliced batches) or ``dataloader``
@@ -184,6 +187,10 @@ class ClassificationDataModule(LightningDataModule):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or 4 * batch_size
+        if val_size < 0 or (isinstance(val_size, float) and val_size >= 1):
+            raise ValueError(
+                f"val_size must be 0 (no validation), a count >= 1 or a fraction in (0, 1), got {val_size}"
+            )
         self.val_size = val_size
         self.split_seed = split_seed
         self.shuffle_seed = shuffle_seed
@@ -204,6 +211,11 @@ class ClassificationDataModule(LightningDataModule):
     @property
     def class_names(self) -> list[str]:
         return [str(i) for i in range(self.num_classes)]
+
+    @property
+    def has_validation(self) -> bool:
+        """False when ``val_size`` is 0: the run trains on every training sample and never validates."""
+        return self.val_size != 0
 
     def load_splits(self) -> dict[str, Split]:
         """Return CPU tensors per split: ``train`` and ``test`` required, ``val`` optional."""
@@ -228,7 +240,9 @@ class ClassificationDataModule(LightningDataModule):
                     f"{type(self).__name__}: the {name!r} split has no samples. Check the data source "
                     "(path, split names, filters) in the data options."
                 )
-        if "val" not in splits:
+        if not self.has_validation:
+            splits.pop("val", None)
+        elif "val" not in splits:
             splits["train"], splits["val"] = self._carve_val(splits["train"])
         device = self._device()
         if self.loader == "tensors" and device is not None:
@@ -279,7 +293,9 @@ class ClassificationDataModule(LightningDataModule):
     def train_dataloader(self) -> TensorBatches | DataLoader:
         return self._make_loader("train", train=True)
 
-    def val_dataloader(self) -> TensorBatches | DataLoader:
+    def val_dataloader(self) -> TensorBatches | DataLoader | list:
+        if not self.has_validation:
+            return []  # Lightning skips the validation loop
         return self._make_loader("val", train=False)
 
     def test_dataloader(self) -> TensorBatches | DataLoader:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -252,6 +253,12 @@ class ClassifierModule(LightningModule):
         scheduler = self.lr_scheduler(optimizer, **kwargs)
         config: dict[str, Any] = {"scheduler": scheduler, "interval": "step" if kwargs else "epoch"}
         if isinstance(scheduler, ReduceLROnPlateau):
+            dm = self.trainer.datamodule
+            if dm is not None and not getattr(dm, "has_validation", True):
+                raise MisconfigurationException(
+                    "val_size=0 leaves no validation, but ReduceLROnPlateau follows val_loss. Use a "
+                    "schedule that needs no validation (e.g. OneCycleLR) or keep a validation split."
+                )
             config["monitor"] = "val_loss"
         return {"optimizer": optimizer, "lr_scheduler": config}
 

@@ -1,0 +1,122 @@
+"""A final fit on every training sample (``val_size=0``), and the averaged weights a test scores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from src.callbacks import EMAWeights
+from src.data.ag_news import AGNews
+from src.data.mnist1d import MNIST1D
+from src.models.bn_cnn import BNCNN
+from tests.ag_news_data import write_tiny_ag_news
+from tests.conftest import ROOT, run_cli
+from tests.test_cli import tiny_mnist1d
+
+AG_NEWS = str(ROOT / "configs" / "ag_news_cnn_bn.yaml")
+MNIST1D_CONFIG = str(ROOT / "configs" / "mnist1d_resnet_bn.yaml")
+
+
+def _ag_news(tmp_path: Path, **kw) -> AGNews:
+    files = write_tiny_ag_news(tmp_path / "data")
+    return AGNews(data_files=files, cache_dir=str(tmp_path / "cache"), batch_size=16, **kw)
+
+
+def test_val_size_zero_trains_on_every_training_row(tmp_path: Path):
+    dm = _ag_news(tmp_path, val_size=0)
+    dm.setup("fit")
+    assert "val" not in dm.splits
+    assert len(dm.splits["train"][0]) == 96  # every row of the tiny training file
+    assert dm.val_dataloader() == []  # Lightning skips validation
+    carved = _ag_news(tmp_path / "carved", val_size=16)
+    carved.setup("fit")
+    assert len(carved.splits["train"][0]) == 80 and len(carved.splits["val"][0]) == 16
+    # the vocabulary is fitted on what is trained on, so the two differ in their cache entries
+    assert dm.vocab_cache_file() != carved.vocab_cache_file()
+
+
+@pytest.mark.parametrize("val_size", [-1, 1.0, 2.5])
+def test_val_size_out_of_range_is_refused(tmp_path: Path, val_size: float):
+    with pytest.raises(ValueError, match="val_size must be 0"):
+        MNIST1D(cache_dir=str(tmp_path), val_size=val_size)
+
+
+def test_final_fit_without_validation_keeps_the_last_epoch_and_tests_it(tmp_path: Path):
+    files = write_tiny_ag_news(tmp_path / "data")
+    out = run_cli(
+        "fit",
+        "--config",
+        AG_NEWS,
+        f"--data.init_args.data_files={{train: {files['train']}, test: {files['test']}}}",
+        f"--data.init_args.cache_dir={tmp_path / 'cache'}",
+        "--data.init_args.batch_size=16",
+        "--data.init_args.val_size=0",
+        "--trainer.max_epochs=2",
+        "--test_after_fit=true",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+        cwd=tmp_path,
+    )
+    text = out.stdout + out.stderr
+    assert "val_size=0: training on every training sample without validation" in text
+    assert "EarlyStopping(monitor='val_loss') is off" in text
+    ckpts = sorted(p.name for p in (tmp_path / "logs").rglob("*.ckpt"))
+    assert ckpts == ["epoch001.ckpt", "last.ckpt"]  # the end of the schedule, not an early epoch
+    assert "test_acc" in text
+
+
+def test_no_validation_with_a_plateau_schedule_is_a_clear_error(tmp_path: Path):
+    out = run_cli(
+        "fit",
+        "--config",
+        MNIST1D_CONFIG,
+        *tiny_mnist1d(tmp_path),
+        "--data.init_args.val_size=0",
+        "--model.init_args.lr_scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau",
+        "--trainer.max_epochs=1",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert out.returncode != 0
+    assert "ReduceLROnPlateau follows val_loss" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_test_after_fit_scores_the_averaged_weights_of_the_checkpoint(tmp_path: Path):
+    dm = _ag_news(tmp_path, val_size=16)
+    model = BNCNN(input_size=dm.input_size, num_classes=4, kernel_sizes=[1, 2], num_filters=8, hidden_size=8)
+    trainer = Trainer(
+        max_epochs=2,
+        callbacks=[EMAWeights(decay=0.5), ModelCheckpoint(monitor="val_acc", mode="max")],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, datamodule=dm)
+    ckpt = torch.load(trainer.checkpoint_callback.best_model_path, weights_only=True)
+    raw, averaged = ckpt["current_model_state"], ckpt["state_dict"]
+    assert any(not torch.equal(raw[k], v) for k, v in averaged.items() if v.is_floating_point())
+    model.net.embedding.weight.data.zero_()  # whatever the model holds now is replaced by the test
+    trainer.test(model, datamodule=dm, ckpt_path="best", verbose=False)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in averaged.items())
+
+
+def test_validate_without_validation_split_is_a_clear_error(tmp_path: Path):
+    out = run_cli(
+        "validate",
+        "--config",
+        MNIST1D_CONFIG,
+        *tiny_mnist1d(tmp_path),
+        "--data.init_args.val_size=0",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert out.returncode != 0
+    assert "no validation split to validate on" in out.stderr
