@@ -132,3 +132,27 @@ def test_hashed_ngram_features_shape_and_padding():
     assert net(ids).shape == (3, 4) and torch.isfinite(net(ids)).all()
     with pytest.raises(ValueError, match="ngram"):
         BNCNNNet(50, 4, ngram_buckets=-1)
+
+
+def test_mixup_mixes_features_and_labels_and_the_model_still_learns():
+    torch.manual_seed(0)
+    # Four topics, each marked by its own token (ids 2-5) among random filler tokens.
+    y = torch.arange(4).repeat(16)
+    ids = torch.randint(6, 40, (64, 8))
+    ids[:, 3] = y + 2
+    kw = {"input_size": 40, "num_classes": 4, "kernel_sizes": [1], "num_filters": 8, "hidden_size": 16}
+    plain, model = BNCNN(**kw, dropout=0.0), BNCNN(**kw, dropout=0.0, mixup_alpha=0.4)
+    plain.train(), model.train()
+    # Without dropout the plain loss of a batch is the same every time; mixup pairs the texts
+    # anew and draws a new weight at every step.
+    assert len({float(plain.training_step((ids, y), 0)) for _ in range(3)}) == 1
+    assert len({float(model.training_step((ids, y), 0)) for _ in range(3)}) == 3
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(60):
+        optimizer.zero_grad()
+        model.training_step((ids, y), 0).backward()
+        optimizer.step()
+    model.eval()
+    assert (model(ids).argmax(-1) == y).float().mean() > 0.9  # predictions are not mixed
+    with pytest.raises(ValueError, match="mixup_alpha"):
+        BNCNN(input_size=40, num_classes=4, mixup_alpha=-0.1)

@@ -238,7 +238,8 @@ class BNCNNNet(nn.Module):
             pooled.append((h * m).sum(dim=2) / m.sum(dim=2).clamp(min=1))
         return torch.cat(pooled, dim=1)
 
-    def forward(self, ids: Tensor) -> Tensor:
+    def features(self, ids: Tensor) -> Tensor:
+        """The text features the FC head classifies: pooled conv outputs (and n-gram features)."""
         if ids.dtype not in (torch.long, torch.int, torch.int32, torch.int64):
             raise TypeError(f"BNCNN expects token ids (an integer tensor), got {ids.dtype}")
         ids = self.drop_words(ids)  # the same dropped words for the convolutions and the n-grams
@@ -246,7 +247,10 @@ class BNCNNNet(nn.Module):
         features = self.pool(h, mask)
         if self.ngrams is not None:
             features = torch.cat([features, self.ngram_features(ids)], dim=1)
-        return self.head(features)
+        return features
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(self.features(ids))
 
 
 class BNCNN(ClassifierModule):
@@ -273,6 +277,10 @@ class BNCNN(ClassifierModule):
             of the hashed vectors of the text's n-grams is concatenated to the pooled conv features.
         ngram_sizes: n-gram lengths hashed (e.g. ``[2]``: bigrams).
         ngram_dim: size of the hashed n-gram vectors.
+        mixup_alpha: mixup of the text features at train time (Guo et al., 2019, "senMixup"): each
+            text's pooled features and its label are mixed with those of another text of the batch,
+            with a weight drawn from Beta(alpha, alpha) per batch; 0 turns it off. Training metrics
+            then score the mixed batch against the labels of the larger share.
         **kwargs: training options of :class:`ClassifierModule` (classes, optimizer, scheduler).
     """
 
@@ -297,9 +305,13 @@ class BNCNN(ClassifierModule):
         ngram_buckets: int = 0,
         ngram_sizes: list[int] = [2],  # noqa: B006
         ngram_dim: int = 64,
+        mixup_alpha: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if mixup_alpha < 0:
+            raise ValueError(f"mixup_alpha must be >= 0 (0: off), got {mixup_alpha}")
+        self.mixup_alpha = mixup_alpha
         self.net = BNCNNNet(
             input_size,
             self.num_classes,
@@ -328,3 +340,20 @@ class BNCNN(ClassifierModule):
         """Per-token conv activations and the token mask (for heatmaps); see :class:`BNCNNNet`."""
         net = getattr(self.net, "_orig_mod", self.net)  # unwrap torch.compile
         return net.conv_activations(ids)
+
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        if self.mixup_alpha <= 0:
+            return super().training_step(batch, batch_idx)
+        x, y = batch[0], batch[1]
+        net = getattr(self.net, "_orig_mod", self.net)  # unwrap torch.compile
+        # Drawn on the CPU from torch's seeded generator: no device sync, and a resumed run replays it.
+        lam = float(torch.distributions.Beta(self.mixup_alpha, self.mixup_alpha).sample())
+        perm = torch.randperm(y.shape[0], device=y.device)
+        features = net.features(x)
+        logits = net.head(lam * features + (1 - lam) * features[perm])
+        smoothing = self.label_smoothing
+        loss = lam * F.cross_entropy(logits, y, label_smoothing=smoothing) + (1 - lam) * F.cross_entropy(
+            logits, y[perm], label_smoothing=smoothing
+        )
+        self.train_stats.update(logits.detach(), y if lam >= 0.5 else y[perm], loss.detach())
+        return loss
