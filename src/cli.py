@@ -226,6 +226,8 @@ class CLI(LightningCLI):
                 changes.append(f"ModelCheckpoint(monitor={monitor!r}) keeps the last epoch instead")
             kept.append(cb)
         self.trainer.callbacks = kept
+        # Lightning's notice about the empty validation loader is what val_size=0 asked for.
+        warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
         rank_zero_info(
             "val_size=0: training on every training sample without validation"
             + (f"; {'; '.join(changes)}." if changes else ".")

@@ -63,6 +63,7 @@ def test_final_fit_without_validation_keeps_the_last_epoch_and_tests_it(tmp_path
     text = out.stdout + out.stderr
     assert "val_size=0: training on every training sample without validation" in text
     assert "EarlyStopping(monitor='val_loss') is off" in text
+    assert "Total length of `list`" not in text  # Lightning's notice about the empty val loader
     ckpts = sorted(p.name for p in (tmp_path / "logs").rglob("*.ckpt"))
     assert ckpts == ["epoch001.ckpt", "last.ckpt"]  # the end of the schedule, not an early epoch
     assert "test_acc" in text
