@@ -69,21 +69,37 @@ def test_final_fit_without_validation_keeps_the_last_epoch_and_tests_it(tmp_path
     assert "test_acc" in text
 
 
-def test_no_validation_with_a_plateau_schedule_is_a_clear_error(tmp_path: Path):
+@pytest.mark.parametrize(
+    ("subcommand", "extra", "message"),
+    [
+        (
+            "fit",
+            [
+                "--model.init_args.lr_scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau",
+                "--trainer.max_epochs=1",
+            ],
+            "ReduceLROnPlateau follows val_loss",
+        ),
+        ("validate", [], "no validation split to validate on"),
+    ],
+    ids=["plateau_schedule", "validate"],
+)
+def test_what_needs_validation_is_a_clear_error_without_it(
+    tmp_path: Path, subcommand: str, extra: list[str], message: str
+):
     out = run_cli(
-        "fit",
+        subcommand,
         "--config",
         MNIST1D_CONFIG,
         *tiny_mnist1d(tmp_path),
         "--data.init_args.val_size=0",
-        "--model.init_args.lr_scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau",
-        "--trainer.max_epochs=1",
+        *extra,
         f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
         cwd=tmp_path,
         check=False,
     )
     assert out.returncode != 0
-    assert "ReduceLROnPlateau follows val_loss" in out.stderr
+    assert message in out.stderr
     assert "Traceback" not in out.stderr
 
 
@@ -106,18 +122,3 @@ def test_test_after_fit_scores_the_averaged_weights_of_the_checkpoint(tmp_path: 
     trainer.test(model, datamodule=dm, ckpt_path="best", verbose=False)
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in averaged.items())
-
-
-def test_validate_without_validation_split_is_a_clear_error(tmp_path: Path):
-    out = run_cli(
-        "validate",
-        "--config",
-        MNIST1D_CONFIG,
-        *tiny_mnist1d(tmp_path),
-        "--data.init_args.val_size=0",
-        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
-        cwd=tmp_path,
-        check=False,
-    )
-    assert out.returncode != 0
-    assert "no validation split to validate on" in out.stderr
