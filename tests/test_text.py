@@ -145,8 +145,8 @@ def test_mixup_mixes_features_and_labels_and_the_model_still_learns():
     plain.train(), model.train()
     # Without dropout the plain loss of a batch is the same every time; mixup pairs the texts
     # anew and draws a new weight at every step.
-    assert len({float(plain.training_step((ids, y), 0)) for _ in range(3)}) == 1
-    assert len({float(model.training_step((ids, y), 0)) for _ in range(3)}) == 3
+    assert len({float(plain.training_step((ids, y), 0).detach()) for _ in range(3)}) == 1
+    assert len({float(model.training_step((ids, y), 0).detach()) for _ in range(3)}) == 3
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     for _ in range(60):
         optimizer.zero_grad()
