@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -22,6 +23,13 @@ class EMAWeights(EMAWeightAveraging):
 
     Args: those of ``EMAWeightAveraging`` (``decay``, ``update_every_n_steps``, ...).
     """
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        with warnings.catch_warnings():
+            # The project's configure_model only compiles the network in place (nothing sharded),
+            # so Lightning's warning about sharded layers does not apply.
+            warnings.filterwarnings("ignore", message=r".*overrides the configure_model callback")
+            super().setup(trainer, pl_module, stage)
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
