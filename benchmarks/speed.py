@@ -431,7 +431,7 @@ def report_pair(name: str, pair: Pair, args: argparse.Namespace, save_dir: str) 
     a_final = statistics.median(k.accs[-1] for k in a_runs)
     ratio = full["a"] / full["b"]
     print(
-        f"Goal a/b <= 1.10 per epoch at batch {default_bs}: {ratio:.2f} -> {'met' if ratio <= 1.10 else 'NOT met'}"
+        f"Goal a/b <= 1.10 per epoch at batch {default_bs}: {ratio:.3f} -> {'met' if ratio <= 1.10 else 'NOT met'}"
     )
     if ta and tc:
         met = tc / ta >= 5 and a_final >= c.accs[-1]
