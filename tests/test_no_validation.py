@@ -10,6 +10,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from src.callbacks import EMAWeights
+from src.data import ClassificationDataModule
 from src.data.ag_news import AGNews
 from src.data.mnist1d import MNIST1D
 from src.models.bn_cnn import BNCNN
@@ -37,6 +38,28 @@ def test_val_size_zero_trains_on_every_training_row(tmp_path: Path):
     assert len(carved.splits["train"][0]) == 80 and len(carved.splits["val"][0]) == 16
     # the vocabulary is fitted on what is trained on, so the two differ in their cache entries
     assert dm.vocab_cache_file() != carved.vocab_cache_file()
+
+
+class _SourceWithValidation(ClassificationDataModule):
+    """A data source that brings its own validation split."""
+
+    num_classes = 2
+    input_size = 3
+
+    def load_splits(self) -> dict:
+        def split(n: int) -> tuple:
+            return torch.randn(n, 3), torch.arange(n) % 2
+
+        return {"train": split(20), "val": split(6), "test": split(8)}
+
+
+def test_val_size_zero_drops_even_the_sources_own_validation_split():
+    own = _SourceWithValidation(val_size=0.25)
+    own.setup("fit")
+    assert len(own.splits["val"][0]) == 6 and len(own.splits["train"][0]) == 20  # the source's, not carved
+    none = _SourceWithValidation(val_size=0)
+    none.setup("fit")
+    assert "val" not in none.splits and len(none.splits["train"][0]) == 20
 
 
 @pytest.mark.parametrize("val_size", [-1, 1.0, 2.5])
