@@ -12,7 +12,8 @@ default ``../shared/data``) it prints:
   checkpoints, TensorBoard, LR monitor, activation statistics, early stopping; the bar is drawn
   to /dev/null so the tables stay readable; the test after fit is left out) and (b) a
   hand-written PyTorch loop over the same network, tensors, batch size, optimiser,
-  schedule, augmentation and per-epoch validation pass. At the config's batch size the figures are
+  schedule, augmentation, weight averaging and mixup (where the config has them) and per-epoch
+  validation pass. At the config's batch size the figures are
   the median epoch of ``--full-repeats`` full-length runs of each (alternating, same process); at
   ``--batch-sizes`` (32 and 100) the median epoch of short runs;
 - time to a target test accuracy, epochs and final test accuracy of those full runs of (a) and (b),
@@ -47,10 +48,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import WeightAveraging
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset
 
+from src.models.bn_cnn import mixup_step
 from src.models.classifier import _accepts_unset
 
 # Local copies of the Hub datasets (parquet), so the benchmark runs offline.
@@ -230,8 +234,8 @@ def run_hand_loop(
     evaluate: bool,
     schedule_epochs: int | None = None,
 ) -> Clock:
-    """(b): the same network, tensors, batch size, optimiser, schedule and per-epoch validation,
-    in a plain PyTorch loop. ``schedule_epochs``: length of a one-cycle schedule (the Trainer's
+    """(b): the same network, tensors, batch size, optimiser, schedule, weight averaging, mixup and
+    per-epoch validation, in a plain PyTorch loop. ``schedule_epochs``: length of a one-cycle schedule (the Trainer's
     ``max_epochs``) when the run stops earlier, as early stopping does."""
     cli = build(pair.config, [f"--data.init_args.batch_size={batch_size}", *pair.overrides])
     model, dm = cli.model, cli.datamodule
@@ -243,6 +247,13 @@ def run_hand_loop(
     )
     net = model.net.to(device)
     optimizer = model.optimizer(net.parameters())
+    # What the config's training adds to each step, done by hand too: weight averaging (EMA, as
+    # Lightning's callback: every step, validation on the averaged copy) and feature mixup.
+    averaging = next((c for c in cli.trainer.callbacks if isinstance(c, WeightAveraging)), None)
+    averaged = (
+        AveragedModel(net, use_buffers=averaging._use_buffers, **averaging._kwargs) if averaging else None
+    )
+    mixup_alpha = getattr(model, "mixup_alpha", 0.0)
     steps_per_epoch = math.ceil(len(train[0]) / batch_size)
     scheduler, per_step = None, False
     if model.lr_scheduler is not None:
@@ -260,14 +271,20 @@ def run_hand_loop(
             batch = dm.transform_batch(
                 dm.collate(tuple(t[start : start + batch_size] for t in shuffled)), True
             )
-            loss = F.cross_entropy(net(batch[0]), batch[1], label_smoothing=model.label_smoothing)
+            if mixup_alpha > 0:
+                loss = mixup_step(net, batch[0], batch[1], mixup_alpha, model.label_smoothing)[0]
+            else:
+                loss = F.cross_entropy(net(batch[0]), batch[1], label_smoothing=model.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             if per_step:
                 scheduler.step()
+            if averaged is not None:
+                averaged.update_parameters(net)
         # validation pass, as the Trainer runs it every epoch (loss and accuracy on the device)
-        net.eval()
+        evaluated = averaged.module if averaged is not None else net
+        evaluated.eval()
         with torch.no_grad():
             val_loss = torch.zeros((), device=device)
             correct = torch.zeros((), dtype=torch.long, device=device)
@@ -275,14 +292,14 @@ def run_hand_loop(
                 batch = dm.transform_batch(
                     dm.collate(tuple(t[start : start + dm.eval_batch_size] for t in val)), False
                 )
-                logits = net(batch[0])
+                logits = evaluated(batch[0])
                 val_loss += F.cross_entropy(logits, batch[1], reduction="sum")
                 correct += (logits.argmax(-1) == batch[1]).sum()
         if scheduler is not None and not per_step:
             scheduler.step(float(val_loss) / len(val[0])) if isinstance(
                 scheduler, ReduceLROnPlateau
             ) else scheduler.step()
-        clock.epoch_end(lambda: accuracy(net, dm, test) if evaluate else 0.0)
+        clock.epoch_end(lambda: accuracy(net, dm, test) if evaluate else 0.0)  # raw weights, as (a)
     return clock
 
 

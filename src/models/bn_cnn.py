@@ -344,16 +344,26 @@ class BNCNN(ClassifierModule):
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         if self.mixup_alpha <= 0:
             return super().training_step(batch, batch_idx)
-        x, y = batch[0], batch[1]
         net = getattr(self.net, "_orig_mod", self.net)  # unwrap torch.compile
-        # Drawn on the CPU from torch's seeded generator: no device sync, and a resumed run replays it.
-        lam = float(torch.distributions.Beta(self.mixup_alpha, self.mixup_alpha).sample())
-        perm = torch.randperm(y.shape[0], device=y.device)
-        features = net.features(x)
-        logits = net.head(lam * features + (1 - lam) * features[perm])
-        smoothing = self.label_smoothing
-        loss = lam * F.cross_entropy(logits, y, label_smoothing=smoothing) + (1 - lam) * F.cross_entropy(
-            logits, y[perm], label_smoothing=smoothing
-        )
-        self.train_stats.update(logits.detach(), y if lam >= 0.5 else y[perm], loss.detach())
+        loss, logits, labels = mixup_step(net, batch[0], batch[1], self.mixup_alpha, self.label_smoothing)
+        self.train_stats.update(logits.detach(), labels, loss.detach())
         return loss
+
+
+def mixup_step(
+    net: BNCNNNet, ids: Tensor, y: Tensor, alpha: float, label_smoothing: float = 0.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One training forward pass with the text features mixed in pairs (senMixup).
+
+    Returns the mixed loss, the logits of the mixed features, and for each of them the label with
+    the larger share (for training metrics).
+    """
+    # Drawn on the CPU from torch's seeded generator: no device sync, and a resumed run replays it.
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    perm = torch.randperm(y.shape[0], device=y.device)
+    features = net.features(ids)
+    logits = net.head(lam * features + (1 - lam) * features[perm])
+    loss = lam * F.cross_entropy(logits, y, label_smoothing=label_smoothing) + (1 - lam) * F.cross_entropy(
+        logits, y[perm], label_smoothing=label_smoothing
+    )
+    return loss, logits, y if lam >= 0.5 else y[perm]
