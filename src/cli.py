@@ -106,7 +106,11 @@ class CLI(LightningCLI):
                         ]
                 argv = [argv[0], *injected, *argv[1:]]
             args = argv
-        super().parse_arguments(parser, args)
+        with warnings.catch_warnings():
+            # `args` is the command line itself (with what the checkpoint supplies): Lightning's
+            # warning about passing both `args` and a command line would print on every run.
+            warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
+            super().parse_arguments(parser, args)
 
     def _add_instantiators(self) -> None:
         super()._add_instantiators()

@@ -77,7 +77,7 @@ def test_every_config_fits_tests_and_predicts(config: Path, tmp_path: Path):
 
 
 def test_default_fit_leaves_logs_config_hparams_and_checkpoints(tmp_path: Path):
-    run_cli(
+    out = run_cli(
         "fit",
         "--config",
         MNIST1D_CONFIG,
@@ -86,6 +86,7 @@ def test_default_fit_leaves_logs_config_hparams_and_checkpoints(tmp_path: Path):
         *logs(tmp_path),
         cwd=tmp_path,
     )
+    assert "LightningCLI's args parameter" not in out.stderr  # no warning a user cannot act on
     run_dir = next((tmp_path / "logs").rglob("version_0"))
     assert list(run_dir.glob("events.out.tfevents.*"))
     assert (run_dir / "config.yaml").is_file() and (run_dir / "hparams.yaml").is_file()
