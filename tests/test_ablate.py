@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from src.ablate import main, parse_grid_arg, variants
-from tests.conftest import ROOT
+from tests.helpers.cli import ROOT
 
 CONFIG = str(ROOT / "configs" / "mnist1d_resnet_bn.yaml")
 

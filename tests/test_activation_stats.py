@@ -15,12 +15,12 @@ from torch import nn
 from src.callbacks.activation_stats import ActivationStats, collect_activation_stats, tracked_modules
 from src.data.base import ClassificationDataModule
 from src.models.layers import NormAct
-from src.models.residual_bn import ResidualBN, ResidualBNNet
+from src.models.residual_bn import ResidualBN
 
 
 def block_variances(batch_norm: bool, seed: int) -> list[float]:
     torch.manual_seed(seed)
-    net = ResidualBNNet(40, 10, hidden_size=100, num_blocks=5, batch_norm=batch_norm)
+    net = ResidualBN(num_classes=10, input_size=40, hidden_size=100, num_blocks=5, batch_norm=batch_norm).net
     stats = collect_activation_stats(net, torch.randn(200, 40))
     return [stats[f"blocks.{i}"][1] for i in range(5)]
 
@@ -40,7 +40,7 @@ def test_variance_doubles_per_block_without_bn_and_stays_tame_with_bn(seed: int)
 
 def test_collecting_stats_leaves_running_statistics_and_rng_alone():
     torch.manual_seed(0)
-    net = ResidualBNNet(40, 10, batch_norm=True, dropout=0.2).eval()
+    net = ResidualBN(num_classes=10, input_size=40, batch_norm=True, dropout=0.2).net.eval()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     x = torch.randn(32, 40) * 5 + 3
     rng = torch.get_rng_state()
@@ -92,7 +92,7 @@ def test_fit_logs_init_stats_then_every_n_steps(tmp_path: Path):
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(ResidualBN(num_blocks=3, lr_scheduler=None), datamodule=RandomData(batch_size=16))
+    trainer.fit(ResidualBN(num_classes=10, input_size=40, num_blocks=3), datamodule=RandomData(batch_size=16))
     events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "histograms": 0, "images": 0})
     events.Reload()
     scalars, hists = events.Tags()["scalars"], events.Tags()["histograms"]
@@ -101,6 +101,6 @@ def test_fit_logs_init_stats_then_every_n_steps(tmp_path: Path):
         assert len(init) == 1 and init[0].step == 0 and math.isfinite(init[0].value)
         assert [e.step for e in events.Scalars(f"activations/var/net.blocks.{i}")] == [0, 2, 4]
         assert [e.step for e in events.Histograms(f"activations/hist/net.blocks.{i}")] == [0, 4]
-    assert "activations/mean/net.blocks.0.norm_act" in scalars
-    assert "activations/hist/net.blocks.0.norm_act" in hists
+    assert "activations/mean/net.blocks.0.branch.0" in scalars  # the block's BN/ReLU
+    assert "activations/hist/net.blocks.0.branch.0" in hists
     assert "activations_init/variance_per_layer" in events.Tags()["images"]

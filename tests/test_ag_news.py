@@ -9,13 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from src.data import DataError
 from src.data.ag_news import AGNews
 from src.data.hub import DataSourceError
 from src.data.text import UNK_ID, Vocabulary, text_to_tokens
-from tests.ag_news_data import CLASSES, TEST_ONLY_WORD, write_tiny_ag_news
-from tests.conftest import ROOT, run_cli
+from tests.helpers.cli import config, run_cli
+from tests.helpers.data import AG_CLASSES as CLASSES
+from tests.helpers.data import TEST_ONLY_WORD, write_tiny_ag_news
 
-CONFIG = str(ROOT / "configs" / "ag_news_cnn_bn.yaml")
+CONFIG = config("ag_news_cnn_bn")
 
 
 def _dm(tmp_path: Path, **kw) -> AGNews:
@@ -85,10 +87,16 @@ def test_predict_inputs_and_their_errors(tmp_path: Path):
     assert _dm(tmp_path, predict_file=str(good)).read_predict_texts() == ["Stocks rise", "", "Café 東京"]
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\xe9".encode("latin-1"))
-    with pytest.raises(ValueError, match="not UTF-8"):
+    with pytest.raises(DataError, match="not UTF-8"):
         _dm(tmp_path, predict_file=str(bad)).read_predict_texts()
-    with pytest.raises(FileNotFoundError, match="one text per line"):
+    with pytest.raises(DataError, match="is missing. Pass a UTF-8 text file"):
         _dm(tmp_path, predict_file=str(tmp_path / "missing.txt")).read_predict_texts()
+    with pytest.raises(DataError, match="is a folder"):
+        _dm(tmp_path, predict_file=str(tmp_path)).read_predict_texts()
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match="No texts to predict"):
+        _dm(tmp_path, predict_file=str(empty)).read_predict_texts()
     with pytest.raises(ValueError, match="not both"):
         _dm(tmp_path, predict_file=str(good), predict_texts=["x"])
 
@@ -135,7 +143,7 @@ def test_fit_then_predict_raw_texts_from_checkpoint_with_data_gone(tmp_path: Pat
         str(ckpt),
         f"--data.init_args.predict_texts={json.dumps(texts)}",
         f"--trainer.callbacks.output={tmp_path / 'preds.json'}",
-        f"--trainer.callbacks.heatmap_dir={tmp_path / 'heatmaps'}",
+        "--trainer.callbacks.heatmaps=50",
         f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
         cwd=tmp_path,
     )
@@ -145,7 +153,8 @@ def test_fit_then_predict_raw_texts_from_checkpoint_with_data_gone(tmp_path: Pat
         assert row["predicted_name"] in CLASSES
         assert abs(sum(row["probs"].values()) - 1) < 1e-4
     assert "Stocks and profit" in out.stderr + out.stdout  # printed with its topic and probabilities
-    assert len(list((tmp_path / "heatmaps").glob("heatmap_*.png"))) == len(texts)
+    heatmaps = list((tmp_path / "logs").rglob("heatmaps/heatmap_*.png"))  # inside the predict run's folder
+    assert len(heatmaps) == len(texts)
 
     # the same from a file, without any config: everything comes from the checkpoint
     (tmp_path / "texts.txt").write_text("\n".join(texts[:2]) + "\n", encoding="utf-8")

@@ -20,10 +20,9 @@ from src.models.classifier import ClassifierModule
 class GivenLogits(ClassifierModule):
     """Its input *is* the logits, so the predictions are whatever the test says."""
 
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.net = nn.Identity()
+    def build_network(self) -> nn.Module:
         self.unused = nn.Linear(1, 1)  # Lightning wants a parameter
+        return nn.Identity()
 
 
 Y_TRUE = [0, 0, 1, 1, 2, 2, 2]
@@ -35,7 +34,7 @@ def test_report_holds_the_known_confusion_matrix_and_scores(tmp_path: Path):
     loader = DataLoader(TensorDataset(x, torch.tensor(Y_TRUE)), batch_size=3)  # several batches
     logger = TensorBoardLogger(tmp_path, name="run", default_hp_metric=False)
     trainer = Trainer(logger=logger, callbacks=[PerClassReport()], enable_progress_bar=False)
-    trainer.test(GivenLogits(num_classes=3, class_names=["cat", "dog", "eel"]), loader)
+    trainer.test(GivenLogits(num_classes=3, input_size=3, class_names=["cat", "dog", "eel"]), loader)
 
     report = json.loads((Path(logger.log_dir) / "per_class_report.json").read_text())
     assert report["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 2]]  # rows true, columns predicted

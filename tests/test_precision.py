@@ -3,16 +3,14 @@ kept in float32 (its weights and running statistics; autocast feeds it bfloat16 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from src.cli import main
-from tests.conftest import CONFIGS
-from tests.test_cli import TINY_DATA, _data_class, logs
+from tests.helpers.cli import CONFIGS, build, data_class
+from tests.helpers.data import TINY_DATA
 
 QUICK = [
     "--trainer.accelerator=cpu",
@@ -25,18 +23,15 @@ QUICK = [
 ]
 
 
-def build(config: Path, tmp_path: Path, *extra: str):
-    data = TINY_DATA[_data_class(config)](tmp_path)
-    argv, sys.argv = sys.argv, sys.argv[:1]
-    try:
-        return main(["--config", str(config), *QUICK, *data, *logs(tmp_path), *extra], run=False)
-    finally:
-        sys.argv = argv
+def build_quick(config: Path, tmp_path: Path, *extra: str):
+    data = TINY_DATA[data_class(config)](tmp_path)
+    logs = f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}"
+    return build("--config", str(config), *QUICK, *data, logs, *extra)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_bf16_mixed_fits_with_batch_norm_in_float32(config: Path, tmp_path: Path):
-    cli = build(config, tmp_path, "--trainer.precision=bf16-mixed")
+    cli = build_quick(config, tmp_path, "--trainer.precision=bf16-mixed")
     bns = [m for m in cli.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert bns, "the config's model has no batch norm"
     seen: set[torch.dtype] = set()
@@ -55,5 +50,5 @@ def test_bf16_mixed_fits_with_batch_norm_in_float32(config: Path, tmp_path: Path
 
 def test_fp16_mixed_on_cpu_falls_back_to_bf16(tmp_path: Path):
     with pytest.warns(UserWarning, match="not supported on CPU"):
-        cli = build(Path(CONFIGS[0]), tmp_path, "--trainer.precision=16-mixed")
+        cli = build_quick(Path(CONFIGS[0]), tmp_path, "--trainer.precision=16-mixed")
     assert cli.trainer.precision == "bf16-mixed"

@@ -214,10 +214,17 @@ class ActivationStats(Callback):
         if datamodule is None:
             rank_zero_warn("ActivationStats: no DataModule, so no statistics at initialisation.")
             return None
-        try:
-            batch = next(iter(datamodule.val_dataloader()))
-        except (StopIteration, NotImplementedError, MisconfigurationException):
-            rank_zero_warn("ActivationStats: no validation batch, so no statistics at initialisation.")
+        # A validation batch (fixed); the first training batch in a run without validation.
+        loaders = (datamodule.val_dataloader, datamodule.train_dataloader)
+        batch = None
+        for loader in loaders:
+            try:
+                batch = next(iter(loader()))
+                break
+            except (StopIteration, NotImplementedError, MisconfigurationException, TypeError):
+                continue
+        if batch is None:
+            rank_zero_warn("ActivationStats: no data batch, so no statistics at initialisation.")
             return None
         batch = trainer.strategy.batch_to_device(batch)  # runs the DataModule's transfer hooks too
         return batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -247,13 +254,11 @@ def variance_figure(
     stats: dict[str, tuple[float, float]], title: str = "Activation variance per layer"
 ) -> Any:
     """A matplotlib figure of output variance against layer (in definition order)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     names = list(stats)
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(names) + 2), 3.2))
+    fig = Figure(figsize=(max(4.0, 0.5 * len(names) + 2), 3.2))
+    ax = fig.subplots()
     ax.plot(range(len(names)), [stats[n][1] for n in names], marker="o")
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("variance")

@@ -1,49 +1,130 @@
-"""Exact resumption and a clean stop on a diverged loss (the CLI adds this callback to every run)."""
+"""Exact resumption, a clean stop on a diverged loss, and a clean stop on SIGTERM/SIGINT.
+
+The CLI adds :class:`FaultTolerance` to every run.
+"""
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
+
+from src.workarounds import restore_loader_position
 
 _NONE = torch.iinfo(torch.long).max
 _EPOCHS = 2**24  # epochs representable in the packed (step, epoch) code
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or inf."""
 
 
+class RunInterrupted(Exception):
+    """The run was stopped by a signal; the process exits with ``128 + signal`` (143 SIGTERM, 130 SIGINT)."""
+
+    def __init__(self, signum: int, checkpoint: str | None, step: int) -> None:
+        self.signum = signum
+        self.exit_code = 128 + signum
+        name = signal.Signals(signum).name
+        if checkpoint:
+            detail = (
+                f"{checkpoint} holds step {step}. Resume with the same command and --ckpt_path=last "
+                "(or --ckpt_path=<that file>)."
+            )
+        else:
+            detail = "No checkpoint was written (checkpointing is off); a new run starts from scratch."
+        super().__init__(f"Stopped by {name} at training step {step}. {detail}")
+
+
+_stop_requested: int | None = None  # the signal received, until the run acts on it
+
+
+def stop_requested(trainer: Trainer) -> int | None:
+    """The stop signal received by this process (or, under DDP, by any rank), else ``None``."""
+    signum = _stop_requested or 0
+    if trainer.world_size > 1:  # every rank must stop at the same step
+        flag = torch.tensor(signum, device=trainer.strategy.root_device)
+        signum = int(trainer.strategy.reduce(flag, reduce_op="max"))
+    return signum or None
+
+
 class FaultTolerance(Callback):
-    """Make a resumed run continue exactly where it stopped, and stop a run whose loss diverged.
+    """Make a resumed run continue exactly where it stopped, and stop cleanly when it must.
 
     - Random streams: the global torch (and CUDA) generators drive dropout and augmentation, and
       Lightning does not checkpoint them. Their state is saved with every checkpoint and restored
-      right before the first resumed batch.
-    - Data position: Lightning skips restoring a stateful train loader (here
-      :class:`~src.data.base.TensorBatches`) when ``trainer.estimated_stepping_batches`` was read
-      before the restore, as every schedule with ``total_steps`` does (Lightning issue #20550).
-      The pending state is applied before the first resumed batch instead.
+      right before the first resumed batch, as is the training loader's position.
     - Non-finite loss: each step's loss is checked on the device (no host sync); the result is read
       every ``check_every_n_steps`` steps, at epoch end and before every checkpoint written while
       fitting, so no checkpoint ever holds weights a NaN/inf loss has touched. The run then stops
       with :class:`NonFiniteLossError` naming the step.
+    - SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) while training: the run finishes the
+      current step, :class:`~src.callbacks.LastCheckpoint` writes ``last.ckpt``, and the process
+      exits with ``128 + signal`` (143, 130) and says how to resume. A second Ctrl-C stops at once.
 
     Args:
-        check_every_n_steps: read the non-finite flag this often (default: the trainer's
-            ``log_every_n_steps``).
+        check_every_n_steps: read the non-finite flag this often.
     """
 
-    def __init__(self, check_every_n_steps: int | None = None) -> None:
+    def __init__(self, check_every_n_steps: int = 50) -> None:
         self.check_every_n_steps = check_every_n_steps
         # The first bad step and its epoch packed in one integer (step * _EPOCHS + epoch), so a
         # step costs three tiny kernels; _NONE while every loss was finite.
         self._first_bad: Tensor | None = None
         self._rng_to_restore: dict[str, Any] | None = None
+        self._saved_handlers: dict[int, Any] = {}
+        self._stops_itself = True
+
+    # ------------------------------------------------------------------ stop signals
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Right before the first batch: nothing between loading and training (model summary,
+        # sanity check) may draw from the generators or iterate the loader first.
+        restore_loader_position(trainer)
+        rng, self._rng_to_restore = self._rng_to_restore, None
+        if rng:
+            torch.set_rng_state(rng["torch_rng"].cpu())
+            if "cuda_rng" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda_rng"]])
+        # After Lightning installed its own SIGTERM handler (which would end the run with exit
+        # status 0): ours replaces it for the training loop.
+        global _stop_requested
+        _stop_requested = None
+        from src.callbacks.checkpointing import LastCheckpoint
+
+        self._stops_itself = not any(isinstance(cb, LastCheckpoint) for cb in trainer.callbacks)
+        try:
+            for signum in STOP_SIGNALS:
+                self._saved_handlers[signum] = signal.signal(signum, self._on_signal)
+        except ValueError:  # not the main thread (e.g. a notebook's worker): keep Lightning's
+            self._saved_handlers = {}
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        global _stop_requested
+        if _stop_requested == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        _stop_requested = signum
+        rank_zero_info(
+            f"\n{signal.Signals(signum).name} received: stopping after this training step "
+            + ("(Ctrl-C again to stop at once)." if signum == signal.SIGINT else "and saving last.ckpt.")
+        )
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore_handlers()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._restore_handlers()
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._saved_handlers.items():
+            signal.signal(signum, handler)
+        self._saved_handlers = {}
 
     # ------------------------------------------------------------------ non-finite loss
     def on_train_batch_end(
@@ -58,19 +139,26 @@ class FaultTolerance(Callback):
             # grow, so the minimum is the first bad one.
             code = torch.where(torch.isfinite(loss.detach()), _NONE, step * _EPOCHS + trainer.current_epoch)
             torch.minimum(self._first_bad, code, out=self._first_bad)
-        every = self.check_every_n_steps or trainer.log_every_n_steps or 1
-        if step % every == 0:
-            self._stop_if_nonfinite(trainer)
+        if step % max(self.check_every_n_steps, 1) == 0:
+            self.stop_if_nonfinite(trainer)
+        self._stop_if_signalled(trainer)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._stop_if_nonfinite(trainer)
+        self.stop_if_nonfinite(trainer)
+        self._stop_if_signalled(trainer)
 
-    def _stop_if_nonfinite(self, trainer: Trainer) -> None:
+    def _stop_if_signalled(self, trainer: Trainer) -> None:
+        # With a LastCheckpoint, it saves and stops (it runs after every other callback of the step).
+        if self._stops_itself and (signum := stop_requested(trainer)):
+            raise RunInterrupted(signum, None, trainer.global_step)
+
+    def stop_if_nonfinite(self, trainer: Trainer) -> None:
+        """Raise :class:`NonFiniteLossError` if any training loss so far was NaN or inf."""
         if self._first_bad is None:
             return
         first = self._first_bad
         if trainer.world_size > 1:  # every rank must stop together
-            first = trainer.strategy.reduce(first.clone(), reduce_op=torch.distributed.ReduceOp.MIN)
+            first = trainer.strategy.reduce(first.clone(), reduce_op="min")
         code = int(first)
         if code != _NONE:
             step, epoch = divmod(code, _EPOCHS)
@@ -86,7 +174,7 @@ class FaultTolerance(Callback):
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         if trainer.state.fn == "fit":  # raising here aborts the save: the previous file stays
-            self._stop_if_nonfinite(trainer)
+            self.stop_if_nonfinite(trainer)
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"torch_rng": torch.get_rng_state()}
@@ -96,13 +184,3 @@ class FaultTolerance(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._rng_to_restore = dict(state_dict)
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Right before the first batch: nothing between loading and training (model summary,
-        # sanity check) can draw from the generators or iterate the loader first.
-        trainer.fit_loop._load_combined_loader_states()  # no-op unless Lightning skipped it
-        rng, self._rng_to_restore = self._rng_to_restore, None
-        if rng:
-            torch.set_rng_state(rng["torch_rng"].cpu())
-            if "cuda_rng" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda_rng"]])

@@ -14,39 +14,46 @@ from torch import Tensor
 
 
 class PerClassReport(Callback):
-    """Write the per-class test report computed by :class:`~src.models.ClassifierModule`.
-
-    The values are the module's torchmetrics results (``test_report``: per-class precision,
-    recall, F1 and the confusion matrix, rows = true class, columns = predicted class). The JSON
-    file also holds each class's support and the macro and support-weighted averages.
+    """Write the per-class report of ``test`` from the model's test figures
+    (:class:`~src.models.metrics.ClassificationStats`: precision, recall and F1 per class and the
+    confusion matrix, rows = true class, columns = predicted class). The JSON file also holds each
+    class's support and the macro and support-weighted averages.
 
     Args:
-        output: JSON file to write; default ``per_class_report.json`` in the run's log folder.
+        output: JSON file to write; default ``per_class_report.json`` in the run folder. Without a
+            run folder (``--trainer.logger=false``, ``fast_dev_run``) and without ``output`` the
+            report is only shown in TensorBoard (when logging) and nothing is written.
     """
 
     def __init__(self, output: str | None = None) -> None:
         if output is not None and Path(output).suffix.lower() != ".json":
             raise ValueError(f"PerClassReport output must end in .json, got {output!r}")
         self.output = output
+        self._raw: dict[str, Tensor] | None = None
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Before the module logs and resets its test figures (callbacks run first); a collective
+        # under DDP, so every rank computes.
+        stats = getattr(pl_module, "test_metrics", None)
+        self._raw = {k: v.detach().cpu() for k, v in stats.compute().items()} if stats is not None else None
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # `trainer.log_dir` is a collective under DDP: every rank asks, rank 0 writes.
-        log_dir = trainer.log_dir
+        log_dir = trainer.log_dir if trainer.loggers else None  # a collective under DDP
         if not trainer.is_global_zero:
             return
-        raw = getattr(pl_module, "test_report", None)
-        if not raw:
+        if self._raw is None:
             rank_zero_warn(
-                "PerClassReport: the model has no `test_report` (use a ClassifierModule subclass); "
+                "PerClassReport: the model has no test figures (use a ClassifierModule subclass); "
                 "no per-class report written."
             )
             return
-        names = list(getattr(pl_module, "class_names", [str(i) for i in range(len(raw["f1"]))]))
-        report = build_report(raw, names)
-        path = Path(self.output) if self.output else Path(log_dir or ".") / "per_class_report.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=1, ensure_ascii=False))
-        rank_zero_info(f"Wrote the per-class test report to {path}")
+        names = list(getattr(pl_module, "class_names", [str(i) for i in range(len(self._raw["class_f1"]))]))
+        report = build_report(self._raw, names)
+        path = Path(self.output) if self.output else Path(log_dir) / "per_class_report.json" if log_dir else None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(report, indent=1, ensure_ascii=False))
+            rank_zero_info(f"Wrote the per-class test report to {path}")
         tb = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         if tb is not None:
             step = trainer.global_step
@@ -64,7 +71,7 @@ def build_report(raw: dict[str, Tensor], names: list[str]) -> dict[str, Any]:
         name: {
             "precision": float(raw["precision"][i]),
             "recall": float(raw["recall"][i]),
-            "f1": float(raw["f1"][i]),
+            "f1": float(raw["class_f1"][i]),
             "support": int(support[i]),
         }
         for i, name in enumerate(names)
@@ -99,17 +106,15 @@ def markdown_table(report: dict[str, Any]) -> str:
 
 def confusion_figure(report: dict[str, Any]) -> Any:
     """Counts in each cell, coloured by the fraction of the true class (row-normalised)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.figure import Figure
 
     cm = np.asarray(report["confusion_matrix"], dtype=float)
     frac = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     names = report["classes"]
     n = len(names)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * n, 0.8 + 0.5 * n))
+    fig = Figure(figsize=(1.0 + 0.55 * n, 0.8 + 0.5 * n))
+    ax = fig.subplots()
     ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
     for i in range(n):
         for j in range(n):

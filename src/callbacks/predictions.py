@@ -9,57 +9,82 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from src.errors import UserError
+from src.options import NonNegativeInt, PositiveInt
 
-class PredictionWriter(BasePredictionWriter):
-    """Collect ``predict`` outputs in order and save them as CSV or JSON in the run folder.
 
-    Each row holds the sample index, the predicted class and its name, and the probability of
-    every class; for text data (a DataModule with ``texts("predict")``) also the text. Under DDP the per-rank results are gathered and put back in dataset order before
-    rank 0 writes them.
+class PredictionWriter(Callback):
+    """Print and save what ``predict`` returns: each sample's predicted class, its name, and the
+    probability of every class (and, for text data, the text).
+
+    Rows are in dataset order; under DDP every rank's predictions are gathered (rank ``r`` predicts
+    samples ``r, r + world, ...``) before rank 0 writes them.
 
     Args:
-        output: file to write (``.csv`` or ``.json``); default ``predictions.csv`` in the log dir.
+        output: file to write (``.csv`` or ``.json``); default ``predictions.csv`` in the run folder.
+            Without a run folder (``--trainer.logger=false``, ``fast_dev_run``) and without
+            ``output``, predictions are only printed.
+        overwrite: replace an existing ``output`` file (otherwise the run stops before predicting).
         print_limit: how many predictions to print to the console (0 = none).
         top_k: how many class probabilities to print per prediction, highest first.
-        heatmap_dir: for text models (``BNCNN``): a folder to write one token-activation heatmap
-            PNG per predicted text (``heatmap_NNNN.png``, NNNN = the prediction's index).
-        max_heatmaps: the most heatmap PNGs written.
+        heatmaps: for text models (``BNCNN``): write a token-activation heatmap PNG for each of the
+            first ``heatmaps`` predicted texts into ``heatmaps/`` in the run folder.
     """
 
     def __init__(
         self,
         output: str | None = None,
-        print_limit: int = 10,
-        top_k: int = 3,
-        heatmap_dir: str | None = None,
-        max_heatmaps: int = 50,
+        overwrite: bool = False,
+        print_limit: NonNegativeInt = 10,
+        top_k: PositiveInt = 3,
+        heatmaps: NonNegativeInt = 0,
     ) -> None:
-        super().__init__(write_interval="epoch")
         if output is not None and Path(output).suffix.lower() not in (".csv", ".json"):
             raise ValueError(f"PredictionWriter output must end in .csv or .json, got {output!r}")
         self.output = output
+        self.overwrite = overwrite
         self.print_limit = print_limit
         self.top_k = top_k
-        self.heatmap_dir = heatmap_dir
-        self.max_heatmaps = max_heatmaps
+        self.heatmaps = heatmaps
+        self._probs: list[torch.Tensor] = []
 
-    def write_on_epoch_end(
-        self, trainer: Trainer, pl_module: LightningModule, predictions: Any, batch_indices: Any
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "predict" or self.output is None:
+            return
+        path = Path(self.output)
+        if path.is_dir():
+            raise UserError(f"the predictions output {str(path)!r} is a folder. Pass a .csv or .json file name.")
+        if path.exists() and not self.overwrite:
+            raise UserError(
+                f"the predictions output {str(path)!r} already exists. Pass another file, or "
+                "--trainer.callbacks.overwrite=true to replace it."
+            )
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._probs = []
+
+    def on_predict_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
-        probs = torch.cat([p.float().cpu() for p in _flatten(predictions)]) if predictions else torch.empty(0)
-        flat_idx = [i for i in _flatten(batch_indices) if i is not None]
-        if flat_idx:
-            index = torch.cat([torch.as_tensor(i, dtype=torch.long).flatten() for i in flat_idx])
-        else:
-            # In-memory TensorBatches shard evaluation data as rank::world_size (no sampler indices).
-            index = trainer.global_rank + trainer.world_size * torch.arange(len(probs))
+        self._probs.append(outputs.detach().float().cpu())
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        probs = torch.cat(self._probs) if self._probs else torch.empty(0)
+        self._probs = []
+        # The evaluation data is sharded as rank::world_size (no padding), in order.
+        index = trainer.global_rank + trainer.world_size * torch.arange(len(probs))
         if trainer.world_size > 1:
             probs, index = _gather_padded(pl_module, probs, index)
-        # `trainer.log_dir` is a collective under DDP: every rank must ask for it.
-        path = Path(self.output) if self.output else Path(trainer.log_dir or ".") / "predictions.csv"
+        log_dir = trainer.log_dir if trainer.loggers else None  # a collective under DDP
         if not trainer.is_global_zero:
             return
         order = torch.argsort(index)
@@ -70,17 +95,24 @@ class PredictionWriter(BasePredictionWriter):
         if texts is not None and len(texts) == len(rows):
             for row in rows:
                 row["text"] = texts[row["index"]]
-        write_rows(rows, path, names)
         for row in rows[: self.print_limit]:
             ranked = sorted(row["probs"].items(), key=lambda kv: -kv[1])[: self.top_k]
             shown = ", ".join(f"{k} {v:.3f}" for k, v in ranked)
             text = f"  {_shorten(row['text'])!r}" if "text" in row else ""
             rank_zero_info(f"[{row['index']}] {row['predicted_name']}  ({shown}){text}")
+        path = Path(self.output) if self.output else Path(log_dir) / "predictions.csv" if log_dir else None
+        if path is None:
+            rank_zero_info(
+                f"{len(rows)} predictions; none written: this run has no run folder (logger off or "
+                "fast_dev_run). Pass --trainer.callbacks.output=<file.csv> to save them."
+            )
+            return
+        write_rows(rows, path, names)
         rank_zero_info(f"Wrote {len(rows)} predictions to {path}")
-        if self.heatmap_dir and texts:
+        if self.heatmaps and texts and log_dir:
             from src.callbacks.token_heatmap import write_heatmaps
 
-            write_heatmaps(pl_module, trainer.datamodule, texts[: self.max_heatmaps], Path(self.heatmap_dir))
+            write_heatmaps(pl_module, trainer.datamodule, texts[: self.heatmaps], Path(log_dir) / "heatmaps")
 
 
 def _predict_texts(trainer: Trainer) -> list[str] | None:
@@ -104,17 +136,6 @@ def _gather_padded(pl_module: LightningModule, probs: torch.Tensor, index: torch
     probs, index = gathered["p"].flatten(0, 1).cpu(), gathered["i"].flatten(0, 1).cpu()
     keep = index >= 0
     return probs[keep], index[keep]
-
-
-def _flatten(items: Any) -> list[Any]:
-    """Predictions come as a list per dataloader (of lists per batch) or one flat list."""
-    out: list[Any] = []
-    for item in items:
-        if isinstance(item, list):
-            out.extend(_flatten(item))
-        else:
-            out.append(item)
-    return out
 
 
 def prediction_rows(probs: torch.Tensor, names: list[str], index: list[int]) -> list[dict[str, Any]]:

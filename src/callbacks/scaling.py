@@ -1,7 +1,4 @@
-"""Batch norm and batch-size bookkeeping for multi-process runs (DDP on GPUs, nodes or CPU).
-
-The CLI adds :class:`ScalingSetup` to every run and turns Lightning's ``sync_batchnorm`` on by
-default, so ``--trainer.devices=8`` or ``--trainer.num_nodes=2`` needs nothing else:
+"""What a multi-process run does with batch norm and the batch size, said once at the start.
 
     python -m src.cli fit --config configs/mnist1d_resnet_bn.yaml --trainer.devices=2 --trainer.strategy=ddp
 """
@@ -11,49 +8,29 @@ from __future__ import annotations
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
-
-# Devices on which torch.nn.SyncBatchNorm can run (it refuses CPU tensors).
-SYNC_BN_DEVICES = ("cuda", "xpu", "hpu")
 
 
 class ScalingSetup(Callback):
-    """Keep batch norm working under DDP and report the effective batch size and learning rate.
-
-    - More than one process on GPUs: BatchNorm layers become ``SyncBatchNorm`` (batch statistics
-      over the global batch) when ``--trainer.sync_batchnorm=true``, the CLI's default; set it
-      to ``false`` to keep per-process statistics.
-    - More than one process on CPU (gloo), where ``SyncBatchNorm`` cannot run: every process
-      normalises with its own batch statistics, and one warning says so instead of a crash.
-    - At the start of ``fit``, rank 0 prints the effective batch size (per-process batch ×
-      processes × gradient accumulation) and each optimiser's learning rate. Learning rates are
-      never rescaled automatically.
-    """
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        # Runs before the strategy wraps the model, i.e. before Lightning converts BN layers.
-        if stage != "fit" or trainer.world_size < 2 or not _has_batch_norm(pl_module):
-            return
-        strategy = trainer.strategy
-        if getattr(strategy, "_layer_sync", None) is None:
-            rank_zero_info(f"{_processes(trainer)}: per-process batch norm (--trainer.sync_batchnorm=false).")
-            return
-        device = strategy.root_device.type
-        if device in SYNC_BN_DEVICES:
-            rank_zero_info(f"{_processes(trainer)}: BatchNorm layers converted to SyncBatchNorm.")
-            return
-        strategy._layer_sync = None  # Lightning's own switch: SyncBatchNorm would fail on this device
-        rank_zero_warn(
-            f"{_processes(trainer)} on {device}: SyncBatchNorm runs only on GPUs, so each process "
-            "normalises with the statistics of its own batch (per-process batch norm); results differ "
-            "slightly from one process with the whole batch. Pass --trainer.sync_batchnorm=false to "
-            "silence this warning.",
-            category=UserWarning,
-        )
+    """At the start of ``fit``, rank 0 prints the effective batch size (per-process batch × processes ×
+    gradient accumulation), each optimiser's learning rate, and, with several processes, whether
+    BatchNorm statistics are synchronised (``SyncBatchNorm``, GPUs only) or kept per process.
+    Learning rates are never rescaled automatically. The CLI adds it to every run."""
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         rank_zero_info(effective_batch_report(trainer))
+        if trainer.world_size > 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pl_module.modules()):
+            synced = any(isinstance(m, nn.SyncBatchNorm) for m in pl_module.modules())
+            rank_zero_info(
+                f"{trainer.world_size} processes: "
+                + (
+                    "BatchNorm statistics synchronised across processes (SyncBatchNorm)."
+                    if synced
+                    else "each process normalises with its own batch statistics (SyncBatchNorm runs on "
+                    "GPUs only; --trainer.sync_batchnorm=false keeps this on GPUs too)."
+                )
+            )
 
 
 def effective_batch_report(trainer: Trainer) -> str:
@@ -78,11 +55,3 @@ def _optimizer_lr(optimizer: Any) -> str:
     if "max_lr" in group:  # OneCycleLR starts low and peaks at max_lr
         text += f" now, peak {group['max_lr']:.4g}"
     return text
-
-
-def _has_batch_norm(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
-
-
-def _processes(trainer: Trainer) -> str:
-    return f"{trainer.world_size} processes ({trainer.num_nodes} node(s) × {trainer.num_devices} device(s))"

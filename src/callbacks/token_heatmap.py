@@ -10,16 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display needed; must precede pyplot
-
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
-from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from matplotlib.figure import Figure
 
 MAX_TOKENS_SHOWN = 60  # wider figures stop being readable
 
@@ -42,7 +37,8 @@ def token_heatmap(
     act = activations[:, :MAX_TOKENS_SHOWN].float().cpu().numpy()
     tokens = tokens[: act.shape[1]]
     width = min(2 + 0.28 * len(tokens), 20)
-    fig, ax = plt.subplots(figsize=(width, 4.5))
+    fig = Figure(figsize=(width, 4.5))
+    ax = fig.subplots()
     im = ax.imshow(act, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=8)
     if row_groups:
@@ -74,25 +70,22 @@ def text_figure(pl_module: LightningModule, datamodule: Any, text: str) -> tuple
     names = list(pl_module.class_names)
     pred = int(probs.argmax())
     shown = tokens[0] or ["<empty>"]
-    net = getattr(pl_module.net, "_orig_mod", pl_module.net)
-    groups = [(f"width {k}", activations.shape[1] // len(net.kernel_sizes)) for k in net.kernel_sizes]
+    widths = pl_module.net.kernel_sizes
+    groups = [(f"width {k}", activations.shape[1] // len(widths)) for k in widths]
     title = f"predicted {names[pred]} ({probs[pred]:.2f}): " + (text[:90] + "…" if len(text) > 90 else text)
     fig = token_heatmap(activations[0, :, : len(shown)], shown, title, groups)
     return fig, {"predicted_name": names[pred], "probability": float(probs[pred])}
 
 
 def write_heatmaps(pl_module: LightningModule, datamodule: Any, texts: list[str], folder: Path) -> None:
-    """One ``heatmap_NNNN.png`` per text in ``folder`` (used by ``PredictionWriter(heatmap_dir=...)``)."""
+    """One ``heatmap_NNNN.png`` per text in ``folder`` (used by ``PredictionWriter(heatmaps=N)``)."""
     if not (hasattr(pl_module, "conv_activations") and hasattr(datamodule, "encode_texts")):
-        rank_zero_info(
-            "heatmap_dir is set but this model/data has no token activations; no heatmaps written."
-        )
+        rank_zero_info("heatmaps is set but this model/data has no token activations; no heatmaps written.")
         return
     folder.mkdir(parents=True, exist_ok=True)
     for i, text in enumerate(texts):
         fig, _ = text_figure(pl_module, datamodule, text)
         fig.savefig(folder / f"heatmap_{i:04d}.png", dpi=100)
-        plt.close(fig)
     rank_zero_info(f"Wrote {len(texts)} token heatmaps to {folder}")
 
 
@@ -100,7 +93,7 @@ class TokenHeatmap(Callback):
     """Logs token × filter heatmaps of the conv activations to TensorBoard at the end of ``test``.
 
     The first ``num_examples`` test texts are drawn (the IMAGES tab, ``token_heatmap/N``). For
-    PNGs of the texts given to ``predict``, set ``heatmap_dir`` on :class:`PredictionWriter`.
+    PNGs of the texts given to ``predict``, set ``heatmaps`` on :class:`PredictionWriter`.
 
     Args:
         num_examples: test texts drawn at the end of ``test`` (0 = off).
@@ -122,4 +115,3 @@ class TokenHeatmap(Callback):
             fig, _ = text_figure(pl_module, dm, text)
             for logger in loggers:
                 logger.experiment.add_figure(f"token_heatmap/{i}", fig, global_step=trainer.global_step)
-            plt.close(fig)

@@ -1,7 +1,7 @@
 """LightningDataModules, one per dataset, on the shared :class:`ClassificationDataModule` base."""
 
 from src.data.ag_news import AGNews
-from src.data.base import ClassificationDataModule, TensorBatches
+from src.data.base import ClassificationDataModule, DataError, TensorBatches
 from src.data.fashion_mnist import FashionMNIST
 from src.data.hub import DataSourceError, HubDataModule
 from src.data.mnist1d import MNIST1D
@@ -9,6 +9,7 @@ from src.data.mnist1d import MNIST1D
 __all__ = [
     "AGNews",
     "ClassificationDataModule",
+    "DataError",
     "DataSourceError",
     "FashionMNIST",
     "HubDataModule",

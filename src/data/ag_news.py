@@ -17,8 +17,9 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from src.data.base import Split
+from src.data.base import DataError, Split
 from src.data.hub import HubDataModule, check_labels
+from src.options import PositiveInt
 from src.data.text import TOKENIZER_VERSION, Vocabulary, fingerprint, numericalize, text_to_tokens, trim_batch
 
 AG_NEWS_SCHEMA = "Pass data in the AG News schema (text, and label as a class index)."
@@ -61,6 +62,7 @@ class AGNews(HubDataModule):
     """
 
     columns: ClassVar[tuple[str, ...]] = ("text", "label")
+    input_kind = "tokens"
 
     def __init__(
         self,
@@ -69,10 +71,10 @@ class AGNews(HubDataModule):
         data_files: dict[str, str] | None = None,
         cache_dir: str = "data_cache/ag_news",
         hf_cache_dir: str | None = None,
-        max_vocab: int = 20000,
-        min_freq: int = 1,
-        max_length: int = 100,
-        min_batch_length: int = 5,
+        max_vocab: PositiveInt = 20000,
+        min_freq: PositiveInt = 1,
+        max_length: PositiveInt = 100,
+        min_batch_length: PositiveInt = 5,
         predict_texts: list[str] | None = None,
         predict_file: str | None = None,
         val_split: Literal["random", "tail"] = "random",
@@ -81,8 +83,6 @@ class AGNews(HubDataModule):
         super().__init__(hub_name, data_dir, data_files, cache_dir, hf_cache_dir, **kwargs)
         if max_vocab < 3:
             raise ValueError(f"max_vocab must be >= 3 (<pad>, <unk> and one word), got {max_vocab}")
-        if min_freq < 1 or max_length < 1 or min_batch_length < 1:
-            raise ValueError("min_freq, max_length and min_batch_length must be >= 1")
         if predict_texts is not None and predict_file is not None:
             raise ValueError("Pass predict_texts or predict_file, not both.")
         if isinstance(predict_texts, str):
@@ -93,8 +93,6 @@ class AGNews(HubDataModule):
         self.min_batch_length = min_batch_length
         self.predict_texts = predict_texts
         self.predict_file = predict_file
-        if val_split not in ("random", "tail"):
-            raise ValueError(f"val_split must be 'random' or 'tail', got {val_split!r}")
         self.val_split = val_split
         self.vocab: Vocabulary | None = None
         self._raw: Any = None  # the loaded DatasetDict, kept between vocabulary and setup
@@ -160,7 +158,18 @@ class AGNews(HubDataModule):
         self.vocab = Vocabulary.fit(
             (text_to_tokens(texts[i]) for i in train_idx.tolist()), self.max_vocab, self.min_freq
         )
-        self.vocab.save(path)
+        if len(self.vocab) <= 2:
+            raise DataError(
+                f"The training texts hold no word seen at least min_freq={self.min_freq} times (empty texts?). "
+                + AG_NEWS_SCHEMA
+            )
+        try:
+            self.vocab.save(path)
+        except OSError as err:
+            raise DataError(
+                f"cannot write the vocabulary cache {path}: {err.strerror or err}. Pass a writable folder "
+                "with --data.init_args.cache_dir=<folder>."
+            ) from err
         return self.vocab
 
     # ------------------------------------------------------------------ data
@@ -191,20 +200,26 @@ class AGNews(HubDataModule):
     def read_predict_texts(self) -> list[str]:
         """The texts to classify, from ``predict_texts`` or ``predict_file``; ``[]`` when neither is set."""
         if self.predict_texts is not None:
-            return [str(t) if t is not None else "" for t in self.predict_texts]
-        if self.predict_file is None:
+            texts = [str(t) if t is not None else "" for t in self.predict_texts]
+        elif self.predict_file is None:
             return []
-        path = Path(self.predict_file).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"predict_file {str(path)!r} is not a file. Pass a UTF-8 text file with one text per line."
-            )
-        try:
-            return path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as err:
-            raise ValueError(
-                f"predict_file {str(path)!r} is not UTF-8 ({err}). Save it as UTF-8, one text per line."
-            ) from err
+        else:
+            path = Path(self.predict_file).expanduser()
+            what = "a folder" if path.is_dir() else "missing" if not path.exists() else None
+            if what:
+                raise DataError(
+                    f"predict_file {str(path)!r} is {what}. Pass a UTF-8 text file with one text per line."
+                )
+            try:
+                texts = path.read_text(encoding="utf-8").splitlines()
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    f"predict_file {str(path)!r} is not UTF-8 text (byte {err.start}: {err.reason}). Save it "
+                    "as UTF-8, one text per line."
+                ) from err
+        if not texts:
+            raise DataError("No texts to predict: predict_texts is empty or predict_file has no lines.")
+        return texts
 
     def texts(self, split: str) -> list[str]:
         """The raw texts of a split (``train``/``val``/``test``/``predict``), in tensor order."""
@@ -221,8 +236,6 @@ class AGNews(HubDataModule):
                     self.splits["predict"] = tuple(t.to(device) for t in split) if device else split
                     self._texts["predict"] = texts
                 return
-            if self.predict_texts is not None or self.predict_file is not None:
-                raise ValueError("No texts to predict: predict_texts is empty or predict_file has no lines.")
         if "train" not in self.splits:
             predict = self.splits.pop("predict", None)
             super().setup(stage)

@@ -9,8 +9,11 @@ switches to a plain ``torch.utils.data.DataLoader`` for comparison or for data t
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from collections.abc import Callable, Iterator
-from typing import Literal
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.distributed as dist
@@ -18,8 +21,15 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from src.errors import UserError
+from src.options import NonNegativeInt, PositiveInt, to_plain
+
 Split = tuple[Tensor, ...]
 """One split: ``(inputs, labels)`` (text datasets may add more tensors, e.g. lengths)."""
+
+
+class DataError(UserError, ValueError):
+    """The data cannot be used as configured; the message says what is wrong and what to pass."""
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -31,22 +41,23 @@ def _rank_and_world() -> tuple[int, int]:
 class TensorBatches:
     """Mini-batches sliced from tensors that already sit on the training device.
 
-    Each epoch draws a permutation from ``seed + epoch`` (Lightning calls :meth:`set_epoch`
-    through the ``sampler`` attribute, so a resumed run replays the same order). The loader is
-    stateful (``state_dict``/``load_state_dict``, which Lightning saves in every checkpoint): a run
-    resumed from a mid-epoch checkpoint skips the batches of that epoch it had already trained on. Under
+    Each epoch draws a permutation from ``seed + epoch``, the epoch read from ``epoch`` (the
+    trainer's current epoch), so a resumed run replays the same order. The loader is stateful
+    (``state_dict``/``load_state_dict``, which Lightning saves in every checkpoint): a run resumed
+    from a mid-epoch checkpoint skips the batches of that epoch it had already trained on. Under
     ``torch.distributed`` each rank takes its own shard: for training the permutation is padded
     (like ``DistributedSampler``) so every rank runs the same number of steps; for evaluation the
-    shards are left unpadded, so metrics cover every sample exactly once.
+    shards are left unpadded (rank ``r`` takes samples ``r, r + world, ...``), so metrics cover every
+    sample exactly once.
 
     Args:
         tensors: tensors with the same first dimension.
         batch_size: samples per batch (per rank).
         shuffle: draw a new permutation each epoch.
-        drop_last: drop the last incomplete batch.
         drop_last_single: drop the last batch only when it holds a single sample (training:
             BatchNorm cannot normalise one sample, and one sample is not worth a step).
         seed: base seed of the per-epoch permutation.
+        epoch: returns the current epoch (default: the value of :meth:`set_epoch`, 0 at first).
         even_shards: pad shards to equal size across ranks (training).
         collate: optional function applied to each sliced batch (e.g. trim padding).
     """
@@ -56,9 +67,9 @@ class TensorBatches:
         tensors: Split,
         batch_size: int,
         shuffle: bool = False,
-        drop_last: bool = False,
         drop_last_single: bool = False,
         seed: int = 0,
+        epoch: Callable[[], int] | None = None,
         even_shards: bool = False,
         collate: Callable[[Split], Split] | None = None,
     ) -> None:
@@ -70,24 +81,27 @@ class TensorBatches:
         self.tensors = tensors
         self.batch_size = batch_size
         self.shuffle = shuffle
-        self.drop_last = drop_last
         self.drop_last_single = drop_last_single
         self.seed = seed
+        self._epoch_fn = epoch
+        self._epoch = 0
         self.even_shards = even_shards
         self.collate = collate
-        self.epoch = 0
         self._served = 0  # batches handed out in the current pass (for mid-epoch checkpoints)
+        self._served_epoch = 0
         self._resume: tuple[int, int] | None = None  # (epoch, batches to skip) from a checkpoint
-        # Lightning's loops call `dataloader.sampler.set_epoch(epoch)` when it exists.
-        self.sampler = self
-        self.batch_sampler = None
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch_fn() if self._epoch_fn is not None else self._epoch
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        """Set the epoch used when no ``epoch`` function was given."""
+        self._epoch = epoch
 
     def state_dict(self) -> dict[str, int]:
         """Position in the current epoch; Lightning stores it in the checkpoint."""
-        return {"epoch": self.epoch, "batches_served": self._served}
+        return {"epoch": self._served_epoch, "batches_served": self._served}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Skip the batches already served in ``state['epoch']`` when that epoch is iterated next."""
@@ -106,18 +120,18 @@ class TensorBatches:
         return math.ceil(self._stop(self._num_local()) / self.batch_size)
 
     def _stop(self, m: int) -> int:
-        """Samples served out of ``m``: all, or up to the last full batch when it is dropped."""
+        """Samples served out of ``m``: all, or up to the last full batch when a one-sample batch is dropped."""
         rest = m % self.batch_size
-        return m - rest if self.drop_last or (self.drop_last_single and rest == 1) else m
+        return m - rest if self.drop_last_single and rest == 1 else m
 
-    def _indices(self) -> Tensor | None:
+    def _indices(self, epoch: int) -> Tensor | None:
         """Sample indices for this rank and epoch, or ``None`` for the identity (fast slicing)."""
         n = len(self.tensors[0])
         rank, world = _rank_and_world()
         if not self.shuffle and world == 1:
             return None
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            g = torch.Generator().manual_seed(self.seed + epoch)
             idx = torch.randperm(n, generator=g)
         else:
             idx = torch.arange(n)
@@ -129,16 +143,15 @@ class TensorBatches:
         return idx
 
     def __iter__(self) -> Iterator[Split]:
-        idx = self._indices()
+        epoch = self.epoch
+        idx = self._indices(epoch)
         # One gather per epoch, then every batch is a cheap view.
         data = self.tensors if idx is None else tuple(t[idx.to(t.device)] for t in self.tensors)
-        m = len(data[0])
-        stop = self._stop(m)
-        # Lightning sets the epoch before it iterates, so a checkpoint saved at the end of an
-        # epoch (whose next epoch differs) skips nothing.
-        skip = self._resume[1] if self._resume is not None and self._resume[0] == self.epoch else 0
+        stop = self._stop(len(data[0]))
+        # A checkpoint saved at the end of an epoch names that epoch, so the next one skips nothing.
+        skip = self._resume[1] if self._resume is not None and self._resume[0] == epoch else 0
         self._resume = None
-        self._served = skip
+        self._served, self._served_epoch = skip, epoch
         for start in range(skip * self.batch_size, stop, self.batch_size):
             self._served += 1
             batch = tuple(t[start : start + self.batch_size] for t in data)
@@ -146,52 +159,52 @@ class TensorBatches:
 
 
 class ClassificationDataModule(LightningDataModule):
-    """Base DataModule for the project's classification datasets.
+    """Base DataModule of the project's classification datasets.
 
-    Subclasses implement :meth:`load_splits` (return tensors for ``train``/``test`` and
-    optionally ``val``) and expose :attr:`num_classes`, :attr:`input_size` and
-    :attr:`class_names`, which the CLI links into the model so they are never configured twice.
-    Per-batch work that must see the device (normalisation, augmentation) goes in
-    :meth:`transform_batch`.
+    Subclasses implement :meth:`load_splits` (CPU tensors for ``train``/``test`` and optionally
+    ``val``) and the properties :attr:`num_classes`, :attr:`input_size` and :attr:`class_names`,
+    which the CLI links into the model so they are never configured twice. Per-batch work that
+    must see the device (normalisation, augmentation) goes in :meth:`transform_batch`.
 
     Args:
         batch_size: training batch size (per device).
         eval_batch_size: batch size for validation/test/predict (default: ``4 * batch_size``).
         val_size: samples carved from the training split for validation when the dataset has no
-            validation split (an int count or a fraction in (0, 1)). ``0``: no validation at all
-            (not even a source's own split): every training sample is trained on. That is the final
-            fit once the settings were chosen with validation; the CLI then switches off early
-            stopping and keeps the last epoch's weights as the checkpoint.
+            validation split (a count, or a fraction in (0, 1)). ``0``: no validation at all (not
+            even a source's own split), every training sample is trained on: the final fit once
+            the settings were chosen with validation. The CLI then switches off early stopping and
+            keeps the last epoch's weights as the checkpoint.
         split_seed: seed of the train/validation split (fixed so runs are comparable).
         shuffle_seed: base seed of the per-epoch training permutation.
-        loader: ``tensors`` (whole split on the device, sliced batches) or ``dataloader``
-            (a classic ``DataLoader`` over a ``TensorDataset``).
-        num_workers: worker processes for the ``dataloader`` path.
+        loader: ``tensors`` (whole split on the device, sliced batches) or ``dataloader`` (a
+            classic ``DataLoader`` over a ``TensorDataset``).
+        num_workers: worker processes of the ``dataloader`` path.
     """
+
+    # What the data yields, checked against the model's `input_kind` before anything is built.
+    input_kind: ClassVar[Literal["features", "tokens"]] = "features"
 
     def __init__(
         self,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
+        batch_size: PositiveInt = 128,
+        eval_batch_size: PositiveInt | None = None,
         val_size: int | float = 0.1,
         split_seed: int = 42,
         shuffle_seed: int = 0,
         loader: Literal["tensors", "dataloader"] = "tensors",
-        num_workers: int = 0,
+        num_workers: NonNegativeInt = 0,
     ) -> None:
         super().__init__()
-        # Collects the subclass's arguments too; the checkpoint then carries the data settings,
-        # so `test/predict --ckpt_path` can rebuild the DataModule.
+        # Collects the subclass's arguments too: the checkpoint then carries the data settings.
         self.save_hyperparameters()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or 4 * batch_size
+        self.hparams.update(to_plain(dict(self.hparams)))
         if val_size < 0 or (isinstance(val_size, float) and val_size >= 1):
-            raise ValueError(
+            raise DataError(
                 f"val_size must be 0 (no validation), a count >= 1 or a fraction in (0, 1), got {val_size}"
             )
-        self.val_size = val_size
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or 4 * batch_size)
+        self.val_size = to_plain(val_size)
         self.split_seed = split_seed
         self.shuffle_seed = shuffle_seed
         self.loader = loader
@@ -205,7 +218,7 @@ class ClassificationDataModule(LightningDataModule):
 
     @property
     def input_size(self) -> int:
-        """Size of one input as the model sees it (features, signal length, vocabulary size)."""
+        """Size of one input as the model reads it (features, signal length, vocabulary size)."""
         raise NotImplementedError
 
     @property
@@ -218,7 +231,7 @@ class ClassificationDataModule(LightningDataModule):
         return self.val_size != 0
 
     def load_splits(self) -> dict[str, Split]:
-        """Return CPU tensors per split: ``train`` and ``test`` required, ``val`` optional."""
+        """CPU tensors per split: ``train`` and ``test`` required, ``val`` optional."""
         raise NotImplementedError
 
     def transform_batch(self, batch: Split, training: bool) -> Split:
@@ -226,7 +239,7 @@ class ClassificationDataModule(LightningDataModule):
         return batch
 
     def collate(self, batch: Split) -> Split:
-        """Applied to each sliced batch before transfer (e.g. trimming padding). Identity."""
+        """Applied to each sliced batch before transfer (e.g. trimming padding). Identity by default."""
         return batch
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -236,7 +249,7 @@ class ClassificationDataModule(LightningDataModule):
         splits = dict(self.load_splits())
         for name, split in splits.items():
             if len(split[0]) == 0:
-                raise ValueError(
+                raise DataError(
                     f"{type(self).__name__}: the {name!r} split has no samples. Check the data source "
                     "(path, split names, filters) in the data options."
                 )
@@ -257,7 +270,7 @@ class ClassificationDataModule(LightningDataModule):
         n = len(train[0])
         n_val = int(round(self.val_size * n)) if isinstance(self.val_size, float) else int(self.val_size)
         if not 0 < n_val < n:
-            raise ValueError(
+            raise DataError(
                 f"val_size={self.val_size} leaves no training or no validation data out of {n} training "
                 "samples; pass a count between 1 and the training-set size minus 1, or a fraction in (0, 1)."
             )
@@ -265,16 +278,24 @@ class ClassificationDataModule(LightningDataModule):
         val_idx, train_idx = perm[:n_val], perm[n_val:]
         return tuple(t[train_idx] for t in train), tuple(t[val_idx] for t in train)
 
+    def _epoch(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return trainer.current_epoch if trainer is not None else 0
+
     def _make_loader(self, split: str, train: bool) -> TensorBatches | DataLoader:
         if not self.splits:
             self.setup()
         tensors = self.splits[split]
         batch_size = self.batch_size if train else self.eval_batch_size
+        trainer = getattr(self, "trainer", None)
+        # `--trainer.overfit_batches` trains on the same first batches every epoch, as Lightning
+        # makes a DataLoader's sampler sequential for it.
+        shuffle = train and not (trainer is not None and trainer.overfit_batches)
         if self.loader == "dataloader":
             return DataLoader(
                 TensorDataset(*tensors),
                 batch_size=batch_size,
-                shuffle=train,
+                shuffle=shuffle,
                 drop_last=train and len(tensors[0]) % batch_size == 1,  # no single-sample BN step
                 num_workers=self.num_workers,
                 collate_fn=lambda samples: self.collate(torch.utils.data.default_collate(samples)),
@@ -283,9 +304,10 @@ class ClassificationDataModule(LightningDataModule):
         return TensorBatches(
             tensors,
             batch_size=batch_size,
-            shuffle=train,
+            shuffle=shuffle,
             drop_last_single=train,
             seed=self.shuffle_seed,
+            epoch=self._epoch,
             even_shards=train,
             collate=self.collate,
         )
@@ -317,3 +339,29 @@ class ClassificationDataModule(LightningDataModule):
         trainer = getattr(self, "trainer", None)
         training = bool(trainer is not None and trainer.training)
         return self.transform_batch(tuple(batch), training=training)
+
+
+# ---------------------------------------------------------------------------------- tensor caches
+def save_cache(tensors: dict[str, Any], path: Path) -> None:
+    """Write a tensor cache atomically (temporary file + rename): a crash or a concurrent reader
+    never sees half a file. An unwritable folder is a :class:`DataError` saying what to pass."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        torch.save(tensors, tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise DataError(
+            f"cannot write the data cache {path}: {err.strerror or err}. Pass a writable folder with "
+            "--data.init_args.cache_dir=<folder>."
+        ) from err
+
+
+def load_cache(path: Path) -> dict[str, Any] | None:
+    """Read a tensor cache written by :func:`save_cache`; ``None`` (with a warning) when the file is
+    unreadable (truncated, foreign), so the caller rebuilds it."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as err:  # truncated or foreign: rebuilt from the source
+        warnings.warn(f"The data cache {path} is unreadable ({type(err).__name__}); rebuilding it.", stacklevel=2)
+        return None

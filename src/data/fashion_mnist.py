@@ -12,7 +12,6 @@ happens while training.
 from __future__ import annotations
 
 import io
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from src.data.base import Split
+from src.data.base import Split, load_cache, save_cache
 from src.data.hub import DataSourceError, HubDataModule, check_labels
+from src.options import NonNegativeInt
 
 IMAGE_SIZE = 28
 # The names of the Hub dataset card (its ClassLabel feature); used until the data says otherwise.
@@ -72,7 +72,7 @@ class FashionMNIST(HubDataModule):
         data_files: dict[str, str] | None = None,
         cache_dir: str = "data_cache/fashion_mnist",
         hflip: bool = False,
-        max_shift: int = 0,
+        max_shift: NonNegativeInt = 0,
         val_size: int | float = 5000,
         **kwargs: Any,
     ) -> None:
@@ -84,8 +84,8 @@ class FashionMNIST(HubDataModule):
             val_size=val_size,
             **kwargs,
         )
-        if not 0 <= max_shift < IMAGE_SIZE:
-            raise ValueError(f"max_shift must be in [0, {IMAGE_SIZE - 1}], got {max_shift}")
+        if max_shift >= IMAGE_SIZE:
+            raise ValueError(f"max_shift must be below the image size {IMAGE_SIZE}, got {max_shift}")
         self.hflip = hflip
         self.max_shift = max_shift
         self.mean: float | None = None
@@ -124,34 +124,28 @@ class FashionMNIST(HubDataModule):
 
     def prepare_data(self) -> None:
         path = self._current_cache_file()
-        if path.is_file():
-            return
+        if not path.is_file():
+            self._build_cache(path)
+
+    def _build_cache(self, path: Path) -> dict[str, Any]:
         ds = self.load_hf()
         tensors: dict[str, Any] = {"class_names": self.class_names}
         for split, part in ds.items():
-            tensors[f"{split}_x"] = decode_images(part, split)
             tensors[f"{split}_y"] = check_labels(
                 part[self.label_column],
                 self.num_classes,
                 split,
                 "Pass Fashion-MNIST parquet files (label: a class index).",
             )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Write then rename, so a crash or a concurrent reader never sees half a file.
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(tensors, tmp)
-        os.replace(tmp, path)
+            tensors[f"{split}_x"] = decode_images(part, split)
+        save_cache(tensors, path)
+        return tensors
 
     def load_splits(self) -> dict[str, Split]:
         path = self._current_cache_file()
-        if not path.is_file():
-            self.prepare_data()
-        try:
-            data = torch.load(path, weights_only=True)
-        except Exception as err:
-            raise RuntimeError(
-                f"Could not read the Fashion-MNIST cache {path} ({err}). Delete it and run again to rebuild it."
-            ) from err
+        data = load_cache(path) if path.is_file() else None
+        if data is None:
+            data = self._build_cache(path)
         self._class_names = list(data["class_names"])
         splits = {"train": (data["train_x"], data["train_y"]), "test": (data["test_x"], data["test_y"])}
         if "validation_x" in data:
@@ -192,20 +186,28 @@ class FashionMNIST(HubDataModule):
 
 
 def decode_images(part: Any, split: str) -> Tensor:
-    """Decode a split's PNG column once into a ``(N, 28, 28)`` uint8 tensor, checking every size."""
+    """Decode a split's PNG column once into a ``(N, 28, 28)`` uint8 tensor; a missing, undecodable or
+    wrongly sized image is a :class:`DataSourceError` naming the split and the row."""
     import datasets
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
+    hint = "Pass Fashion-MNIST parquet files (image: a 28×28 grayscale PNG per row)."
     raw = part.cast_column("image", datasets.Image(decode=False))["image"]
     out = np.empty((len(raw), IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
     for i, item in enumerate(raw):
-        with Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]) as img:
-            if img.size != (IMAGE_SIZE, IMAGE_SIZE):
-                raise DataSourceError(
-                    f"Image {i} of the {split} split is {img.size[0]}×{img.size[1]}, not "
-                    f"{IMAGE_SIZE}×{IMAGE_SIZE}. Pass Fashion-MNIST parquet files (28×28 grayscale images)."
-                )
-            out[i] = np.asarray(img if img.mode == "L" else img.convert("L"))
+        source = (item or {}).get("bytes") or (item or {}).get("path")
+        if not source:
+            raise DataSourceError(f"Image {i} of the {split} split is empty (null). {hint}")
+        try:
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+                if img.size != (IMAGE_SIZE, IMAGE_SIZE):
+                    raise DataSourceError(
+                        f"Image {i} of the {split} split is {img.size[0]}×{img.size[1]}, not "
+                        f"{IMAGE_SIZE}×{IMAGE_SIZE}. {hint}"
+                    )
+                out[i] = np.asarray(img if img.mode == "L" else img.convert("L"))
+        except (UnidentifiedImageError, OSError) as err:
+            raise DataSourceError(f"Image {i} of the {split} split is not a readable image ({err}). {hint}") from err
     return torch.from_numpy(out)
 
 

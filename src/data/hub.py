@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from src.data.base import ClassificationDataModule
+from src.data.base import ClassificationDataModule, DataError
 
 REQUIRED_SPLITS = ("train", "test")
 OPTIONAL_SPLITS = ("validation",)
@@ -42,7 +42,7 @@ DATA_DIR_HINT = (
 )
 
 
-class DataSourceError(RuntimeError):
+class DataSourceError(DataError):
     """The data could not be loaded from the given source; the message says what to pass instead."""
 
 
@@ -284,9 +284,15 @@ def parquet_class_names(path: str | os.PathLike, column: str = "label") -> list[
 
 
 # ---------------------------------------------------------------------------------------- DataModule
-def check_labels(labels: Sequence[int], num_classes: int, split: str, hint: str) -> Tensor:
-    """The labels as a long tensor; :class:`DataSourceError` (naming the split, the range found and
-    ``hint``: what to pass instead) when one is not a class index ``0..num_classes-1``."""
+def check_labels(labels: Sequence[Any], num_classes: int, split: str, hint: str) -> Tensor:
+    """The labels as a long tensor; :class:`DataSourceError` (naming the split, the row or range, and
+    ``hint``: what to pass instead) when one is missing, not an integer, or not a class index
+    ``0..num_classes-1``."""
+    for row, value in enumerate(labels):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+            raise DataSourceError(
+                f"The label of row {row} of the {split} split is {value!r}, not a class index. {hint}"
+            )
     y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
     if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise DataSourceError(

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from src.data.base import ClassificationDataModule, Split
+from src.data.base import ClassificationDataModule, Split, load_cache, save_cache
+from src.options import NonNegativeInt, OpenUnitInterval, PositiveInt
 
 
 class MNIST1D(ClassificationDataModule):
@@ -37,16 +37,14 @@ class MNIST1D(ClassificationDataModule):
     def __init__(
         self,
         cache_dir: str = "data_cache/mnist1d",
-        num_samples: int = 5000,
-        train_split: float = 0.8,
-        length: int = 40,
+        num_samples: PositiveInt = 5000,
+        train_split: OpenUnitInterval = 0.8,
+        length: PositiveInt = 40,
         data_seed: int = 42,
-        shift_augment: int = 0,
+        shift_augment: NonNegativeInt = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if shift_augment < 0:
-            raise ValueError(f"shift_augment must be >= 0, got {shift_augment}")
         self.cache_dir = Path(cache_dir)
         self.shift_augment = shift_augment
         self.gen_args = {
@@ -70,8 +68,10 @@ class MNIST1D(ClassificationDataModule):
         return self.cache_dir / f"mnist1d_{key}.pt"
 
     def prepare_data(self) -> None:
-        if self.cache_file.is_file():
-            return
+        if not self.cache_file.is_file():
+            self._generate()
+
+    def _generate(self) -> dict[str, Any]:
         import mnist1d.data
 
         args = mnist1d.data.get_dataset_args()
@@ -85,22 +85,13 @@ class MNIST1D(ClassificationDataModule):
             "y_test": torch.as_tensor(data["y_test"], dtype=torch.long),
             "args": json.dumps(self.gen_args),
         }
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        # Write then rename, so a crash or a concurrent reader never sees half a file.
-        tmp = self.cache_file.with_suffix(f".tmp{os.getpid()}")
-        torch.save(tensors, tmp)
-        os.replace(tmp, self.cache_file)
+        save_cache(tensors, self.cache_file)
+        return tensors
 
     def load_splits(self) -> dict[str, Split]:
-        if not self.cache_file.is_file():
-            self.prepare_data()
-        try:
-            data = torch.load(self.cache_file, weights_only=True)
-        except Exception as err:  # a truncated or foreign file: say which and how to fix it
-            raise RuntimeError(
-                f"Could not read the MNIST-1D cache {self.cache_file} ({err}). Delete the file and run "
-                "again to regenerate it."
-            ) from err
+        data = load_cache(self.cache_file) if self.cache_file.is_file() else None
+        if data is None:
+            data = self._generate()
         return {"train": (data["x"], data["y"]), "test": (data["x_test"], data["y_test"])}
 
     def transform_batch(self, batch: Split, training: bool) -> Split:

@@ -1,19 +1,20 @@
-"""Text CNN with batch norm (seed 001, building blocks from seed 000), for AG News.
+"""Text CNN with batch norm after each convolution, for AG News.
 
-python -m src.cli fit --config configs/ag_news_cnn_bn.yaml
+    python -m src.cli fit --config configs/ag_news_cnn_bn.yaml
 
-token ids → embedding (or one-hot) → for each filter width: [Conv1d → BN → ReLU] × depth →
-global max-pool over time (optionally with mean-pool) → concat [+ mean of hashed n-gram vectors] →
-dropout → FC → ReLU → dropout → FC.
+token ids → token vectors (embedding or one-hot) → for each filter width: [Conv1d → BN → ReLU] ×
+depth → pooled over the text (max, mean or both) → [+ mean of hashed n-gram vectors] → dropout →
+FC → ReLU → dropout → FC.
 
-Padding never changes a prediction: convolutions use SAME padding, so the conv output at a
-token only sees zeros beyond the text's end whether they come from the conv's own padding or
-from the batch's padding; padded positions are zeroed after every layer, are left out of the
-BatchNorm statistics, and are masked out of the pooling.
+Padding never changes a prediction: convolutions use SAME padding, so the output at a token only
+sees zeros beyond the text's end whether they come from the convolution's own padding or from the
+batch's; padded positions are zeroed after every layer, left out of the BatchNorm statistics, and
+masked out of the pooling.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -21,20 +22,64 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from src.data.text import PAD_ID, UNK_ID
-from src.models.classifier import ClassifierModule
-from src.models.layers import BNPosition, NormAct, he_init
+from src.models.classifier import BNClassifier
+from src.models.layers import he_init
+from src.options import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Rate
+
+
+def token_mask(ids: Tensor) -> Tensor:
+    """``(N, L)``, True at real tokens. An empty text keeps its first position, so it still gets a
+    (padding-only) prediction instead of an empty pooling."""
+    mask = ids != PAD_ID
+    mask[:, 0] |= ~mask.any(dim=1)
+    return mask
+
+
+class WordDropout(nn.Module):
+    """In training, each real token becomes ``<unk>`` with probability ``p``."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if not (self.training and self.p > 0):
+            return ids
+        drop = (torch.rand(ids.shape, device=ids.device) < self.p) & (ids != PAD_ID)
+        return ids.masked_fill(drop, UNK_ID)
+
+
+class TokenVectors(nn.Module):
+    """Token ids → ``(N, C, L)`` vectors, zero at padding: a learnt embedding, or one-hot (``dim=None``)."""
+
+    def __init__(self, vocab_size: int, dim: int | None, dropout: float, init_std: float) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.embedding: nn.Embedding | None = None
+        if dim is not None:
+            self.embedding = nn.Embedding(vocab_size, dim, padding_idx=PAD_ID)
+            # BN after the convolution makes the output blind to the vectors' scale, so small
+            # initial vectors only make Adam's fixed-size steps relatively larger: on a small
+            # corpus they train much faster than the N(0, 1) default.
+            nn.init.normal_(self.embedding.weight, std=init_std)
+            with torch.no_grad():
+                self.embedding.weight[PAD_ID].zero_()
+        self.channels = dim if dim is not None else vocab_size
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
+        x = self.embedding(ids) if self.embedding is not None else F.one_hot(ids, self.vocab_size).float()
+        return (self.dropout(x) * mask.unsqueeze(-1)).transpose(1, 2)
 
 
 class MaskedNormAct(nn.Module):
-    """:class:`NormAct` applied to the real tokens of a ``(N, C, L)`` batch only.
+    """A norm/activation block applied to the real tokens of a ``(N, C, L)`` batch only: the valid
+    positions are gathered into ``(M, C)``, so BatchNorm's batch statistics are those of the text,
+    not of the padding; padded positions come out as zeros."""
 
-    The valid positions are gathered into ``(M, C)`` so BatchNorm's batch statistics are those of
-    the text, not of the padding; padded positions come out as zeros.
-    """
-
-    def __init__(self, num_features: int, **norm_act: Any) -> None:
+    def __init__(self, norm_act: nn.Module) -> None:
         super().__init__()
-        self.norm_act = NormAct(num_features, **norm_act)
+        self.norm_act = norm_act
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         h = x.transpose(1, 2)  # (N, L, C)
@@ -44,18 +89,24 @@ class MaskedNormAct(nn.Module):
 
 
 class ConvBranch(nn.Module):
-    """``depth`` × (Conv1d of one width with SAME padding → masked BN/ReLU)."""
+    """``depth`` × (Conv1d of one width with SAME padding → masked norm/activation)."""
 
     def __init__(
-        self, in_channels: int, num_filters: int, kernel_size: int, depth: int, **norm_act: Any
+        self,
+        in_channels: int,
+        num_filters: int,
+        kernel_size: int,
+        depth: int,
+        norm_act: Callable[[int], nn.Module],
     ) -> None:
         super().__init__()
+        self.kernel_size = kernel_size
         self.convs = nn.ModuleList(
             nn.Conv1d(in_channels if i == 0 else num_filters, num_filters, kernel_size) for i in range(depth)
         )
-        # SAME padding (output aligned with the tokens), the extra zero on the right for even widths.
+        # SAME padding (output aligned with the tokens); the extra zero goes right for even widths.
         self.pad = ((kernel_size - 1) // 2, kernel_size // 2)
-        self.norm_acts = nn.ModuleList(MaskedNormAct(num_filters, **norm_act) for _ in range(depth))
+        self.norm_acts = nn.ModuleList(MaskedNormAct(norm_act(num_filters)) for _ in range(depth))
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         for conv, norm_act in zip(self.convs, self.norm_acts, strict=True):
@@ -63,295 +114,203 @@ class ConvBranch(nn.Module):
         return x
 
 
-class BNCNNNet(nn.Module):
-    """The network; input is a ``(N, L)`` tensor of token ids right-padded with ``<pad>`` = 0.
+class MaskedPool(nn.Module):
+    """Global pooling of ``(N, C, L)`` over the real tokens: ``max``, ``mean`` or ``max_mean`` (both)."""
 
-    Args:
-        input_size: vocabulary size.
-        num_classes: output classes.
-        input_encoding: ``embedding`` (learnt token vectors) or ``one_hot`` (the seed's way;
-            memory grows with the vocabulary, so keep ``max_vocab`` small with it).
-        embedding_dim: token vector size (``embedding`` only).
-        kernel_sizes: filter widths, one conv branch each.
-        num_filters: filters per width.
-        num_conv_layers: conv layers per branch (depth).
-        batch_norm: BatchNorm after each convolution.
-        bn_position: BN before or after the ReLU.
-        bn_momentum: BatchNorm momentum.
-        bn_eps: BatchNorm epsilon.
-        pooling: ``max`` (global max over time, the seed's), ``mean``, or ``max_mean`` (both, concatenated).
-        hidden_size: width of the hidden FC layer.
-        dropout: dropout before each FC layer.
-        embedding_dropout: dropout on the token vectors (training only).
-        word_dropout: probability of replacing a token by ``<unk>`` (training only).
-        embedding_init_std: standard deviation of the initial token vectors.
-        ngram_buckets: size of the hashed n-gram table (0: off). With it, every n-gram of
-            ``ngram_sizes`` consecutive tokens is hashed into one of ``ngram_buckets`` learnt vectors,
-            whose mean over the text is concatenated to the pooled conv features (fastText-style).
-        ngram_sizes: n-gram lengths hashed (e.g. ``[2]`` for bigrams).
-        ngram_dim: size of the hashed n-gram vectors.
-    """
-
-    def __init__(
-        self,
-        input_size: int,
-        num_classes: int,
-        input_encoding: Literal["embedding", "one_hot"] = "embedding",
-        embedding_dim: int = 128,
-        kernel_sizes: tuple[int, ...] = (1, 3, 5),
-        num_filters: int = 100,
-        num_conv_layers: int = 1,
-        batch_norm: bool = True,
-        bn_position: BNPosition = "before_activation",
-        bn_momentum: float = 0.1,
-        bn_eps: float = 1e-5,
-        pooling: Literal["max", "mean", "max_mean"] = "max",
-        hidden_size: int = 100,
-        dropout: float = 0.5,
-        embedding_dropout: float = 0.0,
-        word_dropout: float = 0.0,
-        embedding_init_std: float = 0.1,
-        ngram_buckets: int = 0,
-        ngram_sizes: tuple[int, ...] = (2,),
-        ngram_dim: int = 64,
-    ) -> None:
+    def __init__(self, mode: str) -> None:
         super().__init__()
-        if input_size < 3:
-            raise ValueError(f"input_size (vocabulary size) must be >= 3, got {input_size}")
-        if not kernel_sizes or min(kernel_sizes) < 1:
-            raise ValueError(f"kernel_sizes must be a non-empty list of widths >= 1, got {kernel_sizes}")
-        if num_conv_layers < 1:
-            raise ValueError(f"num_conv_layers must be >= 1, got {num_conv_layers}")
-        if input_encoding not in ("embedding", "one_hot"):
-            raise ValueError(f"input_encoding must be 'embedding' or 'one_hot', got {input_encoding!r}")
-        if pooling not in ("max", "mean", "max_mean"):
-            raise ValueError(f"pooling must be 'max', 'mean' or 'max_mean', got {pooling!r}")
-        if ngram_buckets < 0 or (ngram_buckets and (not ngram_sizes or min(ngram_sizes) < 1)):
-            raise ValueError(
-                f"ngram_buckets must be >= 0 and ngram_sizes widths >= 1, got {ngram_buckets}, {ngram_sizes}"
-            )
-        self.input_size = input_size
-        self.input_encoding = input_encoding
-        self.kernel_sizes = tuple(kernel_sizes)
-        self.pooling = pooling
-        self.word_dropout = word_dropout
-        if input_encoding == "embedding":
-            self.embedding: nn.Embedding | None = nn.Embedding(input_size, embedding_dim, padding_idx=PAD_ID)
-            # BN after the conv makes the output blind to the vectors' scale, so small initial
-            # vectors only make Adam's fixed-size steps relatively larger: they train much faster
-            # than the N(0, 1) default on a small corpus.
-            nn.init.normal_(self.embedding.weight, std=embedding_init_std)
-            with torch.no_grad():
-                self.embedding.weight[PAD_ID].zero_()
-            channels = embedding_dim
-        else:
-            self.embedding = None
-            channels = input_size
-        self.embedding_dropout = nn.Dropout(embedding_dropout)
-        norm_act = {
-            "batch_norm": batch_norm,
-            "bn_position": bn_position,
-            "momentum": bn_momentum,
-            "eps": bn_eps,
-        }
-        self.branches = nn.ModuleList(
-            ConvBranch(channels, num_filters, k, num_conv_layers, **norm_act) for k in self.kernel_sizes
-        )
-        features = num_filters * len(self.kernel_sizes) * (2 if pooling == "max_mean" else 1)
-        self.ngram_sizes = tuple(ngram_sizes)
-        self.ngram_buckets = ngram_buckets
-        self.ngrams: nn.Embedding | None = None
-        if ngram_buckets:
-            # Hashed n-gram vectors, like the word vectors small at first.
-            self.ngrams = nn.Embedding(ngram_buckets, ngram_dim)
-            nn.init.normal_(self.ngrams.weight, std=embedding_init_std)
-            features += ngram_dim
-        self.head = nn.Sequential(
-            nn.Dropout(dropout),
-            nn.Linear(features, hidden_size),
-            nn.ReLU(),
-            nn.Dropout(dropout),
-            nn.Linear(hidden_size, num_classes),
-        )
-        # He init for the convolutions (they feed ReLUs); the head keeps PyTorch's smaller default,
-        # because max-pooled BN outputs are large and He-scaled FC layers start with huge logits.
-        for branch in self.branches:
-            branch.apply(he_init)
+        self.mode = mode
 
-    def mask(self, ids: Tensor) -> Tensor:
-        """``(N, L)`` True at real tokens. An empty text keeps its first position, so it still gets a
-        (padding-only) prediction instead of an empty max-pool."""
-        mask = ids != PAD_ID
-        mask[:, 0] |= ~mask.any(dim=1)
-        return mask
-
-    def drop_words(self, ids: Tensor) -> Tensor:
-        """Word dropout: at train time, each real token becomes ``<unk>`` with probability ``word_dropout``."""
-        if self.training and self.word_dropout > 0:
-            drop = (torch.rand(ids.shape, device=ids.device) < self.word_dropout) & (ids != PAD_ID)
-            ids = ids.masked_fill(drop, UNK_ID)
-        return ids
-
-    def ngram_features(self, ids: Tensor) -> Tensor:
-        """Mean of the hashed n-gram vectors over the n-grams of real tokens, ``(N, ngram_dim)``.
-
-        The hash is plain arithmetic on the vocabulary ids, so it is the same on every run and
-        machine; an n-gram touching padding is left out, so padding changes nothing.
-        """
-        assert self.ngrams is not None
-        real = ids != PAD_ID
-        total = ids.new_zeros(ids.shape[0], self.ngrams.embedding_dim, dtype=self.ngrams.weight.dtype)
-        count = ids.new_zeros(ids.shape[0], 1, dtype=total.dtype)
-        for n in self.ngram_sizes:
-            if ids.shape[1] < n:
-                continue
-            h = ids[:, : ids.shape[1] - n + 1].clone()
-            valid = real[:, : ids.shape[1] - n + 1].clone()
-            for k in range(1, n):
-                h = h * 1_000_003 + ids[:, k : ids.shape[1] - n + 1 + k]
-                valid &= real[:, k : ids.shape[1] - n + 1 + k]
-            h = (h * 31 + n) % self.ngram_buckets  # n in the hash: a bigram and a trigram rarely share a row
-            total = total + (self.ngrams(h) * valid.unsqueeze(-1)).sum(dim=1)
-            count = count + valid.sum(dim=1, keepdim=True)
-        return total / count.clamp(min=1)
-
-    def conv_activations(self, ids: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-token outputs of every branch's last conv block, ``(N, filters × widths, L)``, and the mask."""
-        if ids.dtype not in (torch.long, torch.int, torch.int32, torch.int64):
-            raise TypeError(f"BNCNN expects token ids (an integer tensor), got {ids.dtype}")
-        return self._conv(self.drop_words(ids))
-
-    def _conv(self, ids: Tensor) -> tuple[Tensor, Tensor]:
-        mask = self.mask(ids)
-        x = self.embedding(ids) if self.embedding is not None else F.one_hot(ids, self.input_size).float()
-        x = self.embedding_dropout(x) * mask.unsqueeze(-1)  # zero vectors at padding (one-hot too)
-        x = x.transpose(1, 2)  # (N, C, L)
-        return torch.cat([branch(x, mask) for branch in self.branches], dim=1), mask
-
-    def pool(self, h: Tensor, mask: Tensor) -> Tensor:
-        """Global pooling over the real tokens only (padding is masked out of max and mean)."""
+    def forward(self, h: Tensor, mask: Tensor) -> Tensor:
         m = mask.unsqueeze(1)
         pooled = []
-        if self.pooling in ("max", "max_mean"):
+        if self.mode in ("max", "max_mean"):
             pooled.append(h.masked_fill(~m, float("-inf")).amax(dim=2))
-        if self.pooling in ("mean", "max_mean"):
+        if self.mode in ("mean", "max_mean"):
             pooled.append((h * m).sum(dim=2) / m.sum(dim=2).clamp(min=1))
         return torch.cat(pooled, dim=1)
 
+
+class HashedNGrams(nn.Module):
+    """Mean of hashed n-gram vectors over a text's n-grams of real tokens, ``(N, dim)`` (fastText-style).
+
+    The hash is plain arithmetic on the vocabulary ids, so it is the same on every run and machine;
+    an n-gram touching padding is left out, so padding changes nothing.
+    """
+
+    def __init__(self, buckets: int, sizes: list[int], dim: int, init_std: float) -> None:
+        super().__init__()
+        self.sizes = tuple(sizes)
+        self.buckets = buckets
+        self.vectors = nn.Embedding(buckets, dim)
+        nn.init.normal_(self.vectors.weight, std=init_std)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        real = ids != PAD_ID
+        total = ids.new_zeros(ids.shape[0], self.vectors.embedding_dim, dtype=self.vectors.weight.dtype)
+        count = ids.new_zeros(ids.shape[0], 1, dtype=total.dtype)
+        length = ids.shape[1]
+        for n in self.sizes:
+            if length < n:
+                continue
+            h = ids[:, : length - n + 1].clone()
+            valid = real[:, : length - n + 1].clone()
+            for k in range(1, n):
+                h = h * 1_000_003 + ids[:, k : length - n + 1 + k]
+                valid &= real[:, k : length - n + 1 + k]
+            h = (h * 31 + n) % self.buckets  # n in the hash: a bigram and a trigram rarely share a row
+            total = total + (self.vectors(h) * valid.unsqueeze(-1)).sum(dim=1)
+            count = count + valid.sum(dim=1, keepdim=True)
+        return total / count.clamp(min=1)
+
+
+class TextCNN(nn.Module):
+    """The network: ``(N, L)`` token ids, right-padded with ``<pad>`` = 0, to class logits."""
+
+    def __init__(
+        self,
+        word_dropout: WordDropout,
+        vectors: TokenVectors,
+        branches: list[ConvBranch],
+        pool: MaskedPool,
+        head: nn.Module,
+        ngrams: HashedNGrams | None = None,
+    ) -> None:
+        super().__init__()
+        self.word_dropout = word_dropout
+        self.vectors = vectors
+        self.branches = nn.ModuleList(branches)
+        self.pool = pool
+        self.ngrams = ngrams
+        self.head = head
+
+    @property
+    def kernel_sizes(self) -> list[int]:
+        return [branch.kernel_size for branch in self.branches]
+
+    def _conv(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        mask = token_mask(ids)
+        x = self.vectors(ids, mask)
+        return torch.cat([branch(x, mask) for branch in self.branches], dim=1), mask
+
+    def conv_activations(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-token outputs of every branch's last block, ``(N, filters × widths, L)``, and the mask."""
+        return self._conv(self.word_dropout(ids))
+
     def features(self, ids: Tensor) -> Tensor:
-        """The text features the FC head classifies: pooled conv outputs (and n-gram features)."""
-        if ids.dtype not in (torch.long, torch.int, torch.int32, torch.int64):
-            raise TypeError(f"BNCNN expects token ids (an integer tensor), got {ids.dtype}")
-        ids = self.drop_words(ids)  # the same dropped words for the convolutions and the n-grams
+        """The text features the head classifies: pooled conv outputs (and n-gram features)."""
+        ids = self.word_dropout(ids)  # the same dropped words for the convolutions and the n-grams
         h, mask = self._conv(ids)
         features = self.pool(h, mask)
         if self.ngrams is not None:
-            features = torch.cat([features, self.ngram_features(ids)], dim=1)
+            features = torch.cat([features, self.ngrams(ids)], dim=1)
         return features
 
     def forward(self, ids: Tensor) -> Tensor:
         return self.head(self.features(ids))
 
 
-class BNCNN(ClassifierModule):
-    """BN-CNN text classifier (seed 001's CNN with batch norm) on the shared training logic.
+class BNCNN(BNClassifier):
+    """BN-CNN text classifier.
 
     Args:
-        input_size: vocabulary size (linked from the DataModule).
-        input_encoding: ``embedding`` (default) or ``one_hot`` (the seed's input; small vocabularies).
-        embedding_dim: token vector size.
+        input_encoding: ``embedding`` (learnt token vectors) or ``one_hot`` (memory grows with the
+            vocabulary: keep ``max_vocab`` small with it).
+        embedding_dim: token vector size (``embedding`` only).
         kernel_sizes: convolution filter widths, one branch each (e.g. ``[1, 3, 5]``).
         num_filters: filters per width.
         num_conv_layers: conv → BN → ReLU blocks per branch.
-        batch_norm: BatchNorm after each convolution (off = the plain CNN).
-        bn_position: BN before or after the ReLU.
-        bn_momentum: BatchNorm momentum.
-        bn_eps: BatchNorm epsilon.
-        pooling: ``max`` (global max-pool over the text, the seed's), ``mean``, or ``max_mean`` (both).
+        pooling: ``max`` (global max over the text), ``mean``, or ``max_mean`` (both, concatenated).
         hidden_size: width of the hidden FC layer.
         dropout: dropout before each FC layer.
-        embedding_dropout: dropout on the token vectors at train time.
-        word_dropout: probability of replacing a token by ``<unk>`` at train time.
-        embedding_init_std: standard deviation of the initial token vectors.
+        embedding_dropout: dropout on the token vectors in training.
+        word_dropout: probability of replacing a token by ``<unk>`` in training.
+        embedding_init_std: standard deviation of the initial token (and n-gram) vectors.
         ngram_buckets: rows of the hashed n-gram table; 0 turns the n-gram features off. On, the mean
             of the hashed vectors of the text's n-grams is concatenated to the pooled conv features.
         ngram_sizes: n-gram lengths hashed (e.g. ``[2]``: bigrams).
         ngram_dim: size of the hashed n-gram vectors.
-        mixup_alpha: mixup of the text features at train time (Guo et al., 2019, "senMixup"): each
+        mixup_alpha: mixup of the text features in training (Guo et al., 2019, "senMixup"): each
             text's pooled features and its label are mixed with those of another text of the batch,
             with a weight drawn from Beta(alpha, alpha) per batch; 0 turns it off. Training metrics
             then score the mixed batch against the labels of the larger share.
-        **kwargs: training options of :class:`ClassifierModule` (classes, optimizer, scheduler).
+        **kwargs: batch-norm and training options of :class:`~src.models.classifier.BNClassifier`.
     """
+
+    input_kind = "tokens"
 
     def __init__(
         self,
-        input_size: int = 20000,
         input_encoding: Literal["embedding", "one_hot"] = "embedding",
-        embedding_dim: int = 128,
-        kernel_sizes: list[int] = [1, 3, 5],  # noqa: B006  (jsonargparse shows list defaults)
-        num_filters: int = 100,
-        num_conv_layers: int = 1,
-        batch_norm: bool = True,
-        bn_position: BNPosition = "before_activation",
-        bn_momentum: float = 0.1,
-        bn_eps: float = 1e-5,
+        embedding_dim: PositiveInt = 128,
+        kernel_sizes: list[PositiveInt] = [1, 3, 5],  # noqa: B006  (jsonargparse shows list defaults)
+        num_filters: PositiveInt = 100,
+        num_conv_layers: PositiveInt = 1,
         pooling: Literal["max", "mean", "max_mean"] = "max",
-        hidden_size: int = 100,
-        dropout: float = 0.5,
-        embedding_dropout: float = 0.0,
-        word_dropout: float = 0.0,
-        embedding_init_std: float = 0.1,
-        ngram_buckets: int = 0,
-        ngram_sizes: list[int] = [2],  # noqa: B006
-        ngram_dim: int = 64,
-        mixup_alpha: float = 0.0,
+        hidden_size: PositiveInt = 100,
+        dropout: Rate = 0.5,
+        embedding_dropout: Rate = 0.0,
+        word_dropout: Rate = 0.0,
+        embedding_init_std: PositiveFloat = 0.1,
+        ngram_buckets: NonNegativeInt = 0,
+        ngram_sizes: list[PositiveInt] = [2],  # noqa: B006
+        ngram_dim: PositiveInt = 64,
+        mixup_alpha: NonNegativeFloat = 0.0,
         **kwargs: Any,
     ) -> None:
+        if not kernel_sizes:
+            raise ValueError("kernel_sizes must list at least one filter width, e.g. [1, 3, 5]")
         super().__init__(**kwargs)
-        if mixup_alpha < 0:
-            raise ValueError(f"mixup_alpha must be >= 0 (0: off), got {mixup_alpha}")
-        self.mixup_alpha = mixup_alpha
-        self.net = BNCNNNet(
-            input_size,
-            self.num_classes,
-            input_encoding=input_encoding,
-            embedding_dim=embedding_dim,
-            kernel_sizes=tuple(kernel_sizes),
-            num_filters=num_filters,
-            num_conv_layers=num_conv_layers,
-            batch_norm=batch_norm,
-            bn_position=bn_position,
-            bn_momentum=bn_momentum,
-            bn_eps=bn_eps,
-            pooling=pooling,
-            hidden_size=hidden_size,
-            dropout=dropout,
-            embedding_dropout=embedding_dropout,
-            word_dropout=word_dropout,
-            embedding_init_std=embedding_init_std,
-            ngram_buckets=ngram_buckets,
-            ngram_sizes=tuple(ngram_sizes),
-            ngram_dim=ngram_dim,
+
+    def build_network(self) -> TextCNN:
+        hp = self.hparams
+        vectors = TokenVectors(
+            hp.input_size,
+            hp.embedding_dim if hp.input_encoding == "embedding" else None,
+            hp.embedding_dropout,
+            hp.embedding_init_std,
         )
-        self.example_input_array = torch.ones(2, max(kernel_sizes), dtype=torch.long)
+        branches = [
+            ConvBranch(vectors.channels, hp.num_filters, k, hp.num_conv_layers, self.norm_act)
+            for k in hp.kernel_sizes
+        ]
+        for branch in branches:  # He init for the convolutions, which feed ReLUs
+            branch.apply(he_init)
+        features = hp.num_filters * len(branches) * (2 if hp.pooling == "max_mean" else 1)
+        ngrams = None
+        if hp.ngram_buckets:
+            ngrams = HashedNGrams(hp.ngram_buckets, hp.ngram_sizes, hp.ngram_dim, hp.embedding_init_std)
+            features += hp.ngram_dim
+        # The head keeps PyTorch's default init: max-pooled BN outputs are large, and He-scaled FC
+        # layers would start with huge logits.
+        head = nn.Sequential(
+            nn.Dropout(hp.dropout),
+            nn.Linear(features, hp.hidden_size),
+            nn.ReLU(),
+            nn.Dropout(hp.dropout),
+            nn.Linear(hp.hidden_size, hp.num_classes),
+        )
+        return TextCNN(WordDropout(hp.word_dropout), vectors, branches, MaskedPool(hp.pooling), head, ngrams)
+
+    def example_input(self) -> Tensor:
+        return torch.ones(2, max(self.hparams.kernel_sizes), dtype=torch.long)
 
     def conv_activations(self, ids: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-token conv activations and the token mask (for heatmaps); see :class:`BNCNNNet`."""
-        net = getattr(self.net, "_orig_mod", self.net)  # unwrap torch.compile
-        return net.conv_activations(ids)
+        """Per-token conv activations and the token mask (for heatmaps); see :class:`TextCNN`."""
+        return self.net.conv_activations(ids)
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
-        if self.mixup_alpha <= 0:
+        if self.hparams.mixup_alpha <= 0:
             return super().training_step(batch, batch_idx)
-        net = getattr(self.net, "_orig_mod", self.net)  # unwrap torch.compile
-        loss, logits, labels = mixup_step(net, batch[0], batch[1], self.mixup_alpha, self.label_smoothing)
-        self.train_stats.update(logits.detach(), labels, loss.detach())
+        loss, logits, labels = mixup_step(
+            self.net, batch[0], batch[1], self.hparams.mixup_alpha, self.hparams.label_smoothing
+        )
+        self.metrics("train").update(logits.detach(), labels, loss.detach())
         return loss
 
 
 def mixup_step(
-    net: BNCNNNet, ids: Tensor, y: Tensor, alpha: float, label_smoothing: float = 0.0
+    net: TextCNN, ids: Tensor, y: Tensor, alpha: float, label_smoothing: float = 0.0
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One training forward pass with the text features mixed in pairs (senMixup).
 

@@ -1,186 +1,137 @@
-"""The shared classification LightningModule: loss, metrics, logging, optimiser, prediction.
+"""The shared classification LightningModule: loss, metrics, optimiser and schedule, prediction.
 
-A concrete model subclasses :class:`ClassifierModule` and only builds ``self.net``; everything a
-training run does with it lives here once.
+A model subclasses :class:`ClassifierModule` (or :class:`BNClassifier` when its network has batch
+norm), declares its own hyperparameters in ``__init__`` with a docstring entry each, and builds its
+network from ``self.hparams`` in :meth:`~ClassifierModule.build_network`. Everything a training run
+does with the network lives here once.
 """
 
 from __future__ import annotations
 
-import copy
 import inspect
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningModule
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.cli import LRSchedulerCallable
 from torch import Tensor, nn
+from torch.optim import Optimizer
 from torch.optim.lr_scheduler import ReduceLROnPlateau
-from torchmetrics import MaxMetric, MeanMetric, MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassConfusionMatrix,
-    MulticlassF1Score,
-    MulticlassPrecision,
-    MulticlassRecall,
-)
 
-from src.models.metrics import TrainStats
+from src.models.layers import BNPosition, NormAct
+from src.models.metrics import ClassificationStats
+from src.options import OpenUnitInterval, PositiveFloat, Rate, to_plain
 
 STAGES = ("train", "val", "test")
-# Shown in TensorBoard's hparams tab beside the run's hyperparameters.
-HP_METRICS = ("hp/best_val_acc", "hp/test_acc", "hp/test_f1")
-# Metric objects whose state is part of the checkpoint (see `__init__`); the training one is
-# reset when a fresh epoch starts.
-TRAIN_METRICS = ("train_stats",)
-RESUMABLE_METRICS = (*TRAIN_METRICS, "best_val_acc")
+# What a network reads: float feature vectors/signals/images, or integer token ids. The CLI
+# refuses to pair a model with data of the other kind before anything is built.
+InputKind = Literal["features", "tokens"]
+# An optimiser class with its other arguments; the learning rate is the module's `lr`, so it
+# cannot be set twice (the CLI refuses `optimizer.init_args.lr`).
+OptimizerFactory = Callable[[Iterable, float], Optimizer]
 
 
 class ClassifierModule(LightningModule):
-    """Base LightningModule for every classifier in the project.
+    """Base LightningModule of every classifier in the project.
 
-    Metrics are torchmetrics objects updated on the device every step and computed once per
-    epoch (``{stage}_loss``, ``{stage}_acc``, ``{stage}_f1`` with macro averaging), so the
-    training loop never forces a host synchronisation. ``predict_step`` returns class
-    probabilities.
+    Each stage (train, val, test) has one :class:`~src.models.metrics.ClassificationStats`,
+    updated on the device every step and logged once per epoch as ``{stage}_loss``,
+    ``{stage}_acc`` and ``{stage}_f1`` (macro): the training loop never waits for the host.
+    ``predict_step`` returns class probabilities.
 
     Args:
-        num_classes: number of classes (linked from the DataModule).
-        class_names: class names (linked from the DataModule); stored in the checkpoint so
-            ``predict`` can report names.
-        optimizer: optimiser class and its arguments, e.g. ``torch.optim.AdamW`` with ``lr``.
-        lr_scheduler: learning-rate scheduler or ``null``. ``ReduceLROnPlateau`` monitors
-            ``val_loss`` per epoch; schedulers that take ``total_steps`` (``OneCycleLR``) get the
-            run's total optimizer steps and step every batch.
-        label_smoothing: cross-entropy label smoothing.
-        compile_model: wrap the network with ``torch.compile``.
+        num_classes: number of classes (linked from the data).
+        input_size: size of one input as the network reads it: features, signal length or
+            vocabulary size (linked from the data).
+        class_names: class names (linked from the data); kept so ``predict`` reports names.
+        lr: the learning rate: the optimiser's, and the peak of a one-cycle schedule.
+        optimizer: optimiser class and its other arguments, e.g. ``torch.optim.AdamW`` with
+            ``weight_decay``.
+        lr_scheduler: learning-rate schedule, or ``null``. ``ReduceLROnPlateau`` follows
+            ``val_loss`` per epoch; a schedule that takes ``total_steps`` (``OneCycleLR``) gets the
+            run's optimiser steps and steps every batch.
+        label_smoothing: cross-entropy label smoothing in training.
+        compile_model: compile the network with ``torch.compile``.
     """
 
-    net: nn.Module
+    input_kind: ClassVar[InputKind] = "features"
 
     def __init__(
         self,
-        num_classes: int = 10,
+        num_classes: int,
+        input_size: int,
         class_names: list[str] | None = None,
-        optimizer: OptimizerCallable = torch.optim.Adam,
-        lr_scheduler: LRSchedulerCallable | None = ReduceLROnPlateau,
-        label_smoothing: float = 0.0,
+        lr: PositiveFloat = 1e-3,
+        optimizer: OptimizerFactory = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        label_smoothing: Rate = 0.0,
         compile_model: bool = False,
     ) -> None:
         super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"got {len(class_names)} class_names for num_classes={num_classes}")
-        # The callables are not primitives: keep them out of hparams outside the CLI (inside it,
-        # LightningCLI stores their YAML form instead).
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.save_hyperparameters()
+        # Under the CLI the optimiser and schedule are stored in their YAML form (a checkpoint
+        # names them); built in Python they are classes or functions, which a weights-only
+        # checkpoint cannot hold.
+        for key in ("optimizer", "lr_scheduler"):
+            if callable(self.hparams.get(key)):
+                del self.hparams[key]
+        self.hparams.update(to_plain(dict(self.hparams)))
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        self.lr = float(lr)
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
-        self.label_smoothing = label_smoothing
-        self.compile_model = compile_model
-        # Training: one cheap metric object for loss/acc/F1 (no argument checks, no host sync).
-        self.train_stats = TrainStats(num_classes)
-        # Evaluation: one attribute per stage (`val_metrics`, `test_loss_mean`, ...). No NaN
-        # filtering of the loss: it syncs with the host, and a NaN loss should show in the logs.
-        for s in ("val", "test"):
-            metrics = MetricCollection(
-                {
-                    "acc": MulticlassAccuracy(num_classes, average="micro"),
-                    "f1": MulticlassF1Score(num_classes, average="macro"),
-                },
-                prefix=f"{s}_",
-            )
-            setattr(self, f"{s}_metrics", metrics)
-            setattr(self, f"{s}_loss_mean", MeanMetric(nan_strategy="disable"))
-        self.best_val_acc = MaxMetric()
-        # Per-class report of `test` (seed 001): precision/recall/F1 per class and the confusion
-        # matrix, kept for callbacks (e.g. a report writer) in `self.test_report`.
-        self.test_per_class = MetricCollection(
-            {
-                "precision": MulticlassPrecision(num_classes, average=None),
-                "recall": MulticlassRecall(num_classes, average=None),
-                "f1": MulticlassF1Score(num_classes, average=None),
-                "confusion": MulticlassConfusionMatrix(num_classes),
-            }
-        )
-        self.test_report: dict[str, Tensor] = {}
-        # Saved in checkpoints, so a run resumed mid-epoch reports the same epoch figures and the
-        # best validation accuracy so far survives a restart.
-        for name in RESUMABLE_METRICS:
-            getattr(self, name).persistent(True)
+        self.net = self.build_network()
+        stats = ClassificationStats(num_classes)
+        for stage in STAGES:  # `train_metrics`, `val_metrics`, `test_metrics`
+            setattr(self, f"{stage}_metrics", stats.clone())
+            self.metrics(stage).persistent(True)  # a run resumed mid-epoch keeps its partial figures
+        self.example_input_array = self.example_input()
+        self._compiled = False
 
     # ------------------------------------------------------------------ network
+    def build_network(self) -> nn.Module:
+        """The network, built from ``self.hparams``; maps a batch of inputs to class logits."""
+        raise NotImplementedError(f"{type(self).__name__} must implement build_network()")
+
+    def example_input(self) -> Tensor:
+        """A tiny input batch (for the model summary and shape checks)."""
+        return torch.zeros(2, self.hparams.input_size)
+
     def configure_model(self) -> None:
-        # Module.compile() compiles in place: parameter names (and so checkpoints) stay those of
-        # the eager network, unlike `torch.compile(net)` which prefixes them with `_orig_mod.`.
-        if self.compile_model and getattr(self.net, "_compiled_call_impl", None) is None:
+        # Module.compile() compiles in place: parameter names (and so checkpoints) stay those of the
+        # eager network, unlike torch.compile(net), which prefixes them with `_orig_mod.`.
+        if self.hparams.compile_model and not self._compiled:
             self.net.compile()
+            self._compiled = True
 
     def __deepcopy__(self, memo: dict[int, Any]) -> ClassifierModule:
-        # EMAWeightAveraging deep-copies the module in `setup`. The copy must not drag the Trainer along
-        # (under DDP it holds the launcher's worker processes, which cannot be copied), and the
-        # optimizer/scheduler factories are shared, not copied.
-        new = type(self).__new__(type(self))
-        memo[id(self)] = new
-        for shared in (self.optimizer, self.lr_scheduler):
-            memo[id(shared)] = shared
-        state = {k: v for k, v in self.__dict__.items() if k != "_trainer"}
-        new.__setstate__(copy.deepcopy(state, memo))
-        new._trainer = None
-        return new
+        from src.workarounds import deepcopy_without_trainer
+
+        return deepcopy_without_trainer(self, memo, shared=(self.optimizer, self.lr_scheduler))
 
     def forward(self, x: Tensor) -> Tensor:
-        """``self.net(x)``; a failure names the model, the data and the input (e.g. an MLP fed tokens)."""
-        try:
-            return self.net(x)
-        except torch.OutOfMemoryError:
-            raise
-        except (RuntimeError, TypeError, IndexError) as err:
-            dm = self._trainer.datamodule if self._trainer is not None else None
-            data = type(dm).__name__ if dm is not None else "the data"
-            raise InputMismatchError(
-                f"{type(self).__name__} failed on a batch from {data} (inputs of shape {tuple(x.shape)}, dtype "
-                f"{x.dtype}): {type(err).__name__}: {(str(err).splitlines() or [''])[0]}. A model can only be "
-                "paired with data of the input kind and size it was built for: pick a model and data pair "
-                "from configs/."
-            ) from err
+        return self.net(x)
+
+    def metrics(self, stage: str) -> ClassificationStats:
+        """The figures of one stage (``train``, ``val`` or ``test``)."""
+        return getattr(self, f"{stage}_metrics")
 
     # ------------------------------------------------------------------ steps
+    def loss(self, logits: Tensor, y: Tensor, training: bool) -> Tensor:
+        return F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing if training else 0.0)
+
     def shared_step(self, batch: tuple[Tensor, ...], stage: str) -> Tensor:
         x, y = batch[0], batch[1]
         logits = self(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing if stage == "train" else 0.0)
-        if stage == "train":
-            self.train_stats.update(logits.detach(), y, loss)
-            return loss
-        # One value per sample: a sample-weighted epoch mean (torchmetrics ignores `weight` when
-        # NaN checks are disabled).
-        getattr(self, f"{stage}_loss_mean").update(loss.detach().expand(y.shape[0]))
-        getattr(self, f"{stage}_metrics").update(logits.detach(), y)
-        if stage == "test":
-            self.test_per_class.update(logits.detach(), y)
+        loss = self.loss(logits, y, training=stage == "train")
+        self.metrics(stage).update(logits.detach(), y, loss.detach())
         return loss
-
-    def log_epoch_metrics(self, stage: str) -> None:
-        """Log the stage's metric objects once, at the end of its epoch.
-
-        Lightning then computes them (reduced across DDP ranks by torchmetrics) and resets them.
-        A ``self.log`` call per step would cost about a millisecond of bookkeeping each, more than
-        a whole training step of the small models here.
-        """
-        if stage == "train":
-            # computed (and reduced across ranks) by torchmetrics: the same value on every rank
-            stats = self.train_stats.compute()
-            self.train_stats.reset()
-            self.log_dict({f"train_{k}": v for k, v in stats.items()}, sync_dist=True)
-            return
-        self.log(f"{stage}_loss", getattr(self, f"{stage}_loss_mean"), prog_bar=stage != "train")
-        self.log_dict(getattr(self, f"{stage}_metrics"), prog_bar=stage == "val")
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         return self.shared_step(batch, "train")
@@ -194,57 +145,37 @@ class ClassifierModule(LightningModule):
     def predict_step(self, batch: tuple[Tensor, ...], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         return torch.softmax(self(batch[0]).float(), dim=-1)
 
-    # ------------------------------------------------------------------ hparams tab
-    def _log_hparams_with_metrics(self) -> None:
-        if isinstance(self.logger, TensorBoardLogger):
-            self.logger.log_hyperparams(self.hparams, {k: float("nan") for k in HP_METRICS})
+    # ------------------------------------------------------------------ epoch figures
+    def log_stage(self, stage: str) -> None:
+        """Log the stage's loss, accuracy and macro-F1 once, at the end of its epoch, and reset them.
 
-    def on_fit_start(self) -> None:
-        self._log_hparams_with_metrics()
-
-    def on_test_start(self) -> None:
-        if self.trainer.state.fn == "test":  # a stand-alone `test` run has its own log folder
-            self._log_hparams_with_metrics()
-
-    def on_train_epoch_end(self) -> None:
-        self.log_epoch_metrics("train")
-
-    def on_validation_epoch_end(self) -> None:
-        self.log_epoch_metrics("val")  # also during the sanity check, so its batches are reset
-        if self.trainer.sanity_checking:
-            return
-        self.best_val_acc.update(self.val_metrics["acc"].compute())
-        self.log("hp/best_val_acc", self.best_val_acc.compute(), sync_dist=True)
-
-    def on_test_epoch_end(self) -> None:
-        self.log_epoch_metrics("test")
-        # Already reduced across ranks by torchmetrics (the same value on every rank); sync_dist=True
-        # only keeps Lightning from warning under DDP.
-        self.log("hp/test_acc", self.test_metrics["acc"].compute(), sync_dist=True)
-        self.log("hp/test_f1", self.test_metrics["f1"].compute(), sync_dist=True)
-        self.test_report = {k: v.detach().cpu() for k, v in self.test_per_class.compute().items()}
-        self.test_per_class.reset()
-        for name in ("precision", "recall", "f1"):
-            for cls, value in zip(self.class_names, self.test_report[name].tolist(), strict=True):
-                self.log(f"test_{name}/{cls}", value, sync_dist=True)
+        A ``self.log`` call per step costs about a millisecond of bookkeeping, more than a whole
+        training step of the small models here. The values are reduced across DDP ranks by
+        torchmetrics (the same on every rank), so ``sync_dist`` only keeps Lightning from warning.
+        """
+        stats = self.metrics(stage).compute()
+        self.log_dict(
+            {f"{stage}_{k}": stats[k] for k in ("loss", "acc", "f1")}, prog_bar=stage == "val", sync_dist=True
+        )
+        self.metrics(stage).reset()
 
     def on_train_epoch_start(self) -> None:
-        # Not called when a run resumes mid-epoch (the restored partial sums continue); called for
-        # a fresh epoch, which must not add to the sums of a finished epoch restored from a checkpoint.
-        for name in TRAIN_METRICS:
-            getattr(self, name).reset()
+        # A fresh epoch must not add to the sums of an epoch that ended in a restored checkpoint.
+        # (Not called when a run resumes mid-epoch: the restored partial sums continue.)
+        self.metrics("train").reset()
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Checkpoints written before the metric states were saved still load.
-        state = checkpoint.get("state_dict")
-        if state is not None:
-            for key, value in self.state_dict().items():
-                if key.split(".", 1)[0] in RESUMABLE_METRICS and key not in state:
-                    state[key] = value
+    def on_train_epoch_end(self) -> None:
+        self.log_stage("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_stage("val")  # also after the sanity check, so its batches are not counted
+
+    def on_test_epoch_end(self) -> None:
+        self.log_stage("test")
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer(self.parameters())
+        optimizer = self.optimizer(self.parameters(), self.lr)
         if self.lr_scheduler is None:
             return optimizer
         kwargs = {}
@@ -265,23 +196,42 @@ class ClassifierModule(LightningModule):
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         # A run resumed with a larger max_epochs outlives a fixed-length schedule (OneCycleLR):
         # hold its final learning rate instead of failing.
-        if _schedule_finished(scheduler):
+        total = getattr(scheduler, "total_steps", None)
+        if isinstance(total, int) and scheduler.last_epoch >= total:
             return
         super().lr_scheduler_step(scheduler, metric)
 
 
-class InputMismatchError(RuntimeError):
-    """The model could not process the batches the data produced."""
+class BNClassifier(ClassifierModule):
+    """A classifier whose network has batch norm that can be switched off or moved.
 
+    Args:
+        batch_norm: BatchNorm in every block; ``false`` gives the plain network, for comparison.
+        bn_position: BatchNorm before the ReLU (``before_activation``) or after it (``after_activation``).
+        bn_momentum: BatchNorm running-statistics momentum.
+        bn_eps: BatchNorm epsilon.
+        **kwargs: the options of :class:`ClassifierModule` (learning rate, optimiser, schedule, ...).
+    """
 
-def _schedule_finished(scheduler: Any) -> bool:
-    total = getattr(scheduler, "total_steps", None)
-    return isinstance(total, int) and scheduler.last_epoch >= total
+    def __init__(
+        self,
+        batch_norm: bool = True,
+        bn_position: BNPosition = "before_activation",
+        bn_momentum: OpenUnitInterval = 0.1,
+        bn_eps: PositiveFloat = 1e-5,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+
+    def norm_act(self, width: int) -> NormAct:
+        """The BatchNorm/ReLU block of this model's settings, for ``width`` features or channels."""
+        hp = self.hparams
+        return NormAct(width, hp.batch_norm, hp.bn_position, hp.bn_momentum, hp.bn_eps)
 
 
 def _accepts_unset(fn: Any, name: str) -> bool:
     """Whether callable ``fn`` takes argument ``name`` and leaves it unset (``None``)."""
-    bound = getattr(fn, "keywords", None)  # jsonargparse hands over a functools.partial
+    bound = getattr(fn, "keywords", None)  # the CLI hands over a functools.partial
     if bound is not None and name in bound:
         return bound[name] is None
     try:
@@ -289,3 +239,5 @@ def _accepts_unset(fn: Any, name: str) -> bool:
     except (TypeError, ValueError):
         return False
     return param is not None and param.default is None
+
+

@@ -1,4 +1,4 @@
-"""One cheap torchmetrics object for the training loop: loss, accuracy and macro-F1 together."""
+"""One torchmetrics object per stage: loss, accuracy, macro-F1 and the per-class report together."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ from torch import Tensor
 from torchmetrics import Metric
 
 
-class TrainStats(Metric):
-    """Epoch loss (sample-weighted), accuracy and macro-F1 from one confusion matrix.
+class ClassificationStats(Metric):
+    """Epoch figures of a classifier from one confusion matrix and a loss sum.
 
-    The training step updates this single metric (two in-place adds, no
-    argument checks, no host sync) instead of one object per figure: the per-object bookkeeping
-    of torchmetrics costs more than a step of the small models here. States are sums, so DDP
-    reduces them exactly; ``compute`` gives the same values as ``MulticlassAccuracy(average=
-    "micro")`` and ``MulticlassF1Score(average="macro")`` (classes never seen nor predicted are
-    left out of the macro mean, as torchmetrics does).
+    A step adds two in-place updates on the device (no argument checks, no host sync): the
+    per-object bookkeeping of separate torchmetrics objects costs more than a whole training step
+    of the small models here. The states are sums, so DDP reduces them exactly. ``compute`` gives
+    the values of ``MulticlassAccuracy(average="micro")``, ``MulticlassF1Score(average="macro")``
+    (classes neither present nor predicted are left out of the mean, as torchmetrics does) and the
+    per-class precision, recall and F1 (``average=None``), pinned by ``tests/test_metrics.py``.
 
     Args:
         num_classes: number of classes.
@@ -27,27 +27,37 @@ class TrainStats(Metric):
         super().__init__()
         self.num_classes = num_classes
         self.add_state(
-            "confmat", torch.zeros(num_classes, num_classes, dtype=torch.long), dist_reduce_fx="sum"
+            "confusion", torch.zeros(num_classes, num_classes, dtype=torch.long), dist_reduce_fx="sum"
         )
         self.add_state("loss_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, logits: Tensor, target: Tensor, loss: Tensor) -> None:
         """Add a batch: its logits, integer targets and mean loss."""
-        pairs = logits.argmax(dim=-1).add_(target, alpha=self.num_classes)
+        pairs = target * self.num_classes + logits.argmax(dim=-1)
         # index_add_, not bincount: bincount sizes its output from the data, a host sync on GPUs
-        self.confmat.view(-1).index_add_(0, pairs, torch.ones_like(pairs))
-        self.loss_sum.add_(loss.detach(), alpha=target.shape[0])  # summed in float64
+        self.confusion.view(-1).index_add_(0, pairs, torch.ones_like(pairs))
+        self.loss_sum.add_(loss.detach(), alpha=target.shape[0])
 
     def compute(self) -> dict[str, Tensor]:
-        cm = self.confmat.double()
-        n = cm.sum()
+        """``loss``, ``acc``, ``f1`` (scalars) and per class ``precision``, ``recall``, ``class_f1``
+        and the ``confusion`` matrix (rows: true class, columns: predicted class)."""
+        cm = self.confusion.double()
+        n = cm.sum().clamp(min=1)
         tp = cm.diagonal()
-        fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
-        denom = 2 * tp + fp + fn
-        f1 = torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.zeros_like(tp))
-        present = denom > 0
+        predicted, actual = cm.sum(0), cm.sum(1)
+        f1_denominator = predicted + actual
+        class_f1 = _ratio(2 * tp, f1_denominator)
+        present = f1_denominator > 0
         return {
-            "loss": (self.loss_sum / n.clamp(min=1)).float(),
-            "acc": (tp.sum() / n.clamp(min=1)).float(),
-            "f1": (f1[present].sum() / present.sum().clamp(min=1)).float(),
+            "loss": (self.loss_sum / n).float(),
+            "acc": (tp.sum() / n).float(),
+            "f1": (class_f1[present].sum() / present.sum().clamp(min=1)).float(),
+            "precision": _ratio(tp, predicted).float(),
+            "recall": _ratio(tp, actual).float(),
+            "class_f1": class_f1.float(),
+            "confusion": self.confusion.clone(),
         }
+
+
+def _ratio(a: Tensor, b: Tensor) -> Tensor:
+    return torch.where(b > 0, a / b.clamp(min=1), torch.zeros_like(a))

@@ -1,167 +1,78 @@
-"""Residual network with batch norm in each residual branch (seed 003), for MNIST-1D.
+"""Residual network with batch norm in each residual branch, for MNIST-1D.
 
-``block: linear`` is the seed's residual MLP; ``block: conv`` makes each branch a 1-D convolution
-over the signal (seed 000's building blocks), pooled before the head.
-
-python -m src.cli fit --config configs/mnist1d_resnet_bn.yaml
-python -m src.cli fit --config configs/mnist1d_resconv_bn.yaml
+    python -m src.cli fit --config configs/mnist1d_resnet_bn.yaml     # linear blocks (residual MLP)
+    python -m src.cli fit --config configs/mnist1d_resconv_bn.yaml    # convolutional blocks
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Literal
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from src.models.classifier import ClassifierModule
-from src.models.layers import BNPosition, NormAct, he_init
-
-
-class ResidualBlock(nn.Module):
-    """``x + Linear(Dropout(ReLU(BN(x))))``: the pre-activation residual branch."""
-
-    # Marks the output as the residual stream for ActivationStats (found by this flag, any model).
-    residual = True
-
-    def __init__(
-        self,
-        width: int,
-        batch_norm: bool = True,
-        bn_position: BNPosition = "before_activation",
-        dropout: float = 0.0,
-        bn_momentum: float = 0.1,
-        bn_eps: float = 1e-5,
-    ) -> None:
-        super().__init__()
-        self.norm_act = NormAct(width, batch_norm, bn_position, bn_momentum, bn_eps)
-        self.dropout = nn.Dropout(dropout)
-        self.linear = nn.Linear(width, width)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.linear(self.dropout(self.norm_act(x)))
+from src.models.classifier import BNClassifier
+from src.models.layers import Residual, Unsqueeze, he_init
+from src.options import PositiveInt, Rate
 
 
-class ConvResidualBlock(nn.Module):
-    """``x + Dropout(ReLU(BN(Conv1d(x))))`` over ``(N, channels, length)``, length kept."""
+class ResidualBN(BNClassifier):
+    """Residual-BN classifier: a stem, ``num_blocks`` residual blocks and a linear head.
 
-    residual = True
-
-    def __init__(
-        self,
-        channels: int,
-        kernel_size: int = 5,
-        batch_norm: bool = True,
-        bn_position: BNPosition = "before_activation",
-        dropout: float = 0.0,
-        bn_momentum: float = 0.1,
-        bn_eps: float = 1e-5,
-    ) -> None:
-        super().__init__()
-        # A bias right before BatchNorm is cancelled by its mean subtraction.
-        conv_bias = not (batch_norm and bn_position == "before_activation")
-        self.conv = nn.Conv1d(channels, channels, kernel_size, padding="same", bias=conv_bias)
-        self.norm_act = NormAct(channels, batch_norm, bn_position, bn_momentum, bn_eps)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.dropout(self.norm_act(self.conv(x)))
-
-
-class ResidualBNNet(nn.Module):
-    """Stem, ``num_blocks`` residual blocks, head.
-
-    ``linear``: ``Linear(in → hidden)``, :class:`ResidualBlock` s, ``Linear(hidden → classes)``.
-    ``conv``: ``Conv1d(1 → hidden)`` over the signal, :class:`ConvResidualBlock` s, global average
-    pooling over the length, ``Linear(hidden → classes)``.
-    """
-
-    def __init__(
-        self,
-        input_size: int,
-        num_classes: int,
-        hidden_size: int = 100,
-        num_blocks: int = 5,
-        batch_norm: bool = True,
-        bn_position: BNPosition = "before_activation",
-        dropout: float = 0.0,
-        bn_momentum: float = 0.1,
-        bn_eps: float = 1e-5,
-        block: Literal["linear", "conv"] = "linear",
-        kernel_size: int = 5,
-    ) -> None:
-        super().__init__()
-        if block not in ("linear", "conv"):
-            raise ValueError(f"block must be 'linear' or 'conv', got {block!r}")
-        if kernel_size < 1:
-            raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
-        self.block = block
-        bn = (batch_norm, bn_position, dropout, bn_momentum, bn_eps)
-        if block == "linear":
-            self.stem: nn.Module = nn.Linear(input_size, hidden_size)
-            self.blocks = nn.Sequential(*(ResidualBlock(hidden_size, *bn) for _ in range(num_blocks)))
-            self.head: nn.Module = nn.Linear(hidden_size, num_classes)
-        else:
-            self.stem = nn.Conv1d(1, hidden_size, kernel_size, padding="same")
-            self.blocks = nn.Sequential(
-                *(ConvResidualBlock(hidden_size, kernel_size, *bn) for _ in range(num_blocks))
-            )
-            self.head = nn.Sequential(
-                nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(hidden_size, num_classes)
-            )
-        self.apply(he_init)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x.flatten(1)
-        if self.block == "conv":
-            x = x.unsqueeze(1)  # (N, length) → (N, 1 channel, length)
-        return self.head(self.blocks(self.stem(x)))
-
-
-class ResidualBN(ClassifierModule):
-    """Residual-BN classifier (seed 003's network) on the shared training logic.
+    ``linear`` blocks: ``Linear(input → hidden)``, then ``x + Linear(Dropout(ReLU(BN(x))))`` per
+    block (pre-activation residual MLP), then ``Linear(hidden → classes)``. ``conv`` blocks: the
+    signal as one channel, ``Conv1d(1 → hidden)``, then ``x + Dropout(ReLU(BN(Conv1d(x))))`` per
+    block (length kept), global average pooling and ``Linear(hidden → classes)``.
 
     Args:
-        input_size: signal length (linked from the DataModule).
-        hidden_size: width of the residual stream.
+        hidden_size: width of the residual stream (features, or channels of ``conv`` blocks).
         num_blocks: number of residual blocks.
-        batch_norm: BatchNorm at the start of every residual branch (off = the seed's plain net).
-        bn_position: BN before or after the ReLU inside each branch.
         dropout: dropout inside each residual branch.
-        bn_momentum: BatchNorm momentum.
-        bn_eps: BatchNorm epsilon.
-        block: ``linear`` residual MLP blocks (the seed) or ``conv`` 1-D convolution blocks
-            (``hidden_size`` channels over the signal, pooled before the head).
-        kernel_size: convolution kernel size of ``conv`` blocks (ignored for ``linear``).
-        **kwargs: training options of :class:`ClassifierModule` (classes, optimizer, scheduler).
+        block: ``linear`` (residual MLP) or ``conv`` (1-D convolutions over the signal).
+        kernel_size: convolution width of ``conv`` blocks (unused by ``linear`` ones).
+        **kwargs: batch-norm and training options of :class:`~src.models.classifier.BNClassifier`.
     """
 
     def __init__(
         self,
-        input_size: int = 40,
-        hidden_size: int = 100,
-        num_blocks: int = 5,
-        batch_norm: bool = True,
-        bn_position: BNPosition = "before_activation",
-        dropout: float = 0.0,
-        bn_momentum: float = 0.1,
-        bn_eps: float = 1e-5,
+        hidden_size: PositiveInt = 100,
+        num_blocks: PositiveInt = 5,
+        dropout: Rate = 0.0,
         block: Literal["linear", "conv"] = "linear",
-        kernel_size: int = 5,
+        kernel_size: PositiveInt = 5,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.net = ResidualBNNet(
-            input_size,
-            self.num_classes,
-            hidden_size,
-            num_blocks,
-            batch_norm,
-            bn_position,
-            dropout,
-            bn_momentum,
-            bn_eps,
-            block,
-            kernel_size,
+
+    def build_network(self) -> nn.Module:
+        hp = self.hparams
+        width = hp.hidden_size
+        if hp.block == "linear":
+            stem: list[nn.Module] = [nn.Flatten(), nn.Linear(hp.input_size, width)]
+            branches = [
+                nn.Sequential(self.norm_act(width), nn.Dropout(hp.dropout), nn.Linear(width, width))
+                for _ in range(hp.num_blocks)
+            ]
+            head: nn.Module = nn.Linear(width, hp.num_classes)
+        else:
+            # A bias right before BatchNorm is cancelled by its mean subtraction.
+            bias = not (hp.batch_norm and hp.bn_position == "before_activation")
+            stem = [nn.Flatten(), Unsqueeze(1), nn.Conv1d(1, width, hp.kernel_size, padding="same")]
+            branches = [
+                nn.Sequential(
+                    nn.Conv1d(width, width, hp.kernel_size, padding="same", bias=bias),
+                    self.norm_act(width),
+                    nn.Dropout(hp.dropout),
+                )
+                for _ in range(hp.num_blocks)
+            ]
+            head = nn.Sequential(nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(width, hp.num_classes))
+        net = nn.Sequential(
+            OrderedDict(
+                stem=nn.Sequential(*stem),
+                blocks=nn.Sequential(*(Residual(branch) for branch in branches)),
+                head=head,
+            )
         )
-        self.example_input_array = torch.zeros(2, input_size)
+        net.apply(he_init)
+        return net

@@ -1,0 +1,129 @@
+"""TensorBoard's HPARAMS tab: each run's settings beside its best validation accuracy and test figures."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+
+METRICS = ("hp/best_val_acc", "hp/test_acc", "hp/test_f1")
+# Model hyperparameters that are the data's (linked) or too long for a table cell.
+_LEFT_OUT = {"class_names", "_class_path", "_instantiator"}
+
+
+class HParamsTab(Callback):
+    """Log the run's hyperparameters once per run folder, and ``hp/best_val_acc``, ``hp/test_acc`` and
+    ``hp/test_f1`` as they become known, so the HPARAMS tab compares runs side by side.
+
+    The settings shown: every model hyperparameter (the optimiser and schedule by class, with their
+    arguments), the data's, and the trainer's ``max_epochs``, precision and process count, plus the
+    seed. The metrics start as NaN ("not measured yet") at step 0 of a new run folder; a resumed
+    run logs nothing at an earlier step than its checkpoint, so TensorBoard keeps its curves.
+    """
+
+    def __init__(self) -> None:
+        self.best_val_acc = -math.inf
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.ckpt_path is None:  # a resumed run logged them when it started
+            self._log_hparams(trainer, pl_module)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == "validate":  # a stand-alone run in its own folder
+            self._log_hparams(trainer, pl_module)
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == "test":  # `test` on its own, not the test after fit (same folder)
+            self._log_hparams(trainer, pl_module)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        acc = trainer.callback_metrics.get("val_acc")
+        if trainer.sanity_checking or trainer.state.fn != "fit" or acc is None:
+            return
+        self.best_val_acc = max(self.best_val_acc, float(acc))
+        _log(trainer, {"hp/best_val_acc": self.best_val_acc})
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        _log(trainer, {f"hp/test_{k}": float(metrics[f"test_{k}"]) for k in ("acc", "f1") if f"test_{k}" in metrics})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_val_acc": self.best_val_acc}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best_val_acc = float(state_dict.get("best_val_acc", -math.inf))
+
+    def _log_hparams(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        params = run_settings(trainer, pl_module)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.log_hyperparams(params, {name: float("nan") for name in METRICS})
+            else:
+                logger.log_hyperparams(params)
+
+
+def run_settings(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+    """A flat ``{name: value}`` of what distinguishes the run (values are numbers, strings or bools)."""
+    params: dict[str, Any] = {"model": type(pl_module).__name__}
+    for key, value in pl_module.hparams.items():
+        if key not in _LEFT_OUT:
+            params.update(_flat(key, value))
+    dm = trainer.datamodule
+    if dm is not None:
+        params["data"] = type(dm).__name__
+        for key, value in dm.hparams.items():
+            if key not in _LEFT_OUT:
+                params.update(_flat(f"data/{key}", value))
+    params.update(
+        {
+            "trainer/max_epochs": trainer.max_epochs,
+            "trainer/precision": str(trainer.precision),
+            "trainer/processes": trainer.world_size,
+            "trainer/accumulate_grad_batches": trainer.accumulate_grad_batches,
+            "seed": os.environ.get("PL_GLOBAL_SEED", "none"),
+        }
+    )
+    return params
+
+
+def _flat(key: str, value: Any) -> dict[str, Any]:
+    """``optimizer: {class_path: torch.optim.AdamW, init_args: {weight_decay: 0.05, ...}}`` becomes
+    ``optimizer: AdamW, optimizer/weight_decay: 0.05`` (arguments left at the class's default are
+    left out: a library class has many); lists become strings."""
+    if isinstance(value, dict) and "class_path" in value:
+        out: dict[str, Any] = {key: str(value["class_path"]).rsplit(".", 1)[-1]}
+        defaults = _defaults(str(value["class_path"]))
+        for k, v in (value.get("init_args") or {}).items():
+            if k not in defaults or defaults[k] != v:
+                out.update(_flat(f"{key}/{k}", v))
+        return out
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(_flat(f"{key}/{k}", v))
+        return out
+    if value is None or isinstance(value, (list, tuple)):
+        return {key: str(value)}
+    return {key: value}
+
+
+def _defaults(class_path: str) -> dict[str, Any]:
+    import importlib
+    import inspect
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        signature = inspect.signature(getattr(importlib.import_module(module), name))
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return {}
+    return {p.name: p.default for p in signature.parameters.values() if p.default is not inspect.Parameter.empty}
+
+
+def _log(trainer: Trainer, metrics: dict[str, float]) -> None:
+    if metrics:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
