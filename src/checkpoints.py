@@ -59,7 +59,7 @@ def load_checkpoint(path: _PATH, map_location: Any = "cpu", mmap: bool = False) 
             with fs.open(path, "rb") as f:
                 ckpt = torch.load(f, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        found = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", str(err), re.IGNORECASE)
         if found is None:
             raise CheckpointError(_not_a_checkpoint(path, err)) from err
         raise CheckpointError(
@@ -128,13 +128,17 @@ class SafeCheckpointIO(TorchCheckpointIO):
             f = open(tmp, "wb")  # noqa: SIM115  (closed by _commit, or by _discard on failure)
         except OSError as err:
             raise _write_error(target, err) from err
+        writer = _RecordingWriter(f)
         try:
-            torch.save(checkpoint, f)
+            torch.save(checkpoint, writer)
             f.flush()
         except BaseException as err:
             _discard(f, tmp)
-            if isinstance(err, OSError):
-                raise _write_error(target, err) from err
+            # PyTorch's serialiser reports a failed write as a RuntimeError ("unexpected pos"):
+            # the OSError behind it says what happened.
+            cause = writer.error or (err if isinstance(err, OSError) else None)
+            if cause is not None:
+                raise _write_error(target, cause) from err
             raise
         if self.background_sync and not (dist.is_available() and dist.is_initialized()):
             self._pending[str(target)] = self._submit(_commit, f, tmp, target)
@@ -179,6 +183,24 @@ class SafeCheckpointIO(TorchCheckpointIO):
             if future.done():
                 del self._pending[key]
                 future.result()  # re-raises the write's error
+
+
+class _RecordingWriter:
+    """A file's ``write``/``flush`` that remembers the first ``OSError`` (disk full, file too large)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def _commit(f: Any, tmp: Path, target: Path) -> None:

@@ -145,8 +145,8 @@ class CLI(LightningCLI):
 
     def _check_model_against_checkpoint(self, sub: str, cfg: Any) -> None:
         """Lightning re-reads the model's settings from a ``--ckpt_path`` file; name what that drops."""
-        differences = runs.config_differences(self._given_model or {}, _as_dict(cfg.model))
-        differences = [d for d in differences if not d.startswith(LINKED)]
+        differences = runs.config_differences({"model": self._given_model or {}}, {"model": _as_dict(cfg.model)})
+        differences = [d for d in differences if d.split(":")[0].rsplit(".", 1)[-1] not in LINKED]
         if not differences:
             return
         shown = "; ".join(differences[:8]) + (" ..." if len(differences) > 8 else "")

@@ -93,3 +93,18 @@ def build(*args: str) -> object:
         return main(list(args), run=False)
     finally:
         sys.argv = argv
+
+
+def read_only(folder: Path) -> list[str] | None:
+    """A command prefix that runs a command with ``folder`` read-only, or ``None`` where this machine
+    cannot do it. Root ignores file permissions, so it uses a read-only bind mount in a private mount
+    namespace (``unshare -m``); other users get ``chmod``-style permissions from the caller."""
+    if os.geteuid() != 0:
+        return []
+    script = 'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" "$0" && exec "$@"'
+    prefix = ["unshare", "-m", "sh", "-c", script, str(folder)]
+    try:
+        probe = subprocess.run([*prefix, "true"], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return prefix if probe.returncode == 0 else None

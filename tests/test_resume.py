@@ -1,0 +1,326 @@
+"""Checkpoints and resume, as a user meets them on the command line.
+
+``last.ckpt`` is the newest state; any chain of SIGKILLs (mid-epoch, at an epoch's last step, between
+training and validation, before the epoch-end save, in the middle of a save) resumes to the weights of
+an uninterrupted run; SIGTERM/SIGINT save and exit non-zero; ``--ckpt_path=last`` resumes only the
+run the command describes and never one in use; a full disk or read-only folder is a one-line error.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from src.callbacks import LastCheckpoint
+from src.data import TensorBatches
+from tests.helpers.cli import config, env, read_only, refused, run_cli, start_cli
+from tests.helpers.data import tiny_ag_news, tiny_mnist1d
+from tests.helpers.tensorboard import scalars
+
+pytestmark = pytest.mark.slow
+
+MNIST1D = config("mnist1d_resnet_bn")
+STEPS_PER_EPOCH, EPOCHS = 14, 3  # tiny MNIST-1D: 420 training signals in batches of 32
+
+
+# ---------------------------------------------------------------------------------- what last.ckpt holds
+class _WorseEveryEpoch(LightningModule):
+    """Validation accuracy falls every epoch, so the best epoch is the first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 2)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).sum()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_acc", -float(self.current_epoch))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_lightning_save_last_follows_the_best_checkpoint_and_last_checkpoint_does_not(tmp_path: Path):
+    """Pins Lightning >= 2.6.0: ``ModelCheckpoint(save_last=True)`` writes last.ckpt only when it saves a
+    top-k checkpoint, so beside a monitored best it holds the best epoch. LastCheckpoint is the fix."""
+    data = TensorBatches((torch.randn(8, 2),), batch_size=4)
+    trainer = Trainer(
+        max_epochs=3,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[
+            ModelCheckpoint(dirpath=tmp_path / "lightning", monitor="val_acc", mode="max", save_last=True),
+            LastCheckpoint(filename="newest.ckpt"),
+        ],
+    )
+    trainer.fit(_WorseEveryEpoch(), data, data)
+    assert torch.load(tmp_path / "lightning" / "last.ckpt", weights_only=True)["epoch"] == 0  # the best
+    assert torch.load(tmp_path / "checkpoints" / "newest.ckpt", weights_only=True)["epoch"] == 2
+
+
+# ---------------------------------------------------------------------------------- kill chains
+def fit_args(tmp_path: Path, save_dir: Path, every_n_train_steps: int = 0, cfg: str = MNIST1D) -> list[str]:
+    """A deterministic tiny run of ``cfg``, saving last.ckpt every N steps too (0: epoch ends only)."""
+    data = tiny_mnist1d(tmp_path) if cfg == MNIST1D else tiny_ag_news(tmp_path)
+    return [
+        "fit",
+        "--config",
+        _with_step_saves(cfg, tmp_path, every_n_train_steps),
+        "--seed_everything=7",
+        "--trainer.deterministic=true",
+        "--trainer.accelerator=cpu",
+        f"--trainer.max_epochs={EPOCHS}",
+        "--trainer.enable_progress_bar=false",
+        "--test_after_fit=false",
+        f"--trainer.logger.init_args.save_dir={save_dir}",
+        *data,
+    ]
+
+
+def _with_step_saves(cfg: str, folder: Path, every_n_train_steps: int) -> str:
+    """A copy of the config whose LastCheckpoint also saves every N steps."""
+    settings = yaml.safe_load(Path(cfg).read_text())
+    for callback in settings["trainer"]["callbacks"]:
+        if callback["class_path"] == "LastCheckpoint":
+            callback["init_args"]["every_n_train_steps"] = every_n_train_steps
+    path = folder / f"{Path(cfg).stem}_every_{every_n_train_steps}.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    return str(path)
+
+
+def kill(step: int, where: str, signum: int = signal.SIGKILL) -> list[str]:
+    return [
+        "--trainer.callbacks+=tests.helpers.faults.KillAt",
+        f"--trainer.callbacks.step={step}",
+        f"--trainer.callbacks.where={where}",
+        f"--trainer.callbacks.signum={int(signum)}",
+    ]
+
+
+def last_state(save_dir: Path) -> dict:
+    return torch.load(next(save_dir.rglob("last.ckpt")), weights_only=True)
+
+
+def assert_same_run(reference: Path, resumed: Path, from_step: int) -> None:
+    """Final weights, step and epoch equal (1e-6); optimiser moments and schedule too; the metrics
+    logged after ``from_step`` value for value."""
+    a, b = last_state(reference), last_state(resumed)
+    assert (a["global_step"], a["epoch"]) == (b["global_step"], b["epoch"])
+    for key, value in a["state_dict"].items():
+        assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-6, rtol=0), key
+    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values(), strict=True):
+        assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-6, rtol=0) for k in sa)
+    assert a["lr_schedulers"][0]["_last_lr"] == b["lr_schedulers"][0]["_last_lr"]
+    # A run killed before its first checkpoint restarts in a new folder; every resume goes into one.
+    with_checkpoints = [p.parents[1] for p in resumed.rglob("last.ckpt")]
+    assert len(with_checkpoints) == 1, f"the resumed runs went into several folders: {with_checkpoints}"
+    ref, res = scalars(next(reference.rglob("last.ckpt")).parents[1]), scalars(with_checkpoints[0])
+    after = {k: v for k, v in ref.items() if k[1] > from_step and not k[0].startswith("hp/")}
+    assert {"train_loss", "val_loss", "val_acc"} <= {tag for tag, _ in after}
+    for key, value in after.items():
+        assert key in res and (math.isclose(value, res[key], abs_tol=1e-6) or value == res[key]), key
+
+
+@pytest.fixture(scope="module")
+def mnist1d_reference(tmp_path_factory) -> tuple[Path, Path]:
+    """One uninterrupted run: checkpoint frequency does not change training, so every chain compares to it."""
+    root = tmp_path_factory.mktemp("reference")
+    run_cli(*fit_args(root, root / "logs"), cwd=root)
+    return root, root / "logs"
+
+
+def random_chain(seed: int, every_n_train_steps: int) -> list[tuple[int, str]]:
+    """At least three kills at increasing seeded random steps, including epoch boundaries."""
+    rng = random.Random(seed)
+    boundary = STEPS_PER_EPOCH * rng.randint(1, EPOCHS - 1)
+    points = {
+        (rng.randrange(2, boundary - 1), "batch_end"),
+        (boundary, rng.choice(["before_validation", "before_epoch_save"])),
+        (rng.randrange(boundary + 1, STEPS_PER_EPOCH * EPOCHS - 1), "batch_end"),
+    }
+    if every_n_train_steps:
+        save_step = every_n_train_steps * rng.randint(1, (STEPS_PER_EPOCH * EPOCHS - 2) // every_n_train_steps)
+        points.add((save_step, "during_save"))
+    else:
+        points.add((STEPS_PER_EPOCH * rng.randint(1, EPOCHS - 1), "during_save"))
+    return sorted(points)
+
+
+@pytest.mark.parametrize(("every_n_train_steps", "seed"), [(0, 1), (3, 2), (1, 3)], ids=["epoch-ends", "every-3-steps", "every-step"])
+def test_any_chain_of_sigkills_resumes_to_the_uninterrupted_run(
+    tmp_path: Path, mnist1d_reference, every_n_train_steps: int, seed: int
+):
+    data_root, reference = mnist1d_reference
+    run_dir = tmp_path / "logs"
+    args = fit_args(data_root, run_dir, every_n_train_steps)
+    chain = random_chain(seed, every_n_train_steps)
+    for i, (step, where) in enumerate(chain):
+        out = run_cli(*args, *(["--ckpt_path=last"] if i else []), *kill(step, where), cwd=tmp_path, check=False)
+        assert out.returncode == -signal.SIGKILL, f"{(step, where)} did not die:\n{out.stderr[-3000:]}"
+    resumed_from = last_state(run_dir)["global_step"] if list(run_dir.rglob("last.ckpt")) else 0
+    out = run_cli(*args, "--ckpt_path=last", cwd=tmp_path)
+    assert "Traceback" not in out.stderr and "not available" not in out.stderr
+    assert_same_run(reference, run_dir, resumed_from)
+
+
+def test_a_kill_chain_on_ag_news_with_weight_averaging_and_mixup(tmp_path: Path):
+    ag_news = config("ag_news_cnn_bn")  # EMA weights, feature mixup, word dropout: all random or stateful
+    steps = 6  # 86 training texts in batches of 16
+    reference, run_dir = tmp_path / "reference", tmp_path / "logs"
+    run_cli(*fit_args(tmp_path, reference, 2, ag_news), cwd=tmp_path)
+    for i, (step, where) in enumerate([(3, "batch_end"), (steps, "before_validation"), (2 * steps + 2, "during_save")]):
+        out = run_cli(*fit_args(tmp_path, run_dir, 2, ag_news), *(["--ckpt_path=last"] if i else []), *kill(step, where), cwd=tmp_path, check=False)
+        assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
+    resumed_from = last_state(run_dir)["global_step"]
+    run_cli(*fit_args(tmp_path, run_dir, 2, ag_news), "--ckpt_path=last", cwd=tmp_path)
+    assert_same_run(reference, run_dir, resumed_from)
+
+
+# ---------------------------------------------------------------------------------- stop signals
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_saves_last_ckpt_exits_non_zero_and_resumes_exactly(
+    tmp_path: Path, mnist1d_reference, signum: int, code: int
+):
+    data_root, reference = mnist1d_reference
+    run_dir = tmp_path / "logs"
+    out = run_cli(*fit_args(data_root, run_dir), *kill(20, "batch_end", signum), cwd=tmp_path, check=False)
+    said = refused(out, f"Stopped by {signal.Signals(signum).name} at training step 20.", "--ckpt_path=last", code=code)
+    assert "last.ckpt holds step 20" in said
+    assert last_state(run_dir)["global_step"] == 20
+    run_cli(*fit_args(data_root, run_dir), "--ckpt_path=last", cwd=tmp_path)
+    assert_same_run(reference, run_dir, 20)
+
+
+# ---------------------------------------------------------------------------------- which run resumes
+def short(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "fit", "--config", MNIST1D, *tiny_mnist1d(tmp_path), "--trainer.enable_progress_bar=false",
+        "--test_after_fit=false", f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}", *extra,
+    ]  # fmt: skip
+
+
+def test_ckpt_path_last_resumes_only_the_run_the_command_describes(tmp_path: Path):
+    a = ["--model.init_args.lr=0.001"]
+    b = ["--model.init_args.lr=0.05", "--model.init_args.dropout=0.4"]
+    run_cli(*short(tmp_path, *a, "--trainer.max_epochs=1"), cwd=tmp_path)  # version_0
+    run_cli(*short(tmp_path, *b, "--trainer.max_epochs=1"), cwd=tmp_path)  # version_1, the newest
+    root = tmp_path / "logs" / "mnist1d_resnet_bn"
+
+    out = run_cli(*short(tmp_path, *a, "--trainer.max_epochs=2", "--ckpt_path=last"), cwd=tmp_path)
+    assert f"{root}/version_0/checkpoints/last.ckpt" in out.stdout + out.stderr
+    assert torch.load(root / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+    assert torch.load(root / "version_1" / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
+    assert yaml.safe_load((root / "version_1" / "config.yaml").read_text())["model"]["init_args"]["lr"] == 0.05
+
+    # settings of no run: refused, naming the runs and what differs; nothing is written
+    other = run_cli(*short(tmp_path, "--model.init_args.lr=0.02", "--ckpt_path=last"), cwd=tmp_path, check=False)
+    said = refused(other, "--ckpt_path=last: no run under", "version_0: model.init_args.lr: 0.001 -> 0.02")
+    assert "version_1: model.init_args.dropout: 0.4 -> 0.1" in said
+    assert sorted(p.name for p in root.iterdir()) == ["version_0", "version_1"]
+
+    # a run named explicitly: its folder, if the settings match
+    named = ["--trainer.logger.init_args.version=1", "--ckpt_path=last", "--trainer.max_epochs=2"]
+    run_cli(*short(tmp_path, *b, *named), cwd=tmp_path)
+    assert torch.load(root / "version_1" / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+    mismatch = run_cli(*short(tmp_path, *a, *named), cwd=tmp_path, check=False)
+    refused(mismatch, "version_1: model.init_args.dropout: 0.4 -> 0.1")
+
+
+def test_a_run_being_resumed_cannot_be_resumed_twice_and_a_kill_frees_it(tmp_path: Path):
+    run_cli(*short(tmp_path, "--trainer.max_epochs=1"), cwd=tmp_path)
+    first = start_cli(*short(tmp_path, "--trainer.max_epochs=100000", "--ckpt_path=last"), cwd=tmp_path)
+    try:
+        lock = tmp_path / "logs" / "mnist1d_resnet_bn" / "version_0" / ".lock"
+        deadline = time.monotonic() + 120
+        while not (lock.is_file() and "process" in lock.read_text()) or first.poll() is not None:
+            assert first.poll() is None, first.communicate()[1][-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        time.sleep(1)  # let it get going
+        second = run_cli(*short(tmp_path, "--trainer.max_epochs=100000", "--ckpt_path=last"), cwd=tmp_path, check=False)
+        refused(second, "version_0 is in use by process", "Wait for it to finish")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.communicate()
+    epoch = last_state(tmp_path / "logs")["epoch"]
+    again = run_cli(*short(tmp_path, f"--trainer.max_epochs={epoch + 2}", "--ckpt_path=last"), cwd=tmp_path)
+    assert "Restored all states" in again.stdout + again.stderr
+
+
+def test_fit_from_a_file_keeps_the_configured_optimizer_and_refuses_other_model_settings(tmp_path: Path):
+    rms = ["--model.init_args.optimizer=RMSprop", "--model.init_args.optimizer.init_args.alpha=0.9", "--model.init_args.lr_scheduler=null"]
+    run_cli(*short(tmp_path, *rms, "--trainer.max_epochs=1"), cwd=tmp_path)
+    ckpt = next((tmp_path / "logs").rglob("last.ckpt"))
+    run_cli(*short(tmp_path, *rms, "--trainer.max_epochs=2", f"--ckpt_path={ckpt}"), cwd=tmp_path)
+    state = torch.load(ckpt, weights_only=True)  # the same run folder's last.ckpt, continued
+    assert state["epoch"] == 1 and "square_avg" in next(iter(state["optimizer_states"][0]["state"].values()))
+    saved = yaml.safe_load((ckpt.parents[1] / "config.yaml").read_text())["model"]["init_args"]
+    assert saved["optimizer"]["class_path"] == "torch.optim.RMSprop" and saved["lr_scheduler"] is None
+
+    other = run_cli(*short(tmp_path, *rms, "--model.init_args.dropout=0.4", f"--ckpt_path={ckpt}"), cwd=tmp_path, check=False)
+    refused(other, "was trained with other model settings", "model.init_args.dropout: 0.4 -> 0.1", "start a new run")
+
+
+# ---------------------------------------------------------------------------------- disk faults
+def _limit_file_size() -> None:
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # events fit, a checkpoint does not
+
+
+def test_a_full_disk_during_a_save_is_a_one_line_error_and_keeps_the_previous_checkpoint(tmp_path: Path):
+    run_cli(*short(tmp_path, "--trainer.max_epochs=1"), cwd=tmp_path)
+    last = next((tmp_path / "logs").rglob("last.ckpt"))
+    before = last.read_bytes()
+    proc = subprocess.run(
+        [sys.executable, "-m", "src.cli", *short(tmp_path, "--trainer.max_epochs=3", "--ckpt_path=last")],
+        cwd=tmp_path, env=env(), capture_output=True, text=True, preexec_fn=_limit_file_size, timeout=300,
+    )  # fmt: skip
+    refused(proc, "error: could not write checkpoint", "The previous checkpoints are intact", code=1)
+    assert last.read_bytes() == before
+    assert not [p for p in last.parent.iterdir() if ".tmp" in p.name]
+
+
+def test_a_read_only_checkpoint_folder_is_a_one_line_error(tmp_path: Path):
+    run_cli(*short(tmp_path, "--trainer.max_epochs=1"), cwd=tmp_path)
+    last = next((tmp_path / "logs").rglob("last.ckpt"))
+    before = last.read_bytes()
+    prefix = read_only(last.parent)
+    if prefix is None:
+        pytest.skip("running as root without mount namespaces (unshare -m): no way to make a folder read-only")
+    last.parent.chmod(0o555)  # for a non-root user; root gets a read-only mount
+    try:
+        proc = subprocess.run(
+            [*prefix, sys.executable, "-m", "src.cli", *short(tmp_path, "--trainer.max_epochs=3", "--ckpt_path=last")],
+            cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        last.parent.chmod(0o755)
+    refused(proc, "error: could not write checkpoint", "The previous checkpoints are intact", code=1)
+    assert any(reason in proc.stderr for reason in ("Read-only file system", "Permission denied"))
+    assert last.read_bytes() == before
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named_as_such(tmp_path: Path):
+    bogus = tmp_path / "notes.ckpt"
+    bogus.write_text("trainer:\n  max_epochs: 3\n")
+    out = run_cli("test", "--ckpt_path", str(bogus), cwd=tmp_path, check=False)
+    said = refused(out, "not a PyTorch Lightning checkpoint", "Pass a .ckpt written by this project")
+    assert "pickled" not in said and "weights_only=False" not in said
+    assert bogus.read_text() == "trainer:\n  max_epochs: 3\n"
