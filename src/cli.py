@@ -110,8 +110,9 @@ class CLI(LightningCLI):
             )
         self._check_pairing(cfg)
         self._check_model_against_checkpoint(sub, cfg)
+        given = (self._given_model or {}).get("init_args") or {}  # not what a checkpoint filled in
         for name in LINKED:
-            if cfg.model.init_args.get(name) is not None:
+            if given.get(name) is not None:
                 rank_zero_warn(
                     f"model.init_args.{name} is set in the config, but it is linked from the data "
                     f"(data.{name}); the data's value is used. Remove it from the config."
@@ -228,7 +229,8 @@ class CLI(LightningCLI):
             rank_zero_info(f"Left out: {'; '.join(dropped)}.")
         if self._no_validation() and sub == "fit":
             callbacks = self._without_validation(callbacks)
-        logger = self._versioned(trainer_cfg.get("logger"))
+        # fast_dev_run replaces the loggers with a dummy: it gets no run folder.
+        logger = trainer_cfg.get("logger") if trainer_cfg.get("fast_dev_run") else self._versioned(trainer_cfg.get("logger"))
         plugins = trainer_cfg.get("plugins")
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):  # atomic saves, code-free loads
@@ -293,8 +295,27 @@ class CLI(LightningCLI):
         return kept
 
     def after_instantiate_classes(self) -> None:
-        if self._ckpt_file is not None and self.subcommand:  # `last` resolved to a file, or the file itself
+        if self._ckpt_file is None:
+            return
+        if self.subcommand:  # `last` resolved to a file, or the file itself
             self.config_init[self.subcommand]["ckpt_path"] = str(self._ckpt_file)
+        stored = _cached_checkpoint(self._ckpt_file)["state_dict"]
+        built = self.model.state_dict()
+        problems = [f"{k}: missing in the checkpoint" for k in built if k not in stored]
+        problems += [f"{k}: not in this model" for k in stored if k not in built]
+        problems += [
+            f"{k}: checkpoint {tuple(stored[k].shape)}, this model {tuple(v.shape)}"
+            for k, v in built.items()
+            if k in stored and tuple(stored[k].shape) != tuple(v.shape)
+        ]
+        if problems:
+            raise UserError(
+                f"the checkpoint {self._ckpt_file} does not fit the model this run builds ("
+                + "; ".join(problems[:4])
+                + (" ..." if len(problems) > 4 else "")
+                + "). The model or data options differ from those it was trained with: leave out --config "
+                "(validate/test/predict rebuild both from the checkpoint) or pass the options of its run."
+            )
 
     # ------------------------------------------------------------------ running
     def before_fit(self) -> None:
@@ -305,6 +326,19 @@ class CLI(LightningCLI):
     def before_validate(self) -> None:
         if self._no_validation():
             raise UserError("val_size=0 leaves no validation split to validate on. Pass a val_size, or run test.")
+        self._evaluating()
+
+    def before_test(self) -> None:
+        self._evaluating()
+
+    def before_predict(self) -> None:
+        self._evaluating()
+
+    @staticmethod
+    def _evaluating() -> None:
+        # Restoring the checkpoint into a new run folder, Lightning notes that ModelCheckpoint's
+        # bookkeeping of the old folder is not reloaded: true, and irrelevant outside fit.
+        warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
 
     def after_fit(self) -> None:
         if not self.config.fit.get("test_after_fit") or self.trainer.fast_dev_run:

@@ -192,6 +192,7 @@ def load_hf_dataset(
     """
     import datasets
 
+    datasets.disable_progress_bars()  # a bar per split and file of a local load: noise in every run
     if data_dir is not None or data_files is not None:
         files = resolve_local_files(data_dir, data_files)
         source = ", ".join(f"{s}={p}" for s, p in files.items())
