@@ -58,7 +58,7 @@ class RunConfig(SaveConfigCallback):
     learning-rate and batch-size finders chose."""
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CONFIG_KEY] = self.parser.dump(self.config, skip_none=False)
+        checkpoint[CONFIG_KEY] = self.parser.dump(self.config, skip_unset=False)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         tuned = {}
@@ -68,7 +68,7 @@ class RunConfig(SaveConfigCallback):
         if dm is not None and dm.hparams.get("batch_size") != self.config.data.init_args.get("batch_size"):
             tuned["data.init_args.batch_size"] = self.config.data.init_args.batch_size = dm.hparams.batch_size
         if tuned and trainer.is_global_zero and trainer.log_dir:
-            self.parser.save(self.config, Path(trainer.log_dir) / self.config_filename, skip_none=False, overwrite=True)
+            self.parser.save(self.config, Path(trainer.log_dir) / self.config_filename, skip_unset=False, overwrite=True)
             chosen = ", ".join(f"{k}={v}" for k, v in tuned.items())
             rank_zero_info(f"The tuner chose {chosen}; config.yaml and the checkpoints record it.")
 
@@ -108,6 +108,8 @@ class CLI(LightningCLI):
                 f"no {'data' if cfg.get('data') is None else 'model'} given. Pass a config (--config "
                 "configs/<name>.yaml), or --ckpt_path <checkpoint> for validate/test/predict."
             )
+        self._ckpt_file, self._resume_dir = self._resolve_checkpoint(sub, cfg)
+        self._check_checkpoint_data(cfg)
         self._check_pairing(cfg)
         self._check_model_against_checkpoint(sub, cfg)
         given = (self._given_model or {}).get("init_args") or {}  # not what a checkpoint filled in
@@ -131,7 +133,17 @@ class CLI(LightningCLI):
                 f"--ckpt_path=best names the best checkpoint of a fit in the same command; {sub} runs on its "
                 "own. Pass a checkpoint file (or last)."
             )
-        self._ckpt_file, self._resume_dir = self._resolve_checkpoint(sub, cfg)
+
+    def _check_checkpoint_data(self, cfg: Any) -> None:
+        if self._ckpt_file is None:
+            return
+        stored = (_cached_checkpoint(self._ckpt_file).get("datamodule_hyper_parameters") or {}).get("_class_path", "")
+        if stored and stored.rsplit(".", 1)[-1] != cfg.data.class_path.rsplit(".", 1)[-1]:
+            raise UserError(
+                f"--ckpt_path {self._ckpt_file} holds a {stored} data, but this run builds data "
+                f"{cfg.data.class_path}. Use a checkpoint of the same model and data, or leave out --config "
+                "(validate/test/predict rebuild both from the checkpoint)."
+            )
 
     def _check_pairing(self, cfg: Any) -> None:
         model_cls, data_cls = _import(cfg.model.class_path), _import(cfg.data.class_path)
@@ -167,7 +179,7 @@ class CLI(LightningCLI):
             if root is None:
                 raise UserError("--ckpt_path=last needs a logger with a save_dir (it looks for the run's folder).")
             version = (cfg.trainer.logger.get("init_args") or {}).get("version")
-            config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))[sub]
+            config = yaml.safe_load(self.parser.dump(self.config, skip_unset=False))[sub]
             candidates = runs.resumable_runs(root, config, only_version=version)
             match = next((c for c in candidates if not c.differences), None)
             if match is None:
@@ -189,16 +201,8 @@ class CLI(LightningCLI):
         sub = self.subcommand
         instantiators = None
         if self._ckpt_file is not None:
-            state = _cached_checkpoint(self._ckpt_file)
             data_class = _import(self._settings().data.class_path)
-            stored = (state.get("datamodule_hyper_parameters") or {}).get("_class_path", "")
-            if stored and stored.rsplit(".", 1)[-1] != data_class.__name__:
-                raise UserError(
-                    f"--ckpt_path {self._ckpt_file} holds a {stored} data, but this run builds data "
-                    f"{self._settings().data.class_path}. Use a checkpoint of the same model and data, or "
-                    "leave out --config (validate/test/predict rebuild both from the checkpoint)."
-                )
-            data_state = state.get(data_class.__qualname__)
+            data_state = _cached_checkpoint(self._ckpt_file).get(data_class.__qualname__)
             if data_state:
                 # Fitted data state (class names, vocabulary, normalisation) is needed before the data →
                 # model links are read, so the model gets the checkpoint's sizes without the training data.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ RESUMABLE_CHANGES = (
     "trainer.devices",
     "trainer.num_nodes",
     "trainer.strategy",
+    "trainer.sync_batchnorm",
     "trainer.plugins",
     "trainer.profiler",
     "trainer.detect_anomaly",
@@ -79,12 +81,13 @@ def claim_version(root: Path) -> int:
 
 
 def discard_unused() -> None:
-    """Remove the run folders this process claimed but wrote nothing into (a run that stopped on an
-    error before it started), so failed commands leave no empty ``version_N`` behind."""
+    """Remove the run folders this process claimed for a run that stopped on an error before it
+    started (before its ``config.yaml`` was written: at most an empty event file inside), so failed
+    commands leave no empty ``version_N`` behind."""
     for folder in _claimed:
-        if folder.is_dir() and {p.name for p in folder.iterdir()} <= {".lock"}:
-            (folder / ".lock").unlink(missing_ok=True)
-            folder.rmdir()
+        names = {p.name for p in folder.iterdir()} if folder.is_dir() else {"config.yaml"}
+        if "config.yaml" not in names and all(n == ".lock" or n.startswith("events.out.tfevents") for n in names):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def lock(run_dir: Path) -> None:
@@ -149,7 +152,7 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     for key in sorted(set(flat_saved) | set(flat_current)):
         if any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES):
             continue
-        a, b = flat_saved.get(key, "<unset>"), flat_current.get(key, "<unset>")
+        a, b = flat_saved.get(key), flat_current.get(key)  # absent and null are the same
         if a != b:
             out.append(f"{key}: {a!r} -> {b!r}")
     return out

@@ -53,5 +53,7 @@ def test_report_holds_the_known_confusion_matrix_and_scores(tmp_path: Path):
 
 
 def test_output_must_be_json():
-    with pytest.raises(ValueError, match="json"):
-        PerClassReport(output="report.csv")
+    from src.errors import UserError
+
+    with pytest.raises(UserError, match="json"):
+        PerClassReport(output="report.csv").setup(None, None, "test")

@@ -12,6 +12,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from src.errors import UserError
+
 
 class PerClassReport(Callback):
     """Write the per-class report of ``test`` from the model's test figures
@@ -26,10 +28,12 @@ class PerClassReport(Callback):
     """
 
     def __init__(self, output: str | None = None) -> None:
-        if output is not None and Path(output).suffix.lower() != ".json":
-            raise ValueError(f"PerClassReport output must end in .json, got {output!r}")
         self.output = output
         self._raw: dict[str, Tensor] | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "test" and self.output is not None and Path(self.output).suffix.lower() != ".json":
+            raise UserError(f"the per-class report output {self.output!r} must end in .json.")
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Before the module logs and resets its test figures (callbacks run first); a collective

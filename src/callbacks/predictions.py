@@ -42,8 +42,6 @@ class PredictionWriter(Callback):
         top_k: PositiveInt = 3,
         heatmaps: NonNegativeInt = 0,
     ) -> None:
-        if output is not None and Path(output).suffix.lower() not in (".csv", ".json"):
-            raise ValueError(f"PredictionWriter output must end in .csv or .json, got {output!r}")
         self.output = output
         self.overwrite = overwrite
         self.print_limit = print_limit
@@ -57,6 +55,8 @@ class PredictionWriter(Callback):
         path = Path(self.output)
         if path.is_dir():
             raise UserError(f"the predictions output {str(path)!r} is a folder. Pass a .csv or .json file name.")
+        if path.suffix.lower() not in (".csv", ".json"):
+            raise UserError(f"the predictions output {str(path)!r} must end in .csv or .json.")
         if path.exists() and not self.overwrite:
             raise UserError(
                 f"the predictions output {str(path)!r} already exists. Pass another file, or "
