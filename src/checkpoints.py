@@ -42,10 +42,13 @@ class CheckpointWriteError(UserError):
     """A checkpoint could not be written (full disk, unwritable folder); the previous file is intact."""
 
 
-def load_checkpoint(path: _PATH, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
+def load_checkpoint(
+    path: _PATH, map_location: Any = "cpu", mmap: bool = False, lightning: bool = True
+) -> dict[str, Any]:
     """Load a Lightning checkpoint with ``weights_only=True``; raise :class:`CheckpointError` saying
     what is wrong and what to pass. ``mmap=True`` maps a local file's tensors instead of reading them
-    (cheap when only the metadata is wanted)."""
+    (cheap when only the metadata is wanted). ``lightning=False`` accepts any weights-only file
+    (Lightning's own temporary files, e.g. the weights ``ddp_spawn`` hands back)."""
     path = os.fspath(path)
     fs = get_filesystem(path)
     if not fs.exists(path):
@@ -69,7 +72,7 @@ def load_checkpoint(path: _PATH, map_location: Any = "cpu", mmap: bool = False) 
         ) from err
     except Exception as err:
         raise CheckpointError(_not_a_checkpoint(path, err)) from err
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+    if lightning and (not isinstance(ckpt, dict) or "state_dict" not in ckpt):
         kind = f"a {type(ckpt).__name__}" if not isinstance(ckpt, dict) else "a dict without a state_dict"
         raise CheckpointError(
             f"{path!r} is a PyTorch file ({kind}) but not a PyTorch Lightning checkpoint. {WHAT_TO_PASS}"
@@ -157,7 +160,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
         if weights_only is False:
             raise CheckpointError("weights_only=False is refused: loading a checkpoint must not run code.")
         self.flush()
-        return load_checkpoint(path, map_location=map_location)
+        return load_checkpoint(path, map_location=map_location, lightning=False)
 
     def flush(self) -> None:
         """Wait until every checkpoint saved so far is on disk; raise the first failed write."""

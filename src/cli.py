@@ -235,6 +235,10 @@ class CLI(LightningCLI):
             callbacks = self._without_validation(callbacks)
         # fast_dev_run replaces the loggers with a dummy: it gets no run folder.
         logger = trainer_cfg.get("logger") if trainer_cfg.get("fast_dev_run") else self._versioned(trainer_cfg.get("logger"))
+        if trainer_cfg.get("default_root_dir") is None and not trainer_cfg.get("fast_dev_run"):
+            # What Lightning writes beside the logs (tuner files; checkpoints without a logger) goes
+            # into the run folder too.
+            kwargs.setdefault("default_root_dir", self._run_folder(logger))
         plugins = trainer_cfg.get("plugins")
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):  # atomic saves, code-free loads
@@ -274,6 +278,18 @@ class CLI(LightningCLI):
             runs.lock(root / (version if isinstance(version, str) else f"version_{version}"))
         claimed[root.resolve()] = version
         return type(logger)(**{**init_args, "version": version})
+
+    def _run_folder(self, logger: Any) -> str | None:
+        loggers = logger if isinstance(logger, (list, tuple)) else [logger]
+        for lg in loggers:
+            if isinstance(lg, (TensorBoardLogger, CSVLogger)) and lg.version is not None:
+                return lg.log_dir
+        if logger is False and rank_zero_only.rank == 0:  # no logger: a run folder of its own all the same
+            root = Path("lightning_logs")
+            version = runs.claim_version(root)
+            runs.lock(root / f"version_{version}")
+            return str(root / f"version_{version}")
+        return None
 
     def _no_validation(self) -> bool:
         return not getattr(self.datamodule, "has_validation", True)

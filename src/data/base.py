@@ -79,6 +79,9 @@ class TensorBatches:
         if any(len(t) != n for t in tensors):
             raise ValueError("all tensors of a split must have the same length")
         self.tensors = tensors
+        # The samples, for code that asks a loader for its dataset (Lightning's batch-size finder
+        # stops at the dataset's size).
+        self.dataset = TensorDataset(*tensors)
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.drop_last_single = drop_last_single
