@@ -27,17 +27,19 @@ class HParamsTab(Callback):
 
     def __init__(self) -> None:
         self.best_val_acc = -math.inf
+        self._logged = False  # once per run folder: the test after fit writes into the fit's
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.ckpt_path is None:  # a resumed run logged them when it started
             self._log_hparams(trainer, pl_module)
+        self._logged = True
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.state.fn == "validate":  # a stand-alone run in its own folder
+        if trainer.state.fn == "validate" and not self._logged:  # a stand-alone run in its own folder
             self._log_hparams(trainer, pl_module)
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.state.fn == "test":  # `test` on its own, not the test after fit (same folder)
+        if not self._logged:  # `test` on its own, not the test after fit
             self._log_hparams(trainer, pl_module)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -59,11 +61,15 @@ class HParamsTab(Callback):
 
     def _log_hparams(self, trainer: Trainer, pl_module: LightningModule) -> None:
         params = run_settings(trainer, pl_module)
+        metrics = {name: float("nan") for name in METRICS}
+        if self.best_val_acc > -math.inf:  # a checkpoint's run: its best validation accuracy
+            metrics["hp/best_val_acc"] = self.best_val_acc
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.log_hyperparams(params, {name: float("nan") for name in METRICS})
+                logger.log_hyperparams(params, metrics)
             else:
                 logger.log_hyperparams(params)
+        self._logged = True
 
 
 def run_settings(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
@@ -98,7 +104,7 @@ def _flat(key: str, value: Any) -> dict[str, Any]:
         out: dict[str, Any] = {key: str(value["class_path"]).rsplit(".", 1)[-1]}
         defaults = _defaults(str(value["class_path"]))
         for k, v in (value.get("init_args") or {}).items():
-            if k not in defaults or defaults[k] != v:
+            if k not in defaults or not _same(defaults[k], v):
                 out.update(_flat(f"{key}/{k}", v))
         return out
     if isinstance(value, dict):
@@ -112,15 +118,28 @@ def _flat(key: str, value: Any) -> dict[str, Any]:
 
 
 def _defaults(class_path: str) -> dict[str, Any]:
+    """Default argument values of a class's ``__init__`` and its bases' (a subclass passing ``**kwargs``)."""
     import importlib
     import inspect
 
     module, _, name = class_path.rpartition(".")
     try:
-        signature = inspect.signature(getattr(importlib.import_module(module), name))
-    except (ImportError, AttributeError, ValueError, TypeError):
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
         return {}
-    return {p.name: p.default for p in signature.parameters.values() if p.default is not inspect.Parameter.empty}
+    defaults: dict[str, Any] = {}
+    for klass in reversed(getattr(cls, "__mro__", [cls])):
+        try:
+            params = inspect.signature(klass.__init__).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        defaults.update({p.name: p.default for p in params if p.default is not inspect.Parameter.empty})
+    return defaults
+
+
+def _same(a: Any, b: Any) -> bool:
+    normal = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731  (YAML has no tuples)
+    return normal(a) == normal(b)
 
 
 def _log(trainer: Trainer, metrics: dict[str, float]) -> None:

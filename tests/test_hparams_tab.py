@@ -1,0 +1,82 @@
+"""TensorBoard's HPARAMS tab and curves, checked the way they are read: the real ``tensorboard`` server
+queried over its HTTP API."""
+
+from __future__ import annotations
+
+import math
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.cli import config, run_cli
+from tests.helpers.data import tiny_mnist1d
+from tests.helpers.tensorboard import TensorBoard
+
+pytestmark = pytest.mark.slow
+
+MNIST1D = config("mnist1d_resnet_bn")
+SETTINGS_SHOWN = ("model", "optimizer", "lr", "lr_scheduler", "data/batch_size", "trainer/max_epochs", "seed",
+                  "trainer/precision", "trainer/processes", "batch_norm")  # fmt: skip
+
+
+def fit(root: Path, *extra: str) -> list[str]:
+    return [
+        "fit", "--config", MNIST1D, *tiny_mnist1d(root), f"--trainer.logger.init_args.save_dir={root / 'logs'}",
+        "--trainer.enable_progress_bar=false", "--trainer.max_epochs=3", *extra,
+    ]  # fmt: skip
+
+
+def session_groups(tb: TensorBoard) -> dict[str, dict[str, float]]:
+    body = {
+        "experimentName": "",
+        "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
+        "colParams": [],
+        "startIndex": 0,
+        "sliceSize": 100,
+    }
+    groups = tb.get("/data/plugin/hparams/session_groups", body)["sessionGroups"]
+    return {
+        g["name"]: {
+            **{m["name"]["tag"]: float(m["value"]) for m in g["metricValues"]},
+            **{f"param:{k}": v for k, v in g["hparams"].items()},
+        }
+        for g in groups
+    }
+
+
+def curve(tb: TensorBoard, run: str, tag: str) -> list[tuple[int, float]]:
+    return [(step, value) for _, step, value in tb.get(f"/data/plugin/scalars/scalars?run={run}&tag={tag}")]
+
+
+def test_hparams_tab_shows_settings_beside_best_validation_and_test_figures(tmp_path: Path):
+    run_cli(*fit(tmp_path, "--model.init_args.lr=0.01", "--test_after_fit=true"), cwd=tmp_path)
+    run_cli(*fit(tmp_path, "--model.init_args.lr=0.003", "--test_after_fit=true"), cwd=tmp_path)
+    with TensorBoard(tmp_path / "logs") as tb:
+        experiment = tb.get("/data/plugin/hparams/experiment", {"experimentName": ""})
+        assert {m["name"]["tag"] for m in experiment["metricInfos"]} == {"hp/best_val_acc", "hp/test_acc", "hp/test_f1"}
+        shown = {h["name"] for h in experiment["hparamInfos"]}
+        assert set(SETTINGS_SHOWN) <= shown, set(SETTINGS_SHOWN) - shown
+        groups = session_groups(tb)
+        assert len(groups) == 2 and {g["param:lr"] for g in groups.values()} == {0.01, 0.003}  # side by side
+        for run in ("mnist1d_resnet_bn/version_0", "mnist1d_resnet_bn/version_1"):
+            values = next(g for name, g in groups.items() if run in name)
+            val_acc = curve(tb, run, "val_acc")
+            assert len(val_acc) == 3, val_acc  # the whole curve, nothing hidden
+            assert values["hp/best_val_acc"] == pytest.approx(max(v for _, v in val_acc))
+            assert not math.isnan(values["hp/test_acc"]) and 0 < values["hp/test_f1"] <= 1
+
+
+def test_a_resumed_run_keeps_its_curves_and_best_validation_accuracy(tmp_path: Path):
+    kill = ["--trainer.callbacks+=tests.helpers.faults.KillAt", "--trainer.callbacks.step=20",
+            f"--trainer.callbacks.signum={int(signal.SIGKILL)}"]  # fmt: skip
+    out = run_cli(*fit(tmp_path, "--test_after_fit=false"), *kill, cwd=tmp_path, check=False)
+    assert out.returncode == -signal.SIGKILL
+    run_cli(*fit(tmp_path, "--test_after_fit=true", "--ckpt_path=last"), cwd=tmp_path)
+    with TensorBoard(tmp_path / "logs") as tb:
+        run = "mnist1d_resnet_bn/version_0"
+        val_acc = curve(tb, run, "val_acc")
+        assert [step for step, _ in val_acc] == [13, 27, 41], val_acc  # one point per epoch, none lost or doubled
+        values = next(iter(session_groups(tb).values()))
+        assert values["hp/best_val_acc"] == pytest.approx(max(v for _, v in val_acc))
+        assert not math.isnan(values["hp/test_acc"])
