@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from src.inference import InferenceError, InputEncoder, encoder_for, load_for_inference, test_samples
+from src.inference import InferenceError, InputEncoder, encoder_for, load_for_inference, sample_inputs
 
 FORMAT_VERSION = 1
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
@@ -333,7 +333,7 @@ def export(
         )
     tmp, created = _make_temp_folder(target)
     try:
-        x, source, real = test_samples(datamodule, encoder, samples)
+        x, source, real = sample_inputs(datamodule, encoder, samples)
         if not real:
             log(f"notice: checking parity on {source}")
         batches = parity_batches(x, encoder)

@@ -471,7 +471,7 @@ def class_names(model: ClassifierModule) -> list[str]:
     return list(model.class_names)
 
 
-def test_samples(
+def sample_inputs(
     datamodule: ClassificationDataModule, encoder: InputEncoder, n: int, seed: int = 0
 ) -> tuple[Tensor, str, bool]:
     """Up to ``n`` model inputs from the checkpoint's test split, as ``predict`` feeds them.
