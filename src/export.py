@@ -388,6 +388,9 @@ def _make_temp_folder(target: Path) -> tuple[Path, list[Path]]:
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp", dir=parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp's folder is private (0700); the export is an ordinary folder
     except OSError as err:
         for folder in missing:
             with contextlib.suppress(OSError):
