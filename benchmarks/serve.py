@@ -4,14 +4,16 @@
     python -m benchmarks.serve --ckpt_path <ckpt> --requests 400 --clients 8 --variant "b1=--max_batch_size 1"
 
 For each server variant (default: server-side batching on, ``--max_batch_size 16 --batch_timeout
-0.005``, and off, ``--max_batch_size 1``) it starts the real server in a subprocess, waits for
+0.002``, and off, ``--max_batch_size 1``) it starts the real server in a subprocess, waits for
 ``/health``, warms it up, and measures with a keep-alive ``httpx`` client:
 
 - ``sequential``: one client, one input per request, each sent when the previous answer arrived
   (batch 1: the latency a lone caller sees);
 - ``concurrent``: ``--clients`` threads, one input per request, back to back (server-side batching
   can group their requests);
-- ``client batch``: one client, ``--batch-inputs`` inputs per request (the caller batches).
+- ``client batch``: one client, ``--batch-inputs`` inputs per request (the caller batches);
+
+and, before them, the CPU the idle server uses (``--idle-seconds``).
 
 Each phase prints requests/s and inputs/s over its wall time, latency p50/p95 per request, and the
 CPU seconds the server's processes used per 1,000 inputs. Inputs are real test samples of the
@@ -38,7 +40,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_VARIANTS = [
-    "batched=--max_batch_size 16 --batch_timeout 0.005",
+    "batched=--max_batch_size 16 --batch_timeout 0.002",
     "unbatched=--max_batch_size 1",
 ]
 
@@ -178,7 +180,11 @@ def bench_variant(args: argparse.Namespace, label: str, server_args: list[str], 
             for i in range(max(4, args.requests // args.batch_inputs))
         ]
         run_phase(url, singles[: args.warmup], 1, proc.pid)  # warm-up
+        cpu0 = process_tree_cpu(proc.pid)
+        time.sleep(args.idle_seconds)
+        idle = (process_tree_cpu(proc.pid) - cpu0) / args.idle_seconds
         print(f"\n## {label}: server {' '.join(server_args) or '(defaults)'}; load before: {load()}")
+        print(f"idle: the server's processes use {idle:.2f} CPU cores while no request arrives")
         print(
             "| phase | clients | inputs/request | requests/s | inputs/s | p50 ms | p95 ms | server CPU s / 1k inputs |"
         )
@@ -213,6 +219,7 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads per inference worker (default 1)"
     )
+    parser.add_argument("--idle-seconds", type=float, default=5.0, help="idle CPU measured over this long")
     parser.add_argument("--image-format", choices=["png", "array"], default="png")
     parser.add_argument(
         "--variant",

@@ -1,7 +1,7 @@
 """Serve a trained checkpoint over HTTP with LitServe: raw inputs in, class names and probabilities out.
 
     python -m src.serve --ckpt_path lightning_logs/<run>/version_0/checkpoints/last.ckpt
-    python -m src.serve --ckpt_path <ckpt> --port 8080 --workers 2 --max_batch_size 32 --batch_timeout 0.01
+    python -m src.serve --ckpt_path <ckpt> --port 8080 --workers 2 --max_batch_size 32 --batch_timeout 0.005
 
     curl -s localhost:8000/health                                   # "ok" once the model is loaded
     curl -s localhost:8000/predict -H 'Content-Type: application/json' \\
@@ -96,7 +96,7 @@ class ClassifierAPI(_LitAPI):
         max_inputs: int = DEFAULT_MAX_INPUTS,
         threads: int = 1,
         max_batch_size: int = 16,
-        batch_timeout: float = 0.005,
+        batch_timeout: float = 0.002,
     ) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=API_PATH)
         self.ckpt_path = ckpt_path
@@ -276,8 +276,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--batch_timeout",
         type=float,
-        default=0.005,
-        help="seconds to wait for more requests to fill a batch (default 0.005)",
+        default=0.002,
+        help="seconds to wait for more requests to fill a batch (default 0.002)",
     )
     parser.add_argument(
         "--max_inputs", type=int, default=DEFAULT_MAX_INPUTS, help="inputs per request (default 256)"
