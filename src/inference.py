@@ -288,7 +288,7 @@ class ImageEncoder(InputEncoder):
         values = [v for r in rows for v in r]
         # Integers 0-255 only: the model was trained on uint8 pixels (a 0-1 float image would be
         # silently misread as almost black).
-        if not all(_is_number(v) and v == int(v) and 0 <= v <= 255 for v in values):
+        if not all(_is_number(v) and math.isfinite(v) and v == int(v) and 0 <= v <= 255 for v in values):
             raise InputError(f"input {index}: pixel values must be integers from 0 to 255.", 422, index)
         return np.asarray(values, dtype=np.uint8).reshape(self.height, self.width)
 

@@ -201,10 +201,15 @@ def test_bad_or_mismatched_checkpoints_stop_with_a_message_and_write_nothing(run
         "weights only": "does not name its model class",
         "no normalisation": "no Fashion-MNIST normalisation",
     }
-    for case, path in _bad_checkpoints(good, tmp_path).items():
-        out = tmp_path / "out" / case
+    for case, path in _bad_checkpoints(good, tmp_path).items():  # in-process: fast
+        with pytest.raises(ex.ExportError, match=re.escape(messages[case])) as info:
+            ex.export(path, "onnx", tmp_path / "out" / case, log=lambda _: None)
+        assert info.value.status == 2, case
+        assert not (tmp_path / "out").exists(), case
+    for case in ("truncated", "mismatched"):  # as a user runs it: one message, exit status 2
+        path = _bad_checkpoints(good, tmp_path)[case]
         proc = run_module(
-            "src.export", "--ckpt_path", str(path), "--output", str(out), check=False, timeout=120
+            "src.export", "--ckpt_path", str(path), "--output", str(tmp_path / "out"), check=False
         )
         assert proc.returncode == 2, (case, proc.stderr)
         assert proc.stderr.startswith("error: ") and messages[case] in proc.stderr, (case, proc.stderr)
@@ -220,27 +225,26 @@ def test_unwritable_or_existing_output_folders(runs_root: Path, tmp_path: Path):
         "src.export", "--ckpt_path", str(ckpt), "--output", str(blocker / "sub" / "out"), check=False
     )
     assert (
-        proc.returncode == 2 and "is a file, not a folder" in proc.stderr and "Traceback" not in proc.stderr
+        proc.returncode == 2
+        and proc.stderr.startswith("error: ")
+        and "is a file, not a folder" in proc.stderr
     )
+    assert "Traceback" not in proc.stderr
     assert blocker.read_text() == "x"
     if os.geteuid() != 0:  # root writes anywhere
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
-        proc = run_module(
-            "src.export", "--ckpt_path", str(ckpt), "--output", str(locked / "out"), check=False
-        )
-        assert proc.returncode == 2 and "cannot write the output folder" in proc.stderr
+        with pytest.raises(ex.ExportError, match="cannot write the output folder"):
+            ex.export(ckpt, "onnx", locked / "out", log=lambda _: None)
         assert list(locked.iterdir()) == []
 
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
-    proc = run_module("src.export", "--ckpt_path", str(ckpt), "--output", str(existing), check=False)
-    assert proc.returncode == 2 and "--overwrite" in proc.stderr
+    with pytest.raises(ex.ExportError, match="--overwrite"):
+        ex.export(ckpt, "onnx", existing, log=lambda _: None)
     assert [p.name for p in existing.iterdir()] == ["keep.txt"]
-    run_module(
-        "src.export", "--ckpt_path", str(ckpt), "--output", str(existing), "--overwrite", "--samples", "8"
-    )
+    ex.export(ckpt, "onnx", existing, overwrite=True, samples=8, log=lambda _: None)
     assert sorted(p.name for p in existing.iterdir()) == ["model.json", "model.onnx"]
     assert _leftovers(tmp_path) == []
 
