@@ -40,6 +40,7 @@ import os
 import signal
 import socket
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,10 @@ class ClassifierAPI(_LitAPI):
         max_batch_size: int = 16,
         batch_timeout: float = 0.002,
     ) -> None:
-        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=API_PATH)
+        with warnings.catch_warnings():
+            # with --max_batch_size 1 LitServe never calls batch/unbatch, and warns that they exist
+            warnings.filterwarnings("ignore", message=r".*max_batch_size parameter was not set")
+            super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=API_PATH)
         self.ckpt_path = ckpt_path
         self.max_inputs = max_inputs
         self.threads = threads
@@ -113,7 +117,7 @@ class ClassifierAPI(_LitAPI):
 
     # `request` stays unannotated: LitServe hands its annotation to FastAPI as the request type
     # (unannotated: the parsed JSON body).
-    def decode_request(self, request) -> list[Any]:  # noqa: ANN001
+    def decode_request(self, request) -> list[Any]:
         # RequestGuard already rejected bad requests in the HTTP process; this check only matters
         # if the API is mounted without it (an error here would fail the whole server batch).
         try:
@@ -140,7 +144,7 @@ class ClassifierAPI(_LitAPI):
         return output
 
     # No return annotation, for the same reason (it would become FastAPI's response model).
-    def encode_response(self, output: np.ndarray):  # noqa: ANN201
+    def encode_response(self, output: np.ndarray):
         names = self.class_names
         return {
             "predictions": [
