@@ -319,6 +319,8 @@ def export(
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}", 2)
     if samples < 1:
         raise ExportError(f"--samples must be >= 1, got {samples}", 2)
+    if not tolerance >= 0:
+        raise ExportError(f"--tolerance must be >= 0, got {tolerance}", 2)
     ckpt = Path(ckpt_path)
     try:
         model, datamodule = load_for_inference(ckpt)
