@@ -1,0 +1,470 @@
+"""Export a trained checkpoint's model to ONNX or TorchScript, with a JSON sidecar and a parity check.
+
+    python -m src.export --ckpt_path lightning_logs/<run>/version_0/checkpoints/last.ckpt
+    python -m src.export --ckpt_path <ckpt> --format torchscript --output exported/fashion
+    python -m src.export --ckpt_path <ckpt> --output exported/ag_news --overwrite --samples 512
+
+The output folder (default: ``<checkpoint folder>/<checkpoint name>-<format>/``) holds
+
+- ``model.onnx`` (or ``model.pt``, TorchScript): the network in inference form (BatchNorm with its
+  running statistics, dropout off) taking the encoded input batch and returning logits, with a
+  dynamic batch axis (and a dynamic sequence axis for text);
+- ``model.json``: everything needed to feed it without this project's code: class names, input and
+  output spec (symbolic dims), the preprocessing (Fashion-MNIST mean/std; for AG News the
+  tokenizer's steps and patterns, the vocabulary, max/min length and pad/unk ids), and the parity
+  result.
+
+Before anything is written, the exported file is loaded back (onnxruntime, or ``torch.jit.load``)
+and compared with the checkpoint's PyTorch model on real inputs (the checkpoint's test split;
+synthetic inputs, with a notice, when that data is not available) in batches of several sizes:
+the largest logit difference must stay within ``--tolerance`` and every argmax must agree. The
+folder is written under a temporary name next to the target and renamed into place, so a failure
+(bad checkpoint, exporter error, parity failure, unwritable folder) leaves nothing half-written.
+Errors print one ``error: ...`` message; exit status 2 for bad arguments, checkpoints or output
+folders, 1 when the export itself or the parity check fails.
+
+ONNX needs the ``serve`` extra (``pip install -e ".[serve]"``: onnx, onnxscript, onnxruntime).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from src.inference import InferenceError, InputEncoder, encoder_for, load_for_inference, sample_inputs
+
+FORMAT_VERSION = 1
+FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
+SIDECAR = "model.json"
+DEFAULT_TOLERANCE = 1e-4  # absolute, on logits (float32 kernels of two runtimes differ by ~1e-6)
+OUTPUT_NAME = "logits"
+
+
+class ExportError(RuntimeError):
+    """An export that could not be done; ``status`` is the exit status the command uses."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Parity:
+    """How the exported model's logits compare with the PyTorch model's."""
+
+    runtime: str
+    inputs: str
+    samples: int
+    batch_sizes: list[int]
+    max_abs_diff: float
+    tolerance: float
+    argmax_agree: int
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.tolerance and self.argmax_agree == self.samples
+
+    def summary(self) -> str:
+        verdict = "PASS" if self.passed else "FAIL"
+        sizes = f"{min(self.batch_sizes)}-{max(self.batch_sizes)}"
+        return (
+            f"parity ({self.runtime} vs PyTorch) on {self.inputs}, in {len(self.batch_sizes)} batches of "
+            f"{sizes}: max |logit difference| {self.max_abs_diff:.2e} (tolerance {self.tolerance:.0e}), "
+            f"argmax identical for {self.argmax_agree}/{self.samples}: {verdict}"
+        )
+
+
+# ------------------------------------------------------------------------------ the network
+class _EvalMaskedNormAct(nn.Module):
+    """Inference form of BN-CNN's ``MaskedNormAct``: ``norm_act(x) * mask``.
+
+    In training the real tokens are gathered (``h[mask]``) so padding stays out of BatchNorm's batch
+    statistics; in eval mode BatchNorm is a fixed per-channel affine map, so applying it everywhere
+    and zeroing the padded positions gives the same values, without the data-dependent shapes of
+    boolean indexing that ``torch.export`` cannot trace.
+    """
+
+    def __init__(self, norm_act: nn.Module) -> None:
+        super().__init__()
+        self.norm_act = norm_act
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        return self.norm_act(x) * mask.unsqueeze(1).to(x.dtype)
+
+
+def inference_network(model: nn.Module) -> nn.Module:
+    """A copy of the model's network in eval mode, with export-friendly equivalents swapped in."""
+    from src.models.bn_cnn import MaskedNormAct
+
+    net = copy.deepcopy(getattr(model, "net", model)).eval()
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, MaskedNormAct):
+                setattr(parent, name, _EvalMaskedNormAct(child.norm_act))
+    net.requires_grad_(False)
+    return net
+
+
+def _dynamic_dims(encoder: InputEncoder) -> dict[int, Any]:
+    dims: dict[int, Any] = {0: torch.export.Dim("batch", min=1)}
+    if encoder.kind == "text":
+        dims[1] = torch.export.Dim("sequence", min=1)
+    return dims
+
+
+def _example(batch: Tensor) -> Tensor:
+    # torch.export specialises sizes 0 and 1, so the traced example has a batch of at least 2.
+    return batch[:4] if len(batch) >= 2 else torch.cat([batch, batch])
+
+
+# ------------------------------------------------------------------------------ writers and runners
+def write_onnx(net: nn.Module, example: Tensor, encoder: InputEncoder, path: Path) -> dict[str, Any]:
+    """Export with the ``torch.export``-based exporter; return facts for the sidecar."""
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as err:
+        raise ExportError(
+            f"ONNX export needs the serve extra ({err.name} is not installed): pip install -e '.[serve]'", 2
+        ) from err
+    log = io.StringIO()
+    # The exporter logs a warning per torchvision operator it cannot register (torchvision is not needed).
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(log), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                net,
+                (example,),
+                dynamo=True,
+                input_names=[encoder.input_name],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=(_dynamic_dims(encoder),),
+                external_data=False,
+                verbose=False,
+            )
+            program.save(str(path), external_data=False)
+    except Exception as err:
+        tail = "\n".join(log.getvalue().strip().splitlines()[-5:])
+        raise ExportError(
+            f"the ONNX exporter failed: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+            + (f"\n{tail}" if tail else "")
+        ) from err
+    import onnx
+
+    proto = onnx.load(str(path))
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    return {"opset": opset}
+
+
+def write_torchscript(net: nn.Module, example: Tensor, path: Path) -> dict[str, Any]:
+    """Trace the network (shapes stay dynamic: no Python branch of these models depends on them)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch 2.13 marks torch.jit as deprecated
+            traced = torch.jit.trace(net, (example,), check_trace=False)
+            torch.jit.save(traced, str(path))
+    except Exception as err:
+        raise ExportError(f"TorchScript tracing failed: {type(err).__name__}: {err}") from err
+    return {}
+
+
+def load_runner(path: Path, fmt: str) -> tuple[Callable[[Tensor], Tensor], str]:
+    """A function running the exported file on an input batch, and the runtime's name."""
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+
+        def run_onnx(x: Tensor) -> Tensor:
+            return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
+        return run_onnx, f"onnxruntime {ort.__version__}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = torch.jit.load(str(path), map_location="cpu")
+
+    def run_script(x: Tensor) -> Tensor:
+        with torch.inference_mode():
+            return module(x)
+
+    return run_script, "torch.jit.load"
+
+
+def parity_batches(x: Tensor, encoder: InputEncoder) -> list[Tensor]:
+    """Split samples into batches of several sizes (1, 2, 7, then up to 128) to exercise the dynamic
+    axes; text batches are trimmed to their longest text, as ``predict`` trims them."""
+    sizes, start = [], 0
+    for size in (1, 2, 7):
+        if start + size <= len(x):
+            sizes.append(size)
+            start += size
+    while start < len(x):
+        sizes.append(min(128, len(x) - start))
+        start += sizes[-1]
+    batches, start = [], 0
+    for size in sizes:
+        batch = x[start : start + size]
+        start += size
+        if encoder.kind == "text":
+            from src.data.text import PAD_ID
+
+            real = (batch != PAD_ID).any(dim=0).nonzero()
+            width = max(int(real.max()) + 1 if len(real) else 0, getattr(encoder, "min_length", 1))
+            batch = batch[:, :width]
+        batches.append(batch)
+    return batches
+
+
+def check_parity(
+    model: nn.Module,
+    run: Callable[[Tensor], Tensor],
+    runtime: str,
+    batches: list[Tensor],
+    inputs: str,
+    tolerance: float,
+) -> Parity:
+    """Compare the exported model's logits with the checkpoint's PyTorch model, batch by batch."""
+    max_diff, agree, total = 0.0, 0, 0
+    with torch.inference_mode():
+        for batch in batches:
+            ref = model(batch).float()
+            got = run(batch).float()
+            if got.shape != ref.shape:
+                raise ExportError(
+                    f"the exported model returned shape {tuple(got.shape)}, PyTorch {tuple(ref.shape)}"
+                )
+            max_diff = max(max_diff, float((got - ref).abs().max()))
+            agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
+            total += len(batch)
+    return Parity(runtime, inputs, total, [len(b) for b in batches], max_diff, tolerance, agree)
+
+
+# ------------------------------------------------------------------------------ sidecar
+def sidecar(
+    model: nn.Module,
+    encoder: InputEncoder,
+    fmt: str,
+    facts: dict[str, Any],
+    parity: Parity,
+    ckpt_path: Path,
+) -> dict[str, Any]:
+    """The ``model.json`` description: enough to run the model from raw inputs without this project."""
+    names = list(model.class_names)
+    return {
+        "format_version": FORMAT_VERSION,
+        "exported_by": "python -m src.export (bn-classifiers)",
+        "model": {
+            "file": FORMATS[fmt],
+            "format": fmt,
+            **({"opset": facts["opset"]} if facts.get("opset") else {}),
+            "class": f"{type(model).__module__}.{type(model).__qualname__}",
+            "mode": "inference: BatchNorm uses its running statistics, dropout is off",
+            "torch_version": torch.__version__,
+        },
+        "checkpoint": {"file": ckpt_path.name, "sha256": _sha256(ckpt_path)},
+        "class_names": names,
+        "inputs": [encoder.input_spec()],
+        "outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", len(names)]}],
+        "postprocessing": "softmax over the last axis gives the class probabilities; argmax indexes class_names",
+        "preprocessing": encoder.describe(),
+        "parity": {**asdict(parity), "passed": parity.passed},
+    }
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------ the export
+def default_output(ckpt_path: Path, fmt: str) -> Path:
+    return ckpt_path.parent / f"{ckpt_path.stem}-{fmt}"
+
+
+def export(
+    ckpt_path: str | Path,
+    fmt: str = "onnx",
+    output: str | Path | None = None,
+    overwrite: bool = False,
+    samples: int = 256,
+    tolerance: float = DEFAULT_TOLERANCE,
+    log: Callable[[str], None] = print,
+) -> tuple[Path, Parity]:
+    """Export, check parity, and move the finished folder into place. See the module docstring."""
+    if fmt not in FORMATS:
+        raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}", 2)
+    if samples < 1:
+        raise ExportError(f"--samples must be >= 1, got {samples}", 2)
+    if not tolerance >= 0:
+        raise ExportError(f"--tolerance must be >= 0, got {tolerance}", 2)
+    ckpt = Path(ckpt_path)
+    try:
+        model, datamodule = load_for_inference(ckpt)
+        encoder = encoder_for(datamodule)
+    except InferenceError as err:
+        raise ExportError(str(err), 2) from err
+    target = Path(output) if output is not None else default_output(ckpt, fmt)
+    if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
+        raise ExportError(
+            f"the output folder {str(target)!r} exists and is not empty. Pass --overwrite or another --output.",
+            2,
+        )
+    tmp, created = _make_temp_folder(target)
+    try:
+        x, source, real = sample_inputs(datamodule, encoder, samples)
+        if not real:
+            log(f"notice: checking parity on {source}")
+        batches = parity_batches(x, encoder)
+        net = inference_network(model)
+        example = _example(max(batches, key=len))
+        file = tmp / FORMATS[fmt]
+        facts = (
+            write_onnx(net, example, encoder, file)
+            if fmt == "onnx"
+            else write_torchscript(net, example, file)
+        )
+        run, runtime = load_runner(file, fmt)
+        parity = check_parity(model, run, runtime, batches, source, tolerance)
+        if not parity.passed:
+            raise ExportError(f"{parity.summary()}. Nothing was written.")
+        description = sidecar(model, encoder, fmt, facts, parity, ckpt)
+        (tmp / SIDECAR).write_text(
+            json.dumps(description, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+        _move_into_place(tmp, target)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        if isinstance(err, OSError):
+            raise ExportError(f"cannot write the output folder {str(target)!r}: {err}", 2) from err
+        raise
+    size = (target / FORMATS[fmt]).stat().st_size
+    log(f"Exported {type(model).__name__} from {ckpt} to {target}/")
+    spec = description["inputs"][0]
+    log(
+        f"  {FORMATS[fmt]}  ({size / 1024:.0f} KiB; input {spec['name']!r} {spec['dtype']} {spec['shape']} -> "
+        f"{OUTPUT_NAME!r} float32 ['batch', {len(description['class_names'])}])"
+    )
+    log(
+        f"  {SIDECAR}  (class names, input spec, preprocessing{', vocabulary' if encoder.kind == 'text' else ''})"
+    )
+    log(f"  {parity.summary()}")
+    return target, parity
+
+
+def _make_temp_folder(target: Path) -> tuple[Path, list[Path]]:
+    """A fresh temporary folder next to ``target`` (same filesystem: the final rename is atomic), and
+    the parent folders created for it (removed again if the export fails)."""
+    parent = target.absolute().parent
+    missing = []
+    probe = parent
+    while not probe.exists() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp", dir=parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp's folder is private (0700); the export is an ordinary folder
+    except OSError as err:
+        for folder in missing:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        reason = err.strerror or str(err)
+        if not probe.is_dir():
+            reason = f"{str(probe)!r} is a file, not a folder"
+        raise ExportError(
+            f"cannot write the output folder {str(target)!r}: {reason}. Pass a writable folder with --output.",
+            2,
+        ) from err
+    return tmp, list(reversed(missing))
+
+
+def _move_into_place(tmp: Path, target: Path) -> None:
+    """Rename the finished folder to ``target``; an existing one (``--overwrite``) goes only after."""
+    if target.exists() or target.is_symlink():
+        old = target.with_name(f".{target.name}.old{os.getpid()}")
+        os.replace(target, old)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            os.replace(old, target)  # put the previous export back
+            raise
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+    else:
+        os.replace(tmp, target)
+
+
+# ------------------------------------------------------------------------------ command line
+def default_threads() -> int:
+    """``BN_NUM_THREADS``, else 1 on machines with 1-2 cores (as the training CLI), else torch's default."""
+    if os.environ.get("BN_NUM_THREADS"):
+        return int(os.environ["BN_NUM_THREADS"])
+    return 1 if (os.cpu_count() or 1) <= 2 else torch.get_num_threads()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m src.export",
+        description="Export a checkpoint's model to ONNX or TorchScript with a JSON sidecar, after a parity check.",
+    )
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by `python -m src.cli fit`")
+    parser.add_argument("--format", default="onnx", choices=sorted(FORMATS), help="default: onnx")
+    parser.add_argument(
+        "--output", default=None, help="output folder (default: <ckpt folder>/<ckpt name>-<format>)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument(
+        "--samples", type=int, default=256, help="inputs compared in the parity check (default 256)"
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help=f"largest absolute logit difference accepted (default {DEFAULT_TOLERANCE:g})",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(default_threads())
+    try:
+        export(args.ckpt_path, args.format, args.output, args.overwrite, args.samples, args.tolerance)
+    except ExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.status)
+
+
+if __name__ == "__main__":
+    main()

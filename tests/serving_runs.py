@@ -1,0 +1,120 @@
+"""Tiny trained checkpoints of every config, shared by tests/test_export.py and tests/test_serve.py.
+
+Each config is fitted once per test session (on tiny data, 2 epochs, as a user runs the CLI) into
+pytest's session temp folder; later calls reuse the checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.ag_news_data import write_tiny_ag_news
+from tests.conftest import ROOT, run_cli
+
+CONFIG_NAMES = ("mnist1d_resnet_bn", "mnist1d_resconv_bn", "fashion_mnist_mlp_bn", "ag_news_cnn_bn")
+
+
+def _data_args(name: str, root: Path) -> list[str]:
+    """CLI flags that point a config at tiny local data under ``root``."""
+    cache = f"--data.init_args.cache_dir={root / 'cache' / name}"
+    if name.startswith("mnist1d"):
+        return [
+            cache,
+            "--data.init_args.num_samples=600",
+            "--data.init_args.val_size=60",
+            "--data.init_args.batch_size=32",
+        ]
+    if name.startswith("fashion"):
+        from tests.test_fashion_mnist import tiny_fashion_dir
+
+        return [
+            f"--data.init_args.data_dir={tiny_fashion_dir(root, n_train=80, n_test=24)}",
+            cache,
+            f"--data.init_args.hf_cache_dir={root / 'hf'}",
+            "--data.init_args.val_size=16",
+            "--data.init_args.batch_size=16",
+        ]
+    files = (
+        write_tiny_ag_news(root / "ag_news")
+        if not (root / "ag_news").is_dir()
+        else {s: str(root / "ag_news" / f"{s}.parquet") for s in ("train", "test")}
+    )
+    return [
+        f"--data.init_args.data_files={{train: {files['train']}, test: {files['test']}}}",
+        cache,
+        "--data.init_args.batch_size=16",
+        "--data.init_args.max_vocab=200",
+        "--data.init_args.max_length=30",
+    ]
+
+
+def tiny_checkpoint(name: str, root: Path) -> Path:
+    """The ``last.ckpt`` of a 2-epoch fit of ``configs/<name>.yaml`` on tiny data (fitted on first use)."""
+    logs = root / "logs"
+    found = sorted((logs / name).rglob("last.ckpt"))
+    if found:
+        return found[0]
+    run_cli(
+        "fit",
+        "--config",
+        str(ROOT / "configs" / f"{name}.yaml"),
+        "--seed_everything=3",
+        "--trainer.accelerator=cpu",
+        "--trainer.max_epochs=2",
+        "--trainer.enable_progress_bar=false",
+        "--test_after_fit=false",
+        f"--trainer.logger.init_args.save_dir={logs}",
+        *_data_args(name, root),
+        cwd=root,
+    )
+    return next((logs / name).rglob("last.ckpt"))
+
+
+def run_module(
+    module: str, *args: str, cwd: Path | None = None, timeout: int = 300, check: bool = True
+) -> subprocess.CompletedProcess:
+    """Run ``python -m <module> ARGS`` as a user would (one torch thread, the Hub off)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "BN_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd or ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{module} failed ({proc.returncode}): {args}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
+    return proc
+
+
+def cli_predictions(ckpt: Path, workdir: Path, *extra: str) -> list[dict[str, object]]:
+    """Rows of ``predictions.csv`` from ``python -m src.cli predict --ckpt_path CKPT`` (run in ``workdir``)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    run_cli(
+        "predict",
+        "--ckpt_path",
+        str(ckpt),
+        "--trainer.callbacks+=PredictionWriter",
+        "--trainer.callbacks.print_limit=0",
+        "--trainer.enable_progress_bar=false",
+        *extra,
+        cwd=workdir,
+    )
+    path = next(workdir.rglob("predictions.csv"))
+    with path.open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [
+        {
+            "predicted": row["predicted_name"],
+            "probabilities": {k[2:]: float(v) for k, v in row.items() if k.startswith("p_")},
+            **({"text": row["text"]} if "text" in row else {}),
+        }
+        for row in rows
+    ]

@@ -1,0 +1,274 @@
+"""`python -m src.export`: ONNX/TorchScript export with a sidecar, parity with the checkpoint, clean failures.
+
+Needs the serve extra (onnx, onnxscript, onnxruntime); skipped without it. The tiny checkpoints come
+from tests/serving_runs.py (fitted once per session, ~40 s for the four configs).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ort = pytest.importorskip("onnxruntime", reason="the serve extra (onnxruntime) is not installed")
+onnx = pytest.importorskip("onnx", reason="the serve extra (onnx) is not installed")
+pytest.importorskip("onnxscript", reason="the serve extra (onnxscript, for torch.onnx) is not installed")
+
+from src import export as ex  # noqa: E402
+from src.inference import encoder_for, load_for_inference, sample_inputs  # noqa: E402
+from tests.serving_runs import CONFIG_NAMES, run_module, tiny_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def runs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.getbasetemp() / "tiny_runs"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".tmp" in p.name or ".old" in p.name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_onnx_export_matches_the_checkpoint_through_onnxruntime(name: str, runs_root: Path, tmp_path: Path):
+    ckpt = tiny_checkpoint(name, runs_root)
+    out = tmp_path / "exported"
+    proc = run_module("src.export", "--ckpt_path", str(ckpt), "--output", str(out), "--samples", "64")
+    assert "parity (onnxruntime" in proc.stdout and ": PASS" in proc.stdout, proc.stdout
+    assert "synthetic" not in proc.stdout  # the tiny data is there: real samples
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.onnx"]
+    assert _leftovers(tmp_path) == []
+
+    meta = json.loads((out / "model.json").read_text(encoding="utf-8"))
+    model, datamodule = load_for_inference(ckpt)
+    encoder = encoder_for(datamodule)
+    assert meta["format_version"] == ex.FORMAT_VERSION
+    assert meta["class_names"] == list(model.class_names)
+    assert meta["inputs"] == [encoder.input_spec()] and meta["inputs"][0]["shape"][0] == "batch"
+    assert meta["parity"]["passed"] and meta["parity"]["samples"] > 1
+
+    # BatchNorm and dropout in inference form: no Dropout node, no BatchNormalization in training mode
+    graph = onnx.load(str(out / "model.onnx")).graph
+    assert "Dropout" not in {n.op_type for n in graph.node}
+    for node in graph.node:
+        if node.op_type == "BatchNormalization":
+            assert all(not (a.name == "training_mode" and a.i) for a in node.attribute)
+    dims = graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param == "batch"
+    if encoder.kind == "text":
+        assert dims[1].dim_param == "sequence"
+
+    # The same check here, on real samples in batches of several sizes (and text lengths).
+    x, _, real = sample_inputs(datamodule, encoder, 64)
+    assert real
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    for batch in ex.parity_batches(x, encoder):
+        got = session.run(None, {encoder.input_name: batch.numpy()})[0]
+        with torch.inference_mode():
+            want = model(batch).numpy()
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=0, atol=ex.DEFAULT_TOLERANCE)
+        assert (got.argmax(1) == want.argmax(1)).all()
+
+
+# ---------------------------------------------------------------------- the sidecar is self-contained
+def _sidecar_tokenize(text: str, tok: dict) -> list[str]:
+    """The tokenizer rebuilt from model.json alone (re and html only, no project code)."""
+    if not text:
+        return []
+    for step in tok["preprocess"]:
+        kind = step["step"]
+        if kind == "replace":
+            text = re.sub(step["pattern"], step["with"], text)
+        elif kind == "prefix_entities":
+            text = re.sub(step["pattern"], lambda m: "&" + m.group(1), text)
+        elif kind == "html_unescape":
+            text = html.unescape(text)
+        elif kind == "translate":
+            text = text.translate({ord(k): v for k, v in step["table"].items()})
+        elif kind == "lowercase":
+            text = text.lower()
+        elif kind == "collapse_whitespace":
+            text = " ".join(text.split())
+        else:
+            raise AssertionError(f"unknown step {kind}")
+    return re.findall(tok["token_pattern"], text)
+
+
+def _sidecar_encode(texts: list[str], meta: dict) -> np.ndarray:
+    pre = meta["preprocessing"]
+    index = {t: i for i, t in enumerate(pre["vocabulary"])}
+    ids = [
+        [index.get(t, pre["unk_id"]) for t in _sidecar_tokenize(s, pre["tokenizer"])[: pre["max_length"]]]
+        for s in texts
+    ]
+    width = max([pre["min_length"], *map(len, ids)])
+    return np.array([row + [pre["pad_id"]] * (width - len(row)) for row in ids], dtype=np.int64)
+
+
+@pytest.mark.slow
+def test_text_sidecar_encodes_raw_text_without_project_code(runs_root: Path, tmp_path: Path):
+    ckpt = tiny_checkpoint("ag_news_cnn_bn", runs_root)
+    out = tmp_path / "ag"
+    run_module("src.export", "--ckpt_path", str(ckpt), "--output", str(out), "--samples", "16")
+    meta = json.loads((out / "model.json").read_text(encoding="utf-8"))
+    texts = [
+        "Wall St.\\band #36;5 &lt;b&gt;Bears&lt;/b&gt; can't stop",
+        "",
+        "   \t ",
+        "Stocks and PROFIT rise on the oil market (Reuters) http://x.y/z",
+        "coach " * 80,
+        "Ünïcödé 東京 ☃ — “quoted” ‘single’",
+    ]
+    model, datamodule = load_for_inference(ckpt)
+    encoder = encoder_for(datamodule)
+    ids = _sidecar_encode(texts, meta)
+    np.testing.assert_array_equal(ids, encoder.encode(texts).numpy())
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"token_ids": ids})[0]
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    with torch.inference_mode():
+        want = torch.softmax(model(encoder.encode(texts)), -1).numpy()
+    np.testing.assert_allclose(probs, want, atol=1e-5)
+
+
+def test_image_sidecar_normalisation_is_the_datamodules(runs_root: Path, tmp_path: Path):
+    ckpt = tiny_checkpoint("fashion_mnist_mlp_bn", runs_root)
+    _, datamodule = load_for_inference(ckpt)
+    encoder = encoder_for(datamodule)
+    norm = encoder.describe()["normalisation"]
+    assert (norm["mean"], norm["std"]) == (datamodule.mean, datamodule.std)
+    pixels = torch.randint(0, 256, (3, 28, 28), dtype=torch.uint8)
+    from_json = (pixels.numpy().astype(np.float32) * norm["scale"] - norm["mean"]) / norm["std"]
+    expected = datamodule.transform_batch((pixels,), training=False)[0]
+    np.testing.assert_allclose(from_json, expected.numpy(), rtol=0, atol=1e-6)
+    assert torch.equal(encoder.encode(list(pixels.numpy())), expected)
+
+
+# ---------------------------------------------------------------------- TorchScript
+@pytest.mark.slow
+def test_torchscript_export_matches_the_checkpoint(runs_root: Path, tmp_path: Path):
+    ckpt = tiny_checkpoint("ag_news_cnn_bn", runs_root)  # dynamic batch and sequence axes
+    out = tmp_path / "ts"
+    proc = run_module("src.export", "--ckpt_path", str(ckpt), "--format", "torchscript", "--output", str(out))
+    assert "parity (torch.jit.load vs PyTorch)" in proc.stdout and ": PASS" in proc.stdout
+    assert json.loads((out / "model.json").read_text())["model"]["file"] == "model.pt"
+    module = torch.jit.load(str(out / "model.pt"))
+    model, datamodule = load_for_inference(ckpt)
+    encoder = encoder_for(datamodule)
+    for texts in (["one"], ["Stocks rise on oil", "", "coach league " * 20]):
+        x = encoder.encode(texts)
+        with torch.inference_mode():
+            torch.testing.assert_close(module(x), model(x), rtol=0, atol=ex.DEFAULT_TOLERANCE)
+
+
+# ---------------------------------------------------------------------- failures write nothing
+def _bad_checkpoints(good: Path, folder: Path) -> dict[str, Path]:
+    ckpt = torch.load(good, weights_only=True)
+    paths = {"missing": folder / "missing.ckpt"}
+    paths["truncated"] = folder / "truncated.ckpt"
+    paths["truncated"].write_bytes(good.read_bytes()[:4000])
+    paths["not a checkpoint"] = folder / "notes.ckpt"
+    paths["not a checkpoint"].write_text("not a checkpoint")
+    mismatched = {**ckpt, "hyper_parameters": {**ckpt["hyper_parameters"], "hidden_sizes": [32]}}
+    paths["mismatched"] = folder / "mismatched.ckpt"
+    torch.save(mismatched, paths["mismatched"])
+    paths["weights only"] = folder / "weights.ckpt"
+    torch.save({"state_dict": ckpt["state_dict"]}, paths["weights only"])
+    no_state = {k: v for k, v in ckpt.items() if k != "FashionMNIST"}
+    paths["no normalisation"] = folder / "no_state.ckpt"
+    torch.save(no_state, paths["no normalisation"])
+    return paths
+
+
+def test_bad_or_mismatched_checkpoints_stop_with_a_message_and_write_nothing(runs_root: Path, tmp_path: Path):
+    good = tiny_checkpoint("fashion_mnist_mlp_bn", runs_root)
+    messages = {
+        "missing": "does not exist",
+        "truncated": "could not read checkpoint",
+        "not a checkpoint": "checkpoint",  # src.reliability's message for a file torch.load refuses
+        "mismatched": "do not fit",
+        "weights only": "does not name its model class",
+        "no normalisation": "no Fashion-MNIST normalisation",
+    }
+    for case, path in _bad_checkpoints(good, tmp_path).items():  # in-process: fast
+        with pytest.raises(ex.ExportError, match=re.escape(messages[case])) as info:
+            ex.export(path, "onnx", tmp_path / "out" / case, log=lambda _: None)
+        assert info.value.status == 2, case
+        assert not (tmp_path / "out").exists(), case
+    for case in ("truncated", "mismatched"):  # as a user runs it: one message, exit status 2
+        path = _bad_checkpoints(good, tmp_path)[case]
+        proc = run_module(
+            "src.export", "--ckpt_path", str(path), "--output", str(tmp_path / "out"), check=False
+        )
+        assert proc.returncode == 2, (case, proc.stderr)
+        assert proc.stderr.startswith("error: ") and messages[case] in proc.stderr, (case, proc.stderr)
+        assert "Traceback" not in proc.stderr, (case, proc.stderr)
+        assert not (tmp_path / "out").exists(), case
+
+
+def test_unwritable_or_existing_output_folders(runs_root: Path, tmp_path: Path):
+    ckpt = tiny_checkpoint("mnist1d_resnet_bn", runs_root)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    proc = run_module(
+        "src.export", "--ckpt_path", str(ckpt), "--output", str(blocker / "sub" / "out"), check=False
+    )
+    assert (
+        proc.returncode == 2
+        and proc.stderr.startswith("error: ")
+        and "is a file, not a folder" in proc.stderr
+    )
+    assert "Traceback" not in proc.stderr
+    assert blocker.read_text() == "x"
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(ex.ExportError, match="cannot write the output folder"):
+            ex.export(ckpt, "onnx", locked / "out", log=lambda _: None)
+        assert list(locked.iterdir()) == []
+
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    with pytest.raises(ex.ExportError, match="--overwrite"):
+        ex.export(ckpt, "onnx", existing, log=lambda _: None)
+    assert [p.name for p in existing.iterdir()] == ["keep.txt"]
+    ex.export(ckpt, "onnx", existing, overwrite=True, samples=8, log=lambda _: None)
+    assert sorted(p.name for p in existing.iterdir()) == ["model.json", "model.onnx"]
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_failed_parity_check_writes_nothing(runs_root: Path, tmp_path: Path, monkeypatch):
+    ckpt = tiny_checkpoint("mnist1d_resnet_bn", runs_root)
+    real_runner = ex.load_runner
+
+    def off_by_a_little(path: Path, fmt: str):
+        run, name = real_runner(path, fmt)
+        return (lambda x: run(x) + 1e-3), name
+
+    monkeypatch.setattr(ex, "load_runner", off_by_a_little)
+    out = tmp_path / "parent" / "out"
+    with pytest.raises(ex.ExportError, match=r"max \|logit difference\| 1\.00e-03 .*FAIL"):
+        ex.export(ckpt, "onnx", out, samples=16, log=lambda _: None)
+    assert not (tmp_path / "parent").exists()
+
+
+def test_parity_falls_back_to_synthetic_inputs_without_the_data(runs_root: Path, tmp_path: Path):
+    ckpt = tiny_checkpoint("fashion_mnist_mlp_bn", runs_root)
+    _, datamodule = load_for_inference(ckpt)
+    datamodule.data_dir = str(tmp_path / "moved")  # the data and its decoded cache are gone
+    datamodule.cache_dir = tmp_path / "no_cache"
+    x, source, real = sample_inputs(datamodule, encoder_for(datamodule), 10)
+    assert not real and x.shape == (10, 28, 28) and "synthetic" in source and "not available" in source
+    shutil.rmtree(tmp_path / "no_cache", ignore_errors=True)

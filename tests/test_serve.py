@@ -1,0 +1,375 @@
+"""`python -m src.serve`: the real LitServe server in a subprocess, called over HTTP.
+
+Predictions equal ``python -m src.cli predict`` on the same inputs for every config; concurrent
+requests; bad requests answered with a 4xx JSON while the server keeps serving; SIGTERM/SIGINT
+shutdown; bad checkpoint and busy port. Needs the serve extra (litserve, httpx); skipped without it.
+A server takes ~10 s to start on a 2-core machine; each is started once for the module.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("litserve", reason="the serve extra (litserve) is not installed")
+httpx = pytest.importorskip("httpx", reason="the serve extra (httpx) is not installed")
+
+from src.inference import load_for_inference  # noqa: E402
+from tests.conftest import ROOT  # noqa: E402
+from tests.serving_runs import CONFIG_NAMES, cli_predictions, run_module, tiny_checkpoint  # noqa: E402
+
+MAX_BYTES = 300_000
+MAX_INPUTS = 64
+PROB_ATOL = 2e-6  # predictions.csv rounds probabilities to 6 decimals
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def children_of(pid: int) -> set[int]:
+    """Every live descendant process of ``pid`` (Linux /proc)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, pp in parents.items() if pp in frontier} - found
+        found |= frontier
+    return found
+
+
+class Server:
+    """``python -m src.serve`` in a subprocess (output in a log file), ready when /health says ok."""
+
+    def __init__(self, ckpt: Path, log: Path, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "BN_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        cmd = [sys.executable, "-m", "src.serve", "--ckpt_path", str(ckpt), "--port", str(self.port), *args]
+        with log.open("w") as out:
+            self.proc = subprocess.Popen(cmd, cwd=log.parent, env=env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while True:
+            assert self.proc.poll() is None, f"the server exited:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"the server never got healthy:\n{log.read_text()[-3000:]}"
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).text == "ok":
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        self.client = httpx.Client(base_url=self.url, timeout=30)
+
+    def predict(self, inputs: list) -> list[dict]:
+        response = self.client.post("/predict", json={"inputs": inputs})
+        assert response.status_code == 200, response.text
+        return response.json()["predictions"]
+
+    def stop(self, sig: int = signal.SIGTERM, within: float = 15.0) -> tuple[int, float, set[int]]:
+        """Send ``sig``; return the exit status, the seconds until every process had gone, and any left."""
+        self.client.close()
+        children = children_of(self.proc.pid)
+        start = time.monotonic()
+        self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout=within)
+        except subprocess.TimeoutExpired:
+            for pid in children_of(self.proc.pid) | children | {self.proc.pid}:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            self.proc.wait()
+            raise AssertionError(
+                f"the server ignored signal {sig} for {within} s:\n{self.log.read_text()[-3000:]}"
+            ) from None
+        left = children
+        while left and time.monotonic() - start < within:  # e.g. multiprocessing's resource tracker
+            time.sleep(0.1)
+            left = {pid for pid in left if _alive(pid)}
+        return code, time.monotonic() - start, left
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def runs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.getbasetemp() / "tiny_runs"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def servers(runs_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Start one server per config on first use; stop the ones still running at the end (SIGINT)."""
+    started: dict[str, Server] = {}
+    logs = tmp_path_factory.mktemp("server_logs")
+
+    def get(name: str) -> Server:
+        if name not in started:
+            args = ("--max_request_bytes", str(MAX_BYTES), "--max_inputs", str(MAX_INPUTS))
+            if (
+                name == "ag_news_cnn_bn"
+            ):  # two inference workers (and HTTP processes) for the concurrency test
+                args += ("--workers", "2")
+            started[name] = Server(tiny_checkpoint(name, runs_root), logs / f"{name}.log", *args)
+        return started[name]
+
+    yield get
+    problems = []
+    for name, server in started.items():  # every server is stopped before anything is reported
+        if server.proc.poll() is None:
+            code, _, left = server.stop(signal.SIGINT)
+            if code != 0 or left:
+                problems.append((name, code, left, server.log.read_text()[-2000:]))
+    assert not problems, problems
+
+
+# ---------------------------------------------------------------------- raw inputs of each kind
+def raw_test_split(ckpt: Path) -> tuple[np.ndarray, str]:
+    """The raw inputs of the checkpoint's test split (what `predict` runs on) and the input kind."""
+    _, datamodule = load_for_inference(ckpt)
+    datamodule.setup("test")
+    return datamodule.splits["test"][0].numpy(), type(datamodule).__name__
+
+
+def png_base64(image: np.ndarray) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image.astype(np.uint8), mode="L").save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+AG_TEXTS = [
+    "Stocks and profit rise on the oil market",
+    "",
+    "The coach said the league season ends with a goal",
+    "coach " * 300,  # far beyond max_length
+    "Ünïcödé 東京 ☃ — “quoted” &lt;b&gt;software&lt;/b&gt; #36;5",
+    "qqqx zzzy wwwv",  # all unknown
+    "Minister and president meet for embassy talks (Reuters)",
+]
+
+
+def assert_same(served: list[dict], expected: list[dict], atol: float = PROB_ATOL) -> None:
+    assert len(served) == len(expected)
+    for i, (got, want) in enumerate(zip(served, expected, strict=True)):
+        assert got["predicted"] == want["predicted"], (i, got, want)
+        assert list(got["probabilities"]) == list(want["probabilities"])  # class order kept
+        np.testing.assert_allclose(
+            list(got["probabilities"].values()), list(want["probabilities"].values()), rtol=0, atol=atol
+        )
+
+
+# ---------------------------------------------------------------------- predictions
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_predictions_equal_cli_predict_on_the_same_inputs(
+    name: str, servers, runs_root: Path, tmp_path: Path
+):
+    server = servers(name)
+    ckpt = tiny_checkpoint(name, runs_root)
+    if name.startswith("ag_news"):
+        expected = cli_predictions(ckpt, tmp_path, f"--data.init_args.predict_texts={json.dumps(AG_TEXTS)}")
+        assert [row["text"] for row in expected] == AG_TEXTS
+        served = server.predict(AG_TEXTS[:3]) + server.predict(AG_TEXTS[3:4]) + server.predict(AG_TEXTS[4:])
+    else:
+        expected = cli_predictions(ckpt, tmp_path)  # on the test split
+        raw, kind = raw_test_split(ckpt)
+        if kind == "FashionMNIST":  # PNGs, nested pixel arrays and flat pixel arrays
+            inputs = [png_base64(x) for x in raw[:8]] + [x.tolist() for x in raw[8:16]]
+            inputs += [{"png": png_base64(x)} for x in raw[16:18]] + [
+                x.reshape(-1).tolist() for x in raw[18:]
+            ]
+        else:  # MNIST-1D signals
+            inputs = [x.tolist() for x in raw]
+        served = []
+        for start, size in ((0, 1), (1, 5), (6, MAX_INPUTS), (6 + MAX_INPUTS, len(inputs))):
+            if start < len(inputs):
+                served += server.predict(inputs[start : start + size])
+    assert_same(served, expected)
+
+
+@pytest.mark.slow
+def test_concurrent_requests_get_their_own_answers(servers, runs_root: Path):
+    server = servers("ag_news_cnn_bn")
+    assert server.client.get("/info").json()["server"]["workers_per_device"] == 2
+    texts = [
+        f"{w} {i}" for i, w in enumerate(["stocks oil", "coach goal", "chip software", "troops talks"] * 10)
+    ]
+    alone = {t: server.predict([t])[0] for t in texts}  # one at a time: server batches of one request
+    results: dict[str, dict] = {}
+    errors: list[BaseException] = []
+
+    def worker(mine: list[str]) -> None:
+        try:
+            with httpx.Client(base_url=server.url, timeout=30) as client:
+                for i in range(0, len(mine), 2):
+                    r = client.post("/predict", json={"inputs": mine[i : i + 2]})
+                    assert r.status_code == 200, r.text
+                    results.update(zip(mine[i : i + 2], r.json()["predictions"], strict=True))
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(texts[k::8],)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert set(results) == set(texts)
+    # batched with other requests (other texts, other padding) the answers stay the same
+    assert_same([results[t] for t in texts], [alone[t] for t in texts], atol=1e-5)
+
+
+# ---------------------------------------------------------------------- bad requests
+def _chunks(data: bytes, size: int = 65536):
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+@pytest.mark.slow
+def test_bad_requests_get_a_4xx_json_answer_and_the_server_keeps_serving(servers, runs_root: Path):
+    server = servers("fashion_mnist_mlp_bn")
+    good = [[[0] * 28] * 28]
+    client = server.client
+    json_type = {"Content-Type": "application/json"}
+    cases = {
+        "wrong shape": (client.post("/predict", json={"inputs": [[[0] * 28] * 27]}), 422),
+        "pixel out of range": (client.post("/predict", json={"inputs": [[[300] * 28] * 28]}), 422),
+        "0-1 float pixels": (client.post("/predict", json={"inputs": [[[0.5] * 28] * 28]}), 422),
+        "NaN pixels": (
+            client.post(
+                "/predict", content=b'{"inputs": [[' + b",".join([b"NaN"] * 784) + b"]]}", headers=json_type
+            ),
+            422,
+        ),
+        "not an image": (
+            client.post("/predict", json={"inputs": [base64.b64encode(b"GIF89a nope").decode()]}),
+            422,
+        ),
+        "wrong image size": (client.post("/predict", json={"inputs": [png_base64(np.zeros((32, 32)))]}), 422),
+        "a text": (client.post("/predict", json={"inputs": ["a shirt"]}), 422),
+        "empty body": (client.post("/predict", content=b"", headers=json_type), 400),
+        "non-UTF-8 body": (
+            client.post("/predict", content=b'{"inputs": ["\xff\xfe"]}', headers=json_type),
+            400,
+        ),
+        "not JSON": (client.post("/predict", content=b"{inputs: [1, 2", headers=json_type), 400),
+        "no inputs key": (client.post("/predict", json={"input": good}), 400),
+        "inputs not a list": (client.post("/predict", json={"inputs": good[0][0][0]}), 400),
+        "no inputs": (client.post("/predict", json={"inputs": []}), 400),
+        "too many inputs": (client.post("/predict", json={"inputs": good * (MAX_INPUTS + 1)}), 413),
+        "too large": (client.post("/predict", content=b" " * (MAX_BYTES + 1), headers=json_type), 413),
+        "too large, streamed": (
+            client.post(
+                "/predict", content=_chunks(b'{"inputs": [' + b"0," * MAX_BYTES + b"0]}"), headers=json_type
+            ),
+            413,
+        ),
+    }
+    for case, (response, status) in cases.items():
+        assert response.status_code == status, (case, response.status_code, response.text)
+        detail = response.json()["detail"]
+        assert isinstance(detail["error"], str) and detail["error"], case
+        assert len(server.predict(good)) == 1, case  # still serving
+    assert cases["wrong shape"][0].json()["detail"]["input_index"] == 0
+
+    # A bad request arriving among good ones fails alone (not its whole server batch).
+    statuses: list[int] = []
+
+    def post(body: dict) -> None:
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            statuses.append(c.post("/predict", json=body).status_code)
+
+    bodies = [{"inputs": good}] * 6 + [{"inputs": [[[1] * 5]]}] + [{"inputs": good}] * 6
+    threads = [threading.Thread(target=post, args=(b,)) for b in bodies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(statuses) == [200] * 12 + [422]
+
+
+@pytest.mark.slow
+def test_text_that_is_not_utf8_is_refused(servers, runs_root: Path):
+    server = servers("ag_news_cnn_bn")
+    lone_surrogate = b'{"inputs": ["fine", "\\ud800 broken"]}'  # valid JSON, not valid UTF-8 text
+    r = server.client.post("/predict", content=lone_surrogate, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["detail"]["input_index"] == 1, r.text
+    r = server.client.post("/predict", json={"inputs": ["fine", 42]})
+    assert r.status_code == 422 and "text" in r.json()["detail"]["error"]
+    r = server.client.post(
+        "/predict", content=b'{"inputs": [Infinity]}', headers={"Content-Type": "application/json"}
+    )
+    assert r.status_code == 422 and "text" in r.json()["detail"]["error"]
+    # curl -d sends a form content type: the body is read as JSON all the same
+    r = server.client.post(
+        "/predict",
+        content=json.dumps({"inputs": ["oil"]}),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 1
+
+
+@pytest.mark.slow
+def test_health_and_info(servers):
+    server = servers("mnist1d_resnet_bn")
+    assert server.client.get("/health").text == "ok"
+    info = server.client.get("/info").json()["model"]
+    assert info["class_names"] == [str(i) for i in range(10)] and info["request"].startswith('{"inputs"')
+
+
+# ---------------------------------------------------------------------- start and stop
+@pytest.mark.slow
+def test_sigterm_stops_the_server_and_its_workers(servers, runs_root: Path):
+    server = servers("mnist1d_resnet_bn")
+    assert children_of(server.proc.pid)  # HTTP and inference worker processes
+    code, took, left = server.stop(signal.SIGTERM)
+    assert code == 0 and took < 10 and not left, (code, took, left, server.log.read_text()[-2000:])
+    assert "Traceback" not in server.log.read_text()
+    with socket.socket() as s:  # the port is free again
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", server.port))
+
+
+def test_bad_checkpoint_or_busy_port_stop_before_serving(runs_root: Path, tmp_path: Path):
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"\x00" * 100)
+    proc = run_module("src.serve", "--ckpt_path", str(junk), check=False, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+    ckpt = tiny_checkpoint("mnist1d_resnet_bn", runs_root)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = run_module("src.serve", "--ckpt_path", str(ckpt), "--port", str(port), check=False, timeout=60)
+    assert proc.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
