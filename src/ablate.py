@@ -294,13 +294,11 @@ def write_summary(results: list[RunResult], output: Path, target: float) -> None
 
 def plot_curves(results: list[RunResult], path: Path, title: str = "") -> None:
     """Validation accuracy per epoch for each variant: mean over seeds, ±1 std band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.subplots()
     for name in dict.fromkeys(r.variant for r in results):
         per_epoch: dict[int, list[float]] = {}
         for r in results:
@@ -322,7 +320,6 @@ def plot_curves(results: list[RunResult], path: Path, title: str = "") -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------- entry point

@@ -11,6 +11,7 @@ The CLI installs the plugin in every run (``trainer.plugins``).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import pickle
@@ -86,6 +87,42 @@ def _not_a_checkpoint(path: str, err: BaseException) -> str:
         f"could not read checkpoint {path!r}: it is not a PyTorch Lightning checkpoint, or it is corrupt, "
         f"truncated ({type(err).__name__}: {reason[:160]}). {WHAT_TO_PASS}"
     )
+
+
+_metadata: dict[Path, dict[str, Any]] = {}
+
+
+def read_metadata(path: _PATH) -> dict[str, Any]:
+    """A checkpoint's contents with its tensors memory-mapped, not read: cheap, and read once per
+    process however many checks ask for it (:func:`load_checkpoint`'s errors)."""
+    key = Path(path).resolve()
+    if key not in _metadata:
+        _metadata[key] = load_checkpoint(path, mmap=True)
+    return _metadata[key]
+
+
+def with_stored_config(argv: list[str]) -> list[str]:
+    """``validate|test|predict --ckpt_path X`` without ``--config``: the configuration stored in the
+    checkpoint comes first, so the command runs as the run that wrote it did (its callbacks, logger,
+    seed, optimiser); options given on the command line still override it."""
+    if not argv or argv[0] not in ("validate", "test", "predict"):
+        return argv
+    if any(a in ("--config", "-c") or a.startswith("--config=") for a in argv):
+        return argv
+    ckpt = next((a.split("=", 1)[1] for a in argv if a.startswith("--ckpt_path=")), None)
+    if ckpt is None and "--ckpt_path" in argv[:-1]:
+        ckpt = argv[argv.index("--ckpt_path") + 1]
+    if not ckpt or ckpt in ("best", "last", "hpc", "registry"):
+        return argv
+    if not Path(ckpt).is_file():
+        raise CheckpointError(f"--ckpt_path {ckpt!r} is not a file. Pass the path of a .ckpt file.")
+    stored = read_metadata(ckpt).get(CONFIG_KEY)
+    if not stored:
+        raise CheckpointError(
+            f"{ckpt} holds no run configuration (it was not written by this project's CLI). Pass the "
+            "config it was trained with: --config <config.yaml>."
+        )
+    return [argv[0], "--config", stored, *argv[1:]]
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
@@ -224,10 +261,8 @@ def _commit(f: Any, tmp: Path, target: Path) -> None:
 def _discard(f: Any, tmp: Path) -> None:
     """Close and delete a failed temporary file. Closing flushes what is buffered, which fails
     again on a full disk: that error is expected here, and the file goes regardless."""
-    try:
+    with contextlib.suppress(OSError):
         f.close()
-    except OSError:
-        pass
     tmp.unlink(missing_ok=True)
 
 

@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from src.devices import cpu_threads
 from src.inference import InferenceError, InputEncoder, encoder_for, load_for_inference, sample_inputs
 
 FORMAT_VERSION = 1
@@ -92,32 +93,10 @@ class Parity:
 
 
 # ------------------------------------------------------------------------------ the network
-class _EvalMaskedNormAct(nn.Module):
-    """Inference form of BN-CNN's ``MaskedNormAct``: ``norm_act(x) * mask``.
-
-    In training the real tokens are gathered (``h[mask]``) so padding stays out of BatchNorm's batch
-    statistics; in eval mode BatchNorm is a fixed per-channel affine map, so applying it everywhere
-    and zeroing the padded positions gives the same values, without the data-dependent shapes of
-    boolean indexing that ``torch.export`` cannot trace.
-    """
-
-    def __init__(self, norm_act: nn.Module) -> None:
-        super().__init__()
-        self.norm_act = norm_act
-
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        return self.norm_act(x) * mask.unsqueeze(1).to(x.dtype)
-
-
 def inference_network(model: nn.Module) -> nn.Module:
-    """A copy of the model's network in eval mode, with export-friendly equivalents swapped in."""
-    from src.models.bn_cnn import MaskedNormAct
-
+    """A copy of the model's network in eval mode (BatchNorm on its running statistics, no dropout;
+    BN-CNN's masked BatchNorm then needs no boolean indexing, which ``torch.export`` cannot trace)."""
     net = copy.deepcopy(getattr(model, "net", model)).eval()
-    for parent in list(net.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, MaskedNormAct):
-                setattr(parent, name, _EvalMaskedNormAct(child.norm_act))
     net.requires_grad_(False)
     return net
 
@@ -426,13 +405,6 @@ def _move_into_place(tmp: Path, target: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ command line
-def default_threads() -> int:
-    """``BN_NUM_THREADS``, else 1 on machines with 1-2 cores (as the training CLI), else torch's default."""
-    if os.environ.get("BN_NUM_THREADS"):
-        return int(os.environ["BN_NUM_THREADS"])
-    return 1 if (os.cpu_count() or 1) <= 2 else torch.get_num_threads()
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m src.export",
@@ -458,7 +430,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(default_threads())
+    torch.set_num_threads(cpu_threads())
     try:
         export(args.ckpt_path, args.format, args.output, args.overwrite, args.samples, args.tolerance)
     except ExportError as err:

@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from src.checkpoints import CheckpointError, load_checkpoint
 from src.data.base import ClassificationDataModule
 from src.models.classifier import ClassifierModule
-from src.reliability import CheckpointError, load_checkpoint
 
 
 class InferenceError(RuntimeError):
@@ -70,11 +70,10 @@ def load_for_inference(
 ) -> tuple[ClassifierModule, ClassificationDataModule]:
     """Rebuild the eval-mode model and its DataModule (fitted state restored) from a checkpoint.
 
-    Only the checkpoint is read (``torch.load(weights_only=True)`` through
-    :func:`src.reliability.load_checkpoint`): the model and DataModule classes and their
-    arguments come from its ``hyper_parameters`` / ``datamodule_hyper_parameters`` (as
-    ``python -m src.cli predict --ckpt_path`` takes them), the DataModule's fitted state from the
-    entry named after its class. No training data is touched.
+    The classes come from the checkpoint (``_class_path``), their settings from its hyperparameters
+    through Lightning's ``load_from_checkpoint`` (weights only, nothing unpickled), the DataModule's
+    fitted state (class names, normalisation, vocabulary) from the entry Lightning keeps for it. No
+    training data is touched.
 
     Raises:
         InferenceError: missing/corrupt file, a checkpoint without this project's model or
@@ -82,51 +81,40 @@ def load_for_inference(
     """
     path = str(ckpt_path)
     try:
-        ckpt = load_checkpoint(path, map_location=map_location)
+        ckpt = load_checkpoint(path, mmap=True)
     except CheckpointError as err:
         raise InferenceError(str(err)) from err
-    model_cls, model_args = _class_and_args(ckpt, "hyper_parameters", ClassifierModule, path)
-    data_cls, data_args = _class_and_args(ckpt, "datamodule_hyper_parameters", ClassificationDataModule, path)
-    model_args["compile_model"] = False  # inference runs the eager network (and export must trace it)
+    model_cls = _class(ckpt, "hyper_parameters", ClassifierModule, path)
+    data_cls = _class(ckpt, "datamodule_hyper_parameters", ClassificationDataModule, path)
     try:
-        datamodule = data_cls(**data_args)
-    except (TypeError, ValueError) as err:
-        raise InferenceError(f"checkpoint {path!r}: cannot rebuild {data_cls.__name__}: {err}") from err
-    state = ckpt.get(data_cls.__qualname__)
-    if state:
-        datamodule.load_state_dict(state)
-    _check_fitted_state(datamodule, path)
-    try:
-        model = model_cls(**model_args)
-    except (TypeError, ValueError) as err:
-        raise InferenceError(f"checkpoint {path!r}: cannot rebuild {model_cls.__name__}: {err}") from err
-    weights = ckpt.get("state_dict")
-    if not isinstance(weights, dict):
-        raise InferenceError(f"checkpoint {path!r} holds no state_dict (model weights).")
-    model.on_load_checkpoint(ckpt)  # older checkpoints: fills in metric states they lack
-    try:
-        model.load_state_dict(weights, strict=True)
+        # eager network: inference runs it as it is, and export must trace it
+        model = model_cls.load_from_checkpoint(
+            path, map_location=map_location, weights_only=True, compile_model=False
+        )
+        datamodule = data_cls.load_from_checkpoint(path, weights_only=True)
     except RuntimeError as err:
         detail = "\n".join(str(err).splitlines()[:4])
         raise InferenceError(
-            f"checkpoint {path!r}: its weights do not fit the {model_cls.__name__} its hyper_parameters "
+            f"checkpoint {path!r}: its weights do not fit the {model_cls.__name__} its hyperparameters "
             f"describe:\n{detail}\nThe file was edited or mixes two runs; use a checkpoint as written by fit."
         ) from err
+    except (TypeError, ValueError) as err:
+        raise InferenceError(f"checkpoint {path!r}: cannot rebuild its model or data: {err}") from err
+    _check_fitted_state(datamodule, path)
     model.eval()  # BatchNorm uses its running statistics, dropout is off
     model.requires_grad_(False)
     return model, datamodule
 
 
-def _class_and_args(ckpt: dict[str, Any], key: str, base: type, path: str) -> tuple[type, dict[str, Any]]:
-    """The class named in ``ckpt[key]['_class_path']`` (a subclass of ``base``) and its init arguments."""
+def _class(ckpt: dict[str, Any], key: str, base: type, path: str) -> type:
+    """The class named in ``ckpt[key]['_class_path']``, a subclass of ``base``."""
     what = "model" if base is ClassifierModule else "DataModule"
-    hparams = ckpt.get(key)
-    if not isinstance(hparams, dict) or not isinstance(hparams.get("_class_path"), str):
+    class_path = (ckpt.get(key) or {}).get("_class_path")
+    if not isinstance(class_path, str):
         raise InferenceError(
             f"checkpoint {path!r} does not name its {what} class ({key}['_class_path'] is missing): it was not "
             "written by `python -m src.cli fit`. Export and serve need a checkpoint of this project."
         )
-    class_path = hparams["_class_path"]
     module_name, _, name = class_path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module_name), name)
@@ -136,8 +124,7 @@ def _class_and_args(ckpt: dict[str, Any], key: str, base: type, path: str) -> tu
         ) from err
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise InferenceError(f"checkpoint {path!r} names {class_path!r}, which is not a {base.__name__}.")
-    args = {k: v for k, v in hparams.items() if not k.startswith("_")}
-    return cls, args
+    return cls
 
 
 def _check_fitted_state(datamodule: ClassificationDataModule, path: str) -> None:

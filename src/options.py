@@ -22,7 +22,6 @@ from jsonargparse.typing import (
 Rate = restricted_number_type("Rate", float, [(">=", 0), ("<", 1)])
 
 
-
 def to_plain(value: Any) -> Any:
     """``value`` with these kinds turned back into plain ``int``/``float``/``str`` (recursively), so a
     checkpoint that stores it loads with ``weights_only=True``."""
@@ -34,8 +33,20 @@ def to_plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: to_plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(to_plain(v) for v in value) if isinstance(value, list) else tuple(to_plain(v) for v in value)
+        return (
+            type(value)(to_plain(v) for v in value)
+            if isinstance(value, list)
+            else tuple(to_plain(v) for v in value)
+        )
     return value
 
 
-__all__ = ["NonNegativeFloat", "NonNegativeInt", "OpenUnitInterval", "PositiveFloat", "PositiveInt", "Rate", "to_plain"]
+__all__ = [
+    "NonNegativeFloat",
+    "NonNegativeInt",
+    "OpenUnitInterval",
+    "PositiveFloat",
+    "PositiveInt",
+    "Rate",
+    "to_plain",
+]

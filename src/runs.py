@@ -86,7 +86,9 @@ def discard_unused() -> None:
     commands leave no empty ``version_N`` behind."""
     for folder in _claimed:
         names = {p.name for p in folder.iterdir()} if folder.is_dir() else {"config.yaml"}
-        if "config.yaml" not in names and all(n == ".lock" or n.startswith("events.out.tfevents") for n in names):
+        if "config.yaml" not in names and all(
+            n == ".lock" or n.startswith("events.out.tfevents") for n in names
+        ):
             shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -165,3 +167,121 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_flatten(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: tree}
+
+
+# ---------------------------------------------------------------------------------- what a command continues
+def logger_root(logger_cfg: Any) -> Path | None:
+    """``save_dir/name`` of the first versioned logger (TensorBoard, CSV) in a config: where its runs live."""
+    for cfg in logger_cfg if isinstance(logger_cfg, list) else [logger_cfg]:
+        cfg = cfg.as_dict() if hasattr(cfg, "as_dict") else cfg
+        if not isinstance(cfg, dict):
+            continue
+        if str(cfg.get("class_path", "")).rsplit(".", 1)[-1] in ("TensorBoardLogger", "CSVLogger"):
+            args = cfg.get("init_args") or {}
+            name = args.get("name") if args.get("name") is not None else "lightning_logs"
+            return Path(args.get("save_dir") or ".") / name
+    return None
+
+
+def resolve_checkpoint(
+    subcommand: str | None, ckpt_path: str | None, root: Path | None, config: dict[str, Any], version: Any
+) -> tuple[Path | None, Path | None]:
+    """The checkpoint file a command loads, and for ``fit`` the run folder it continues.
+
+    ``last`` is the ``last.ckpt`` of the newest run under ``root`` whose saved config matches this
+    command's (``version`` narrows it to one run); a ``fit`` with no run to continue starts a new
+    one. A file continues its own run folder when it is that run's ``last.ckpt``.
+    """
+    if ckpt_path == "last":
+        if root is None:
+            raise UserError(
+                "--ckpt_path=last needs a logger with a save_dir (it looks for the run's folder)."
+            )
+        candidates = resumable_runs(root, config, only_version=version)
+        match = next((c for c in candidates if not c.differences), None)
+        if match is None:
+            if not candidates and version is None and subcommand == "fit":
+                from lightning.pytorch.utilities import rank_zero_info
+
+                rank_zero_info(
+                    f"--ckpt_path=last: no run under {root} has a last.ckpt yet; starting a new run."
+                )
+                return None, None
+            raise UserError(_no_matching_run(root, candidates, version))
+        return match.checkpoint, match.checkpoint.parents[1] if subcommand == "fit" else None
+    if ckpt_path in (None, "best", "hpc", "registry"):
+        return None, None
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise UserError(f"--ckpt_path {ckpt_path!r} is not a file. Pass the path of a .ckpt file (or last).")
+    own_run = (
+        subcommand == "fit"
+        and path.name == "last.ckpt"
+        and root is not None
+        and path.resolve().parents[2] == root.resolve()
+    )
+    return path, path.parents[1] if own_run else None
+
+
+def _no_matching_run(root: Path, candidates: list[Candidate], version: Any) -> str:
+    if not candidates:
+        where = f"version_{version}" if version is not None else "any run"
+        return f"--ckpt_path=last: {where} under {root} has no checkpoints/last.ckpt. Pass a checkpoint file."
+    lines = [
+        f"--ckpt_path=last: no run under {root} was started with these settings, so none is resumed (a "
+        "resume continues the same experiment). The runs with a last.ckpt and what differs (run -> command):"
+    ]
+    for c in candidates[:5]:
+        more = " ..." if len(c.differences) > 6 else ""
+        lines.append(f"  version_{c.version}: " + "; ".join(c.differences[:6]) + more)
+    lines.append("Pass the settings of the run to resume, or start a new run without --ckpt_path.")
+    return "\n".join(lines)
+
+
+def is_rank_zero() -> bool:
+    """The main process of a (possibly distributed) run, from the launcher's environment."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return rank_zero_only.rank == 0
+
+
+def versioned(
+    logger: Any, init_args: dict[str, Any], resume_dir: Path | None, claimed: dict[Path, Any]
+) -> Any:
+    """The logger of a TensorBoard/CSV config, built with its run folder fixed: the version the
+    config names, the resumed run's, or a new ``version_N`` claimed atomically. Rank 0 locks the
+    folder for the life of the process; loggers sharing a root share the folder (``claimed``)."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    if not isinstance(logger, (TensorBoardLogger, CSVLogger)) or "://" in str(logger.root_dir):
+        return logger
+    root = Path(logger.root_dir).resolve()
+    if root not in claimed:
+        if init_args.get("version") is not None:
+            claimed[root] = init_args["version"]
+        elif resume_dir is not None and resume_dir.parent.resolve() == root:
+            claimed[root] = int(resume_dir.name.removeprefix("version_"))
+        elif is_rank_zero():
+            try:
+                claimed[root] = claim_version(root)
+            except OSError as err:
+                raise UserError(
+                    f"cannot write the log folder {root}: {err.strerror or err}. Pass a writable folder with "
+                    "--trainer.logger.init_args.save_dir=<folder>."
+                ) from err
+        else:  # other ranks take rank 0's folder through Lightning's broadcasts
+            return logger
+        if is_rank_zero():
+            version = claimed[root]
+            lock(root / (version if isinstance(version, str) else f"version_{version}"))
+    return type(logger)(**{**init_args, "version": claimed[root]})
+
+
+def folder_without_logger() -> Path | None:
+    """A run folder of its own for a run without a logger (checkpoints and tuner files go there)."""
+    if not is_rank_zero():
+        return None
+    root = Path("lightning_logs")
+    version = claim_version(root)
+    lock(root / f"version_{version}")
+    return root / f"version_{version}"

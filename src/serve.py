@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from src.devices import cpu_threads
 from src.inference import InferenceError, InputEncoder, InputError, encoder_for, load_for_inference
 
 try:
@@ -247,13 +248,6 @@ class RequestGuard:
 
 
 # ------------------------------------------------------------------------------ command line
-def default_threads() -> int:
-    """``BN_NUM_THREADS``, else 1 on machines with 1-2 cores (as the training CLI), else torch's default."""
-    if os.environ.get("BN_NUM_THREADS"):
-        return int(os.environ["BN_NUM_THREADS"])
-    return 1 if (os.cpu_count() or 1) <= 2 else torch.get_num_threads()
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m src.serve",
@@ -356,7 +350,7 @@ def build_server(args: argparse.Namespace, encoder: InputEncoder, metadata: dict
     api = ClassifierAPI(
         str(args.ckpt_path),
         max_inputs=args.max_inputs,
-        threads=args.threads or default_threads(),
+        threads=args.threads or cpu_threads(),
         max_batch_size=args.max_batch_size,
         batch_timeout=args.batch_timeout,
     )

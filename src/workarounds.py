@@ -10,6 +10,7 @@ import copy
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import LightningCLI
 
 
 def deepcopy_without_trainer(module: LightningModule, memo: dict[int, Any], shared: tuple = ()) -> Any:
@@ -37,3 +38,16 @@ def restore_loader_position(trainer: Trainer) -> None:
     #20550); calling the loop's own loader is a no-op when nothing is pending.
     """
     trainer.fit_loop._load_combined_loader_states()
+
+
+def instantiate_data_as_lightning_does(cli: LightningCLI, class_type: type, *args: Any, **kwargs: Any) -> Any:
+    """Build the DataModule the way LightningCLI 2.6 does, through its private ``_InstantiatorFn``.
+
+    It records the DataModule's parsed settings with ``_class_path``/``_instantiator`` in the
+    checkpoint (what ``LightningDataModule.load_from_checkpoint`` needs in subclass mode); a custom
+    instantiator (the CLI's, which restores a checkpoint's fitted data state before the data → model
+    links are read) must go through it to keep checkpoints the same.
+    """
+    from lightning.pytorch.cli import _InstantiatorFn
+
+    return _InstantiatorFn(cli=cli, key="data")(class_type, *args, **kwargs)

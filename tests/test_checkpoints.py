@@ -44,7 +44,9 @@ def test_a_failed_write_leaves_the_previous_file_and_no_temporary_file(tmp_path:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", _half_then(crash))
-    with pytest.raises(CheckpointWriteError, match="No space left on device. The previous checkpoints are intact"):
+    with pytest.raises(
+        CheckpointWriteError, match="No space left on device. The previous checkpoints are intact"
+    ):
         io_.save_checkpoint(ckpt(2), target)
     monkeypatch.undo()
     assert io_.load_checkpoint(target)["global_step"] == 1
@@ -94,7 +96,11 @@ resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
 io_.save_checkpoint({{"state_dict": {{"w": torch.ones(100_000)}}}}, {str(target)!r}); io_.flush()
 """
     proc = subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 1 and "CheckpointWriteError" in proc.stderr and "File too large" in proc.stderr
     assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
@@ -138,7 +144,9 @@ io_.save_checkpoint({{"state_dict": {{"w": torch.ones(100_000)}}, "global_step":
 torch.save = half_then_die
 io_.save_checkpoint({{"state_dict": {{"w": torch.zeros(100_000)}}, "global_step": 2}}, {str(target)!r})
 """
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
     assert proc.returncode == -signal.SIGKILL
     state = load_checkpoint(target)
     assert state["global_step"] == 1 and torch.equal(state["state_dict"]["w"], torch.ones(100_000))

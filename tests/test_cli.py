@@ -24,7 +24,10 @@ def test_help_lists_model_and_data_options_with_their_documentation():
     out = run_cli("fit", "--config", MNIST1D, "--help")
     assert "--model" in out.stdout and "--data" in out.stdout and "--test_after_fit" in out.stdout
     model_help = run_cli("fit", "--model.help", "ResidualBN").stdout
-    for option, doc in (("hidden_size", "width of the residual stream"), ("batch_norm", "BatchNorm in every block")):
+    for option, doc in (
+        ("hidden_size", "width of the residual stream"),
+        ("batch_norm", "BatchNorm in every block"),
+    ):
         assert f"--model.{option}" in model_help and doc in model_help
 
 
@@ -52,8 +55,19 @@ def test_print_config_reloads_as_a_config(tmp_path: Path):
         (["--model=NoSuchNet"], "NoSuchNet"),
         (["--data=src.data.NoSuchData"], "NoSuchData"),
     ],
-    ids=["unknown-key", "wrong-type", "batch-0", "dropout-1.5", "hidden-0", "blocks-negative", "lr-0",
-         "optimizer-lr", "bad-choice", "unknown-model", "unknown-data"],  # fmt: skip
+    ids=[
+        "unknown-key",
+        "wrong-type",
+        "batch-0",
+        "dropout-1.5",
+        "hidden-0",
+        "blocks-negative",
+        "lr-0",
+        "optimizer-lr",
+        "bad-choice",
+        "unknown-model",
+        "unknown-data",
+    ],  # fmt: skip
 )
 def test_a_bad_option_stops_with_an_error_naming_it(tmp_path: Path, args: list[str], expected: str):
     out = run_cli("fit", "--config", MNIST1D, *quiet(tmp_path), *args, cwd=tmp_path, check=False)
@@ -93,8 +107,14 @@ def main_job(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 def test_the_main_job_prints_no_warning(main_job):
     _, said = main_job
     for command, stderr in said.items():
-        warned = [line for line in stderr.splitlines() if re.search(r"Warning|warn\(", line) or ": UserWarning" in line]
-        warned += [line for line in stderr.splitlines() if re.match(r"^/.+\.py:\d+: ", line)]  # Lightning's form
+        warned = [
+            line
+            for line in stderr.splitlines()
+            if re.search(r"Warning|warn\(", line) or ": UserWarning" in line
+        ]
+        warned += [
+            line for line in stderr.splitlines() if re.match(r"^/.+\.py:\d+: ", line)
+        ]  # Lightning's form
         unexplained = [w for w in warned if not any(a in w for a in ALLOWED_WARNINGS)]
         assert not unexplained, f"{command}: {unexplained}"
         assert "Traceback" not in stderr
@@ -104,9 +124,15 @@ def test_the_main_job_prints_no_warning(main_job):
 def test_the_run_folder_holds_logs_config_and_both_checkpoints(main_job):
     root, _ = main_job
     run = root / "lightning_logs" / "mnist1d_resnet_bn" / "version_0"
-    assert list(run.glob("events.out.tfevents.*")) and (run / "config.yaml").is_file() and (run / "hparams.yaml").is_file()
+    assert (
+        list(run.glob("events.out.tfevents.*"))
+        and (run / "config.yaml").is_file()
+        and (run / "hparams.yaml").is_file()
+    )
     ckpts = sorted(p.name for p in (run / "checkpoints").glob("*.ckpt"))
-    assert "last.ckpt" in ckpts and any(re.fullmatch(r"epoch\d{3}-val_acc[\d.]+\.ckpt", p) for p in ckpts), ckpts
+    assert "last.ckpt" in ckpts and any(re.fullmatch(r"epoch\d{3}-val_acc[\d.]+\.ckpt", p) for p in ckpts), (
+        ckpts
+    )
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1  # the last epoch
     assert (run / "per_class_report.json").is_file()  # the test after fit
     assert sorted(p.name for p in root.iterdir()) == ["data_cache", "lightning_logs"]  # nothing else written
@@ -116,7 +142,11 @@ def test_the_run_folder_holds_logs_config_and_both_checkpoints(main_job):
 def test_checkpoint_only_commands_run_as_the_run_that_wrote_the_checkpoint(main_job):
     root, said = main_job
     task = root / "lightning_logs" / "mnist1d_resnet_bn"
-    assert sorted(p.name for p in task.iterdir()) == ["version_0", "version_1", "version_2"]  # the task's folder
+    assert sorted(p.name for p in task.iterdir()) == [
+        "version_0",
+        "version_1",
+        "version_2",
+    ]  # the task's folder
     tested, predicted = task / "version_1", task / "version_2"
     assert (tested / "per_class_report.json").is_file()  # the configured callbacks ran
     rows = list(csv.DictReader((predicted / "predictions.csv").open()))
@@ -131,7 +161,15 @@ def test_checkpoint_only_commands_run_as_the_run_that_wrote_the_checkpoint(main_
 
 def test_a_model_option_contradicting_the_checkpoint_is_named(tmp_path: Path):
     data = tiny_mnist1d(tmp_path)
-    run_cli("fit", "--config", MNIST1D, "--model.init_args.batch_norm=false", *data, *quiet(tmp_path), cwd=tmp_path)
+    run_cli(
+        "fit",
+        "--config",
+        MNIST1D,
+        "--model.init_args.batch_norm=false",
+        *data,
+        *quiet(tmp_path),
+        cwd=tmp_path,
+    )
     ckpt = next(tmp_path.rglob("last.ckpt"))
     out = run_cli("test", "--ckpt_path", str(ckpt), "--model.init_args.batch_norm=true", cwd=tmp_path)
     assert "The checkpoint's model settings are used, not the command's" in out.stderr
@@ -148,5 +186,7 @@ def test_checkpoint_only_commands_on_ag_news_warn_about_nothing(tmp_path: Path):
 
 
 def test_best_is_only_a_checkpoint_of_a_fit_in_the_same_command(tmp_path: Path):
-    out = run_cli("test", "--config", MNIST1D, "--ckpt_path=best", *tiny_mnist1d(tmp_path), cwd=tmp_path, check=False)
+    out = run_cli(
+        "test", "--config", MNIST1D, "--ckpt_path=best", *tiny_mnist1d(tmp_path), cwd=tmp_path, check=False
+    )
     refused(out, "--ckpt_path=best names the best checkpoint of a fit in the same command")

@@ -18,7 +18,15 @@ def test_every_config_fits_then_tests_and_predicts_from_its_checkpoint(config: P
     name = data_class(config)
     assert name in TINY_DATA, f"register a tiny-data builder for {name} in tests/helpers/data.py"
     data = TINY_DATA[name](tmp_path)
-    run_cli("fit", "--config", str(config), "--trainer.limit_train_batches=2", *data, *quiet(tmp_path), cwd=tmp_path)
+    run_cli(
+        "fit",
+        "--config",
+        str(config),
+        "--trainer.limit_train_batches=2",
+        *data,
+        *quiet(tmp_path),
+        cwd=tmp_path,
+    )
     ckpt = next((tmp_path / "logs").rglob("last.ckpt"))
     out = run_cli("test", "--ckpt_path", str(ckpt), cwd=tmp_path)
     assert "test_acc" in out.stdout

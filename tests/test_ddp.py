@@ -16,8 +16,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-
-pytestmark = pytest.mark.slow
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -25,6 +23,7 @@ from src.data import TensorBatches
 from tests.helpers.cli import CONFIGS, ROOT, config, data_class, env, run_cli
 from tests.helpers.data import TINY_DATA
 
+pytestmark = pytest.mark.slow
 MNIST1D_CONFIG = config("mnist1d_resnet_bn")
 
 
@@ -168,8 +167,12 @@ def test_two_node_torchrun_fit_then_ddp_predict(tmp_path: Path):
     ]
     nodes = [
         subprocess.Popen(
-            cmd, cwd=tmp_path, env={**env(), "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True,
+            cmd,
+            cwd=tmp_path,
+            env={**env(), "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for _ in range(2)
     ]

@@ -41,7 +41,9 @@ def test_effective_batch_report_multiplies_processes_and_accumulation():
         datamodule=SimpleNamespace(batch_size=100), optimizers=[optimizer],
     )  # fmt: skip
     report = effective_batch_report(trainer)
-    assert "Effective batch size 800 = 100 per process × 4 process(es)" in report and "AdamW lr 0.01" in report
+    assert (
+        "Effective batch size 800 = 100 per process × 4 process(es)" in report and "AdamW lr 0.01" in report
+    )
 
 
 def test_default_torch_threads_is_one_on_small_machines(monkeypatch):

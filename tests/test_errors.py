@@ -20,7 +20,11 @@ MNIST1D, AG_NEWS = config("mnist1d_resnet_bn"), config("ag_news_cnn_bn")
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in root.rglob("*")
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +65,11 @@ def test_settings_that_cannot_run(unharmed: Path, tmp_path: Path, extra: list[st
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_a_gpu_on_a_machine_without_one(unharmed: Path, tmp_path: Path):
-    refused(run_cli(*fit(unharmed, "--trainer.accelerator=gpu"), cwd=tmp_path, check=False), "no CUDA GPU", "--trainer.accelerator=cpu")
+    refused(
+        run_cli(*fit(unharmed, "--trainer.accelerator=gpu"), cwd=tmp_path, check=False),
+        "no CUDA GPU",
+        "--trainer.accelerator=cpu",
+    )
 
 
 def test_an_unwritable_log_folder(unharmed: Path, tmp_path: Path):
@@ -96,7 +104,9 @@ def test_a_checkpoint_of_other_sizes_or_data(unharmed: Path, tmp_path: Path):
     ckpt = next((unharmed / "logs").rglob("last.ckpt"))
     other_length = run_cli("test", "--config", MNIST1D, *tiny_mnist1d(unharmed), "--data.init_args.length=60",
                            f"--ckpt_path={ckpt}", *quiet(tmp_path), cwd=tmp_path, check=False)  # fmt: skip
-    refused(other_length, "does not fit the model this run builds", "checkpoint (100, 40), this model (100, 60)")
+    refused(
+        other_length, "does not fit the model this run builds", "checkpoint (100, 40), this model (100, 60)"
+    )
     other_data = run_cli("test", "--config", AG_NEWS, *tiny_ag_news(tmp_path), f"--ckpt_path={ckpt}",
                          *quiet(tmp_path), cwd=tmp_path, check=False)  # fmt: skip
     refused(other_data, "holds a src.data.MNIST1D data, but this run builds data src.data.AGNews")
@@ -116,7 +126,11 @@ def _ag_news_parquet(folder: Path, texts: list, labels: list) -> str:
 @pytest.mark.parametrize(
     ("texts", "labels", "message"),
     [
-        (["stocks rise"] * 8, ["Business"] * 8, "The label of row 0 of the train split is 'Business', not a class index"),
+        (
+            ["stocks rise"] * 8,
+            ["Business"] * 8,
+            "The label of row 0 of the train split is 'Business', not a class index",
+        ),
         (["stocks rise"] * 8, [0, 1, None, 3, 0, 1, 2, 3], "The label of row 2 of the train split is None"),
         (["", "  ", None, "", "", "", "", ""], [0, 1, 2, 3] * 2, "The training texts hold no word"),
     ],
@@ -141,21 +155,53 @@ def test_predict_inputs_that_cannot_be_read(ag_news_ckpt, tmp_path: Path):
     latin1, empty = tmp_path / "latin1.txt", tmp_path / "empty.txt"
     latin1.write_bytes("caf\xe9 au lait".encode("latin-1"))
     empty.write_bytes(b"")
-    for source, message in ((latin1, "is not UTF-8 text"), (tmp_path, "is a folder"), (empty, "No texts to predict")):
-        out = run_cli("predict", "--ckpt_path", str(ckpt), f"--data.init_args.predict_file={source}", cwd=tmp_path, check=False)
+    for source, message in (
+        (latin1, "is not UTF-8 text"),
+        (tmp_path, "is a folder"),
+        (empty, "No texts to predict"),
+    ):
+        out = run_cli(
+            "predict",
+            "--ckpt_path",
+            str(ckpt),
+            f"--data.init_args.predict_file={source}",
+            cwd=tmp_path,
+            check=False,
+        )
         refused(out, message)
 
 
 def test_a_predictions_file_is_checked_before_predicting(ag_news_ckpt, tmp_path: Path):
     _, ckpt = ag_news_ckpt
-    folder = run_cli("predict", "--ckpt_path", str(ckpt), f"--trainer.callbacks.output={tmp_path}", cwd=tmp_path, check=False)
+    folder = run_cli(
+        "predict",
+        "--ckpt_path",
+        str(ckpt),
+        f"--trainer.callbacks.output={tmp_path}",
+        cwd=tmp_path,
+        check=False,
+    )
     refused(folder, "is a folder. Pass a .csv or .json file name")
     existing = tmp_path / "mine.csv"
     existing.write_text("keep me")
-    out = run_cli("predict", "--ckpt_path", str(ckpt), f"--trainer.callbacks.output={existing}", cwd=tmp_path, check=False)
+    out = run_cli(
+        "predict",
+        "--ckpt_path",
+        str(ckpt),
+        f"--trainer.callbacks.output={existing}",
+        cwd=tmp_path,
+        check=False,
+    )
     refused(out, "already exists", "--trainer.callbacks.overwrite=true")
     assert existing.read_text() == "keep me"
-    run_cli("predict", "--ckpt_path", str(ckpt), f"--trainer.callbacks.output={existing}", "--trainer.callbacks.overwrite=true", cwd=tmp_path)
+    run_cli(
+        "predict",
+        "--ckpt_path",
+        str(ckpt),
+        f"--trainer.callbacks.output={existing}",
+        "--trainer.callbacks.overwrite=true",
+        cwd=tmp_path,
+    )
     assert existing.read_text().startswith("index,predicted")
 
 
@@ -172,7 +218,9 @@ def test_a_read_only_data_cache_is_enough_to_resume(tmp_path: Path):
     run_cli(*fit(tmp_path), cwd=tmp_path)
     prefix = read_only(tmp_path / "cache")
     if prefix is None:
-        pytest.skip("running as root without mount namespaces (unshare -m): no way to make a folder read-only")
+        pytest.skip(
+            "running as root without mount namespaces (unshare -m): no way to make a folder read-only"
+        )
     (tmp_path / "cache").chmod(0o555)
     try:
         args = [*fit(tmp_path, "--trainer.max_epochs=2"), "--ckpt_path=last"]
@@ -191,7 +239,9 @@ def test_a_read_only_data_cache_is_enough_to_resume(tmp_path: Path):
 def test_ag_news_texts_in_a_json_list_predict(ag_news_ckpt, tmp_path: Path):
     _, ckpt = ag_news_ckpt
     texts = json.dumps(["Stocks rise", "", "Café 東京"])
-    out = run_cli("predict", "--ckpt_path", str(ckpt), f"--data.init_args.predict_texts={texts}", cwd=tmp_path)
+    out = run_cli(
+        "predict", "--ckpt_path", str(ckpt), f"--data.init_args.predict_texts={texts}", cwd=tmp_path
+    )
     assert "Wrote 3 predictions" in out.stdout + out.stderr
 
 

@@ -1,7 +1,7 @@
 """`python -m src.export`: ONNX/TorchScript export with a sidecar, parity with the checkpoint, clean failures.
 
 Needs the serve extra (onnx, onnxscript, onnxruntime); skipped without it. The tiny checkpoints come
-from tests/serving_runs.py (fitted once per session, ~40 s for the four configs).
+from tests/helpers/serving.py (fitted once per session, ~40 s for the four configs).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ pytest.importorskip("onnxscript", reason="the serve extra (onnxscript, for torch
 
 from src import export as ex  # noqa: E402
 from src.inference import encoder_for, load_for_inference, sample_inputs  # noqa: E402
-from tests.serving_runs import CONFIG_NAMES, run_module, tiny_checkpoint  # noqa: E402
+from tests.helpers.serving import CONFIG_NAMES, run_module, tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -196,7 +196,7 @@ def test_bad_or_mismatched_checkpoints_stop_with_a_message_and_write_nothing(run
     messages = {
         "missing": "does not exist",
         "truncated": "could not read checkpoint",
-        "not a checkpoint": "checkpoint",  # src.reliability's message for a file torch.load refuses
+        "not a checkpoint": "checkpoint",  # src.checkpoints' message for a file torch.load refuses
         "mismatched": "do not fit",
         "weights only": "does not name its model class",
         "no normalisation": "no Fashion-MNIST normalisation",

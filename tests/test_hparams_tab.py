@@ -54,7 +54,11 @@ def test_hparams_tab_shows_settings_beside_best_validation_and_test_figures(tmp_
     run_cli(*fit(tmp_path, "--model.init_args.lr=0.003", "--test_after_fit=true"), cwd=tmp_path)
     with TensorBoard(tmp_path / "logs") as tb:
         experiment = tb.get("/data/plugin/hparams/experiment", {"experimentName": ""})
-        assert {m["name"]["tag"] for m in experiment["metricInfos"]} == {"hp/best_val_acc", "hp/test_acc", "hp/test_f1"}
+        assert {m["name"]["tag"] for m in experiment["metricInfos"]} == {
+            "hp/best_val_acc",
+            "hp/test_acc",
+            "hp/test_f1",
+        }
         shown = {h["name"] for h in experiment["hparamInfos"]}
         assert set(SETTINGS_SHOWN) <= shown, set(SETTINGS_SHOWN) - shown
         groups = session_groups(tb)
@@ -76,7 +80,9 @@ def test_a_resumed_run_keeps_its_curves_and_best_validation_accuracy(tmp_path: P
     with TensorBoard(tmp_path / "logs") as tb:
         run = "mnist1d_resnet_bn/version_0"
         val_acc = curve(tb, run, "val_acc")
-        assert [step for step, _ in val_acc] == [13, 27, 41], val_acc  # one point per epoch, none lost or doubled
+        assert [step for step, _ in val_acc] == [13, 27, 41], (
+            val_acc
+        )  # one point per epoch, none lost or doubled
         values = next(iter(session_groups(tb).values()))
         assert values["hp/best_val_acc"] == pytest.approx(max(v for _, v in val_acc))
         assert not math.isnan(values["hp/test_acc"])

@@ -105,7 +105,9 @@ def test_epoch_figures_logged_once_per_epoch_and_reset():
         callbacks=[record],
     )
     trainer.fit(model, TensorBatches((x, y), 16, shuffle=True), TensorBatches((xv, yv), 16))
-    assert {"train_loss", "train_acc", "train_f1", "val_loss", "val_acc", "val_f1"} <= set(trainer.callback_metrics)
+    assert {"train_loss", "train_acc", "train_f1", "val_loss", "val_acc", "val_f1"} <= set(
+        trainer.callback_metrics
+    )
     # the last epoch's val_loss covers the 40 validation samples only (the sanity-check batches and
     # the previous epoch were reset)
     model.eval()

@@ -19,7 +19,9 @@ BN_OPTIONS = ("batch_norm", "bn_position", "bn_momentum", "bn_eps")
 MODELS = [
     cls
     for cls in vars(src.models).values()
-    if inspect.isclass(cls) and issubclass(cls, ClassifierModule) and cls not in (ClassifierModule, BNClassifier)
+    if inspect.isclass(cls)
+    and issubclass(cls, ClassifierModule)
+    and cls not in (ClassifierModule, BNClassifier)
 ]
 # Small instances of each model, with an input batch of its kind.
 SMALL: dict[type, tuple[dict[str, Any], Any]] = {

@@ -9,7 +9,6 @@ run the command describes and never one in use; a full disk or read-only folder 
 from __future__ import annotations
 
 import math
-import os
 import random
 import signal
 import subprocess
@@ -123,7 +122,9 @@ def assert_same_run(reference: Path, resumed: Path, from_step: int) -> None:
     assert (a["global_step"], a["epoch"]) == (b["global_step"], b["epoch"])
     for key, value in a["state_dict"].items():
         assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-6, rtol=0), key
-    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values(), strict=True):
+    for sa, sb in zip(
+        a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values(), strict=True
+    ):
         assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-6, rtol=0) for k in sa)
     assert a["lr_schedulers"][0]["_last_lr"] == b["lr_schedulers"][0]["_last_lr"]
     # A run killed before its first checkpoint restarts in a new folder; every resume goes into one.
@@ -154,14 +155,20 @@ def random_chain(seed: int, every_n_train_steps: int) -> list[tuple[int, str]]:
         (rng.randrange(boundary + 1, STEPS_PER_EPOCH * EPOCHS - 1), "batch_end"),
     }
     if every_n_train_steps:
-        save_step = every_n_train_steps * rng.randint(1, (STEPS_PER_EPOCH * EPOCHS - 2) // every_n_train_steps)
+        save_step = every_n_train_steps * rng.randint(
+            1, (STEPS_PER_EPOCH * EPOCHS - 2) // every_n_train_steps
+        )
         points.add((save_step, "during_save"))
     else:
         points.add((STEPS_PER_EPOCH * rng.randint(1, EPOCHS - 1), "during_save"))
     return sorted(points)
 
 
-@pytest.mark.parametrize(("every_n_train_steps", "seed"), [(0, 1), (3, 2), (1, 3)], ids=["epoch-ends", "every-3-steps", "every-step"])
+@pytest.mark.parametrize(
+    ("every_n_train_steps", "seed"),
+    [(0, 1), (3, 2), (1, 3)],
+    ids=["epoch-ends", "every-3-steps", "every-step"],
+)
 def test_any_chain_of_sigkills_resumes_to_the_uninterrupted_run(
     tmp_path: Path, mnist1d_reference, every_n_train_steps: int, seed: int
 ):
@@ -170,7 +177,9 @@ def test_any_chain_of_sigkills_resumes_to_the_uninterrupted_run(
     args = fit_args(data_root, run_dir, every_n_train_steps)
     chain = random_chain(seed, every_n_train_steps)
     for i, (step, where) in enumerate(chain):
-        out = run_cli(*args, *(["--ckpt_path=last"] if i else []), *kill(step, where), cwd=tmp_path, check=False)
+        out = run_cli(
+            *args, *(["--ckpt_path=last"] if i else []), *kill(step, where), cwd=tmp_path, check=False
+        )
         assert out.returncode == -signal.SIGKILL, f"{(step, where)} did not die:\n{out.stderr[-3000:]}"
     resumed_from = last_state(run_dir)["global_step"] if list(run_dir.rglob("last.ckpt")) else 0
     out = run_cli(*args, "--ckpt_path=last", cwd=tmp_path)
@@ -183,8 +192,16 @@ def test_a_kill_chain_on_ag_news_with_weight_averaging_and_mixup(tmp_path: Path)
     steps = 6  # 86 training texts in batches of 16
     reference, run_dir = tmp_path / "reference", tmp_path / "logs"
     run_cli(*fit_args(tmp_path, reference, 2, ag_news), cwd=tmp_path)
-    for i, (step, where) in enumerate([(3, "batch_end"), (steps, "before_validation"), (2 * steps + 2, "during_save")]):
-        out = run_cli(*fit_args(tmp_path, run_dir, 2, ag_news), *(["--ckpt_path=last"] if i else []), *kill(step, where), cwd=tmp_path, check=False)
+    for i, (step, where) in enumerate(
+        [(3, "batch_end"), (steps, "before_validation"), (2 * steps + 2, "during_save")]
+    ):
+        out = run_cli(
+            *fit_args(tmp_path, run_dir, 2, ag_news),
+            *(["--ckpt_path=last"] if i else []),
+            *kill(step, where),
+            cwd=tmp_path,
+            check=False,
+        )
         assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
     resumed_from = last_state(run_dir)["global_step"]
     run_cli(*fit_args(tmp_path, run_dir, 2, ag_news), "--ckpt_path=last", cwd=tmp_path)
@@ -192,14 +209,18 @@ def test_a_kill_chain_on_ag_news_with_weight_averaging_and_mixup(tmp_path: Path)
 
 
 # ---------------------------------------------------------------------------------- stop signals
-@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(
+    ("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"]
+)
 def test_a_stop_signal_saves_last_ckpt_exits_non_zero_and_resumes_exactly(
     tmp_path: Path, mnist1d_reference, signum: int, code: int
 ):
     data_root, reference = mnist1d_reference
     run_dir = tmp_path / "logs"
     out = run_cli(*fit_args(data_root, run_dir), *kill(20, "batch_end", signum), cwd=tmp_path, check=False)
-    said = refused(out, f"Stopped by {signal.Signals(signum).name} at training step 20.", "--ckpt_path=last", code=code)
+    said = refused(
+        out, f"Stopped by {signal.Signals(signum).name} at training step 20.", "--ckpt_path=last", code=code
+    )
     assert "last.ckpt holds step 20" in said
     assert last_state(run_dir)["global_step"] == 20
     run_cli(*fit_args(data_root, run_dir), "--ckpt_path=last", cwd=tmp_path)
@@ -225,10 +246,14 @@ def test_ckpt_path_last_resumes_only_the_run_the_command_describes(tmp_path: Pat
     assert f"{root}/version_0/checkpoints/last.ckpt" in out.stdout + out.stderr
     assert torch.load(root / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
     assert torch.load(root / "version_1" / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
-    assert yaml.safe_load((root / "version_1" / "config.yaml").read_text())["model"]["init_args"]["lr"] == 0.05
+    assert (
+        yaml.safe_load((root / "version_1" / "config.yaml").read_text())["model"]["init_args"]["lr"] == 0.05
+    )
 
     # settings of no run: refused, naming the runs and what differs; nothing is written
-    other = run_cli(*short(tmp_path, "--model.init_args.lr=0.02", "--ckpt_path=last"), cwd=tmp_path, check=False)
+    other = run_cli(
+        *short(tmp_path, "--model.init_args.lr=0.02", "--ckpt_path=last"), cwd=tmp_path, check=False
+    )
     said = refused(other, "--ckpt_path=last: no run under", "version_0: model.init_args.lr: 0.001 -> 0.02")
     assert "version_1: model.init_args.dropout: 0.4 -> 0.1" in said
     assert sorted(p.name for p in root.iterdir()) == ["version_0", "version_1"]
@@ -252,7 +277,9 @@ def test_a_run_being_resumed_cannot_be_resumed_twice_and_a_kill_frees_it(tmp_pat
             assert time.monotonic() < deadline
             time.sleep(0.2)
         time.sleep(1)  # let it get going
-        second = run_cli(*short(tmp_path, "--trainer.max_epochs=100000", "--ckpt_path=last"), cwd=tmp_path, check=False)
+        second = run_cli(
+            *short(tmp_path, "--trainer.max_epochs=100000", "--ckpt_path=last"), cwd=tmp_path, check=False
+        )
         refused(second, "version_0 is in use by process", "Wait for it to finish")
     finally:
         first.send_signal(signal.SIGKILL)
@@ -263,7 +290,11 @@ def test_a_run_being_resumed_cannot_be_resumed_twice_and_a_kill_frees_it(tmp_pat
 
 
 def test_fit_from_a_file_keeps_the_configured_optimizer_and_refuses_other_model_settings(tmp_path: Path):
-    rms = ["--model.init_args.optimizer=RMSprop", "--model.init_args.optimizer.init_args.alpha=0.9", "--model.init_args.lr_scheduler=null"]
+    rms = [
+        "--model.init_args.optimizer=RMSprop",
+        "--model.init_args.optimizer.init_args.alpha=0.9",
+        "--model.init_args.lr_scheduler=null",
+    ]
     run_cli(*short(tmp_path, *rms, "--trainer.max_epochs=1"), cwd=tmp_path)
     ckpt = next((tmp_path / "logs").rglob("last.ckpt"))
     run_cli(*short(tmp_path, *rms, "--trainer.max_epochs=2", f"--ckpt_path={ckpt}"), cwd=tmp_path)
@@ -272,8 +303,17 @@ def test_fit_from_a_file_keeps_the_configured_optimizer_and_refuses_other_model_
     saved = yaml.safe_load((ckpt.parents[1] / "config.yaml").read_text())["model"]["init_args"]
     assert saved["optimizer"]["class_path"] == "torch.optim.RMSprop" and saved["lr_scheduler"] is None
 
-    other = run_cli(*short(tmp_path, *rms, "--model.init_args.dropout=0.4", f"--ckpt_path={ckpt}"), cwd=tmp_path, check=False)
-    refused(other, "was trained with other model settings", "model.init_args.dropout: 0.4 -> 0.1", "start a new run")
+    other = run_cli(
+        *short(tmp_path, *rms, "--model.init_args.dropout=0.4", f"--ckpt_path={ckpt}"),
+        cwd=tmp_path,
+        check=False,
+    )
+    refused(
+        other,
+        "was trained with other model settings",
+        "model.init_args.dropout: 0.4 -> 0.1",
+        "start a new run",
+    )
 
 
 # ---------------------------------------------------------------------------------- disk faults
@@ -303,7 +343,9 @@ def test_a_read_only_checkpoint_folder_is_a_one_line_error(tmp_path: Path):
     before = last.read_bytes()
     prefix = read_only(last.parent)
     if prefix is None:
-        pytest.skip("running as root without mount namespaces (unshare -m): no way to make a folder read-only")
+        pytest.skip(
+            "running as root without mount namespaces (unshare -m): no way to make a folder read-only"
+        )
     last.parent.chmod(0o555)  # for a non-root user; root gets a read-only mount
     try:
         proc = subprocess.run(

@@ -28,8 +28,8 @@ pytest.importorskip("litserve", reason="the serve extra (litserve) is not instal
 httpx = pytest.importorskip("httpx", reason="the serve extra (httpx) is not installed")
 
 from src.inference import load_for_inference  # noqa: E402
-from tests.conftest import ROOT  # noqa: E402
-from tests.serving_runs import CONFIG_NAMES, cli_predictions, run_module, tiny_checkpoint  # noqa: E402
+from tests.helpers.cli import ROOT  # noqa: E402
+from tests.helpers.serving import CONFIG_NAMES, cli_predictions, run_module, tiny_checkpoint  # noqa: E402
 
 MAX_BYTES = 300_000
 MAX_INPUTS = 64

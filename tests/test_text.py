@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from src.data.text import PAD_ID, UNK_ID, Vocabulary, numericalize, preprocess, text_to_tokens, trim_batch

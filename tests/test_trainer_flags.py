@@ -77,7 +77,9 @@ def check_left_out(flag_text: str, *names: str) -> Callable:
 
 def check_no_logger(tmp_path: Path, out) -> None:
     check_left_out("--trainer.logger=false", "LearningRateMonitor")(tmp_path, out)
-    assert list((tmp_path / "lightning_logs").rglob("last.ckpt"))  # in a run folder of its own, not ./checkpoints
+    assert list(
+        (tmp_path / "lightning_logs").rglob("last.ckpt")
+    )  # in a run folder of its own, not ./checkpoints
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -93,8 +95,14 @@ def check_lr_finder(tmp_path: Path, out) -> None:
 
 
 def check_batch_size_finder(tmp_path: Path, out) -> None:
-    chosen = yaml.safe_load((run_folder(tmp_path) / "config.yaml").read_text())["data"]["init_args"]["batch_size"]
-    assert chosen != 32 and chosen <= 1024 and last(tmp_path)["datamodule_hyper_parameters"]["batch_size"] == chosen
+    chosen = yaml.safe_load((run_folder(tmp_path) / "config.yaml").read_text())["data"]["init_args"][
+        "batch_size"
+    ]
+    assert (
+        chosen != 32
+        and chosen <= 1024
+        and last(tmp_path)["datamodule_hyper_parameters"]["batch_size"] == chosen
+    )
 
 
 def check_one_process_preset(tmp_path: Path, out) -> None:
@@ -115,7 +123,7 @@ FLAGS = {
     "max_steps": (["--trainer.max_steps=5"], check_max_steps),
     "max_time": (["--trainer.max_time=00:00:00:02", "--trainer.max_epochs=1000"], None),
     "ddp_spawn": (["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp_spawn", "--trainer.max_epochs=1"], None),
-    "csv_logger": (["--trainer.logger=CSVLogger", f"--trainer.logger.init_args.save_dir=LOGS"], check_csv_logger),
+    "csv_logger": (["--trainer.logger=CSVLogger", "--trainer.logger.init_args.save_dir=LOGS"], check_csv_logger),
     "two_loggers": (
         ["--trainer.logger+=CSVLogger", "--trainer.logger.init_args.save_dir=LOGS", "--trainer.logger.init_args.name=csv"],
         check_two_loggers),
@@ -150,5 +158,7 @@ def test_deterministic_runs_repeat_to_the_bit(tmp_path: Path):
         run_cli("fit", "--config", MNIST1D, *tiny_mnist1d(tmp_path), "--trainer.deterministic=true", "--trainer.max_epochs=1",
                 f"--trainer.logger.init_args.save_dir={tmp_path / name}", "--trainer.enable_progress_bar=false",
                 "--test_after_fit=false", cwd=tmp_path)  # fmt: skip
-    a, b = (torch.load(next((tmp_path / n).rglob("last.ckpt")), weights_only=True)["state_dict"] for n in "ab")
+    a, b = (
+        torch.load(next((tmp_path / n).rglob("last.ckpt")), weights_only=True)["state_dict"] for n in "ab"
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,15 +1,15 @@
 """What batch norm does to activations: their mean and variance per layer, at initialisation and
-while training (seed 003), logged to TensorBoard.
+while training, logged to TensorBoard.
 
 Tracked layers are found by type, so the callback works with any model:
 
 - residual blocks: any module with a class attribute ``residual = True`` (its output is the
-  residual stream after the block, where seed 003 measures the variance);
+  residual stream after the block, where the variance grows without batch norm);
 - the shared norm/activation blocks (:class:`~src.models.layers.NormAct`);
 - normalisation layers (BatchNorm, LayerNorm, GroupNorm, InstanceNorm) outside a ``NormAct``.
 
 The variance of a layer's output is the variance of each feature (channel) over the batch (and
-over positions for ``(N, C, L)`` outputs), averaged over features, as in the seed.
+over positions for ``(N, C, L)`` outputs), averaged over features.
 """
 
 from __future__ import annotations

@@ -51,7 +51,10 @@ class HParamsTab(Callback):
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         metrics = trainer.callback_metrics
-        _log(trainer, {f"hp/test_{k}": float(metrics[f"test_{k}"]) for k in ("acc", "f1") if f"test_{k}" in metrics})
+        _log(
+            trainer,
+            {f"hp/test_{k}": float(metrics[f"test_{k}"]) for k in ("acc", "f1") if f"test_{k}" in metrics},
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"best_val_acc": self.best_val_acc}

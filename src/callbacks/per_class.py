@@ -1,4 +1,4 @@
-"""Per-class evaluation at the end of ``test`` (seed 001's report): a confusion-matrix image and a
+"""Per-class evaluation at the end of ``test``: a confusion-matrix image and a
 precision/recall/F1 table in TensorBoard, and the same as JSON in the run folder."""
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ class PerClassReport(Callback):
             return
         names = list(getattr(pl_module, "class_names", [str(i) for i in range(len(self._raw["class_f1"]))]))
         report = build_report(self._raw, names)
-        path = Path(self.output) if self.output else Path(log_dir) / "per_class_report.json" if log_dir else None
+        path = (
+            Path(self.output) if self.output else Path(log_dir) / "per_class_report.json" if log_dir else None
+        )
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(report, indent=1, ensure_ascii=False))

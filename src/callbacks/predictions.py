@@ -54,7 +54,9 @@ class PredictionWriter(Callback):
             return
         path = Path(self.output)
         if path.is_dir():
-            raise UserError(f"the predictions output {str(path)!r} is a folder. Pass a .csv or .json file name.")
+            raise UserError(
+                f"the predictions output {str(path)!r} is a folder. Pass a .csv or .json file name."
+            )
         if path.suffix.lower() not in (".csv", ".json"):
             raise UserError(f"the predictions output {str(path)!r} must end in .csv or .json.")
         if path.exists() and not self.overwrite:

@@ -1,6 +1,6 @@
 """What a multi-process run does with batch norm and the batch size, said once at the start.
 
-    python -m src.cli fit --config configs/mnist1d_resnet_bn.yaml --trainer.devices=2 --trainer.strategy=ddp
+python -m src.cli fit --config configs/mnist1d_resnet_bn.yaml --trainer.devices=2 --trainer.strategy=ddp
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ class ScalingSetup(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         rank_zero_info(effective_batch_report(trainer))
-        if trainer.world_size > 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pl_module.modules()):
+        if trainer.world_size > 1 and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pl_module.modules()
+        ):
             synced = any(isinstance(m, nn.SyncBatchNorm) for m in pl_module.modules())
             rank_zero_info(
                 f"{trainer.world_size} processes: "

@@ -1,4 +1,4 @@
-"""Per-token convolution activations as a heatmap (seed 001's interpretability section).
+"""Per-token convolution activations as a heatmap: which words each filter fires on.
 
 Every token has one output per conv filter (SAME padding keeps the conv output aligned with the
 tokens), and global max-pooling picks, per filter, the token where it fires most: the columns

@@ -19,8 +19,8 @@ from torch import Tensor
 
 from src.data.base import DataError, Split
 from src.data.hub import HubDataModule, check_labels
-from src.options import PositiveInt
 from src.data.text import TOKENIZER_VERSION, Vocabulary, fingerprint, numericalize, text_to_tokens, trim_batch
+from src.options import PositiveInt
 
 AG_NEWS_SCHEMA = "Pass data in the AG News schema (text, and label as a class index)."
 
@@ -50,7 +50,7 @@ class AGNews(HubDataModule):
         min_freq: the least count (in the training part) for a token to get its own index.
         max_length: tokens kept per text (longer texts are truncated at the end).
         min_batch_length: batches are trimmed to their longest text but never below this; keep it
-            at least the widest conv filter (as the seed pads to the widest filter).
+            at least the widest conv filter.
         predict_texts: raw texts to classify in ``predict``.
         predict_file: UTF-8 text file with one text per line to classify in ``predict``. With neither,
             ``predict`` runs on the test split.

@@ -366,5 +366,7 @@ def load_cache(path: Path) -> dict[str, Any] | None:
     try:
         return torch.load(path, weights_only=True)
     except Exception as err:  # truncated or foreign: rebuilt from the source
-        warnings.warn(f"The data cache {path} is unreadable ({type(err).__name__}); rebuilding it.", stacklevel=2)
+        warnings.warn(
+            f"The data cache {path} is unreadable ({type(err).__name__}); rebuilding it.", stacklevel=2
+        )
         return None

@@ -207,7 +207,9 @@ def decode_images(part: Any, split: str) -> Tensor:
                     )
                 out[i] = np.asarray(img if img.mode == "L" else img.convert("L"))
         except (UnidentifiedImageError, OSError) as err:
-            raise DataSourceError(f"Image {i} of the {split} split is not a readable image ({err}). {hint}") from err
+            raise DataSourceError(
+                f"Image {i} of the {split} split is not a readable image ({err}). {hint}"
+            ) from err
     return torch.from_numpy(out)
 
 

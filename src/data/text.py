@@ -5,7 +5,7 @@ The pipeline is ``preprocess`` → ``tokenize`` → :class:`Vocabulary` → :fun
 >>> tokenize(preprocess("Wall St.\\\\band #36;5 &lt;b&gt;Bears&lt;/b&gt; can't"))
 ['wall', 'st', '.', 'band', '$', '5', 'bears', 'can', "'t"]
 
-The vocabulary is fitted on the training split only (the seed explains why: validation and test
+The vocabulary is fitted on the training split only (validation and test
 texts must meet unknown words as real inputs will), and is plain lists and ints, so it travels in
 a checkpoint that loads with ``torch.load(weights_only=True)``.
 """

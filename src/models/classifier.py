@@ -239,5 +239,3 @@ def _accepts_unset(fn: Any, name: str) -> bool:
     except (TypeError, ValueError):
         return False
     return param is not None and param.default is None
-
-

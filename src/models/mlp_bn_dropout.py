@@ -1,6 +1,6 @@
 """MLP with batch norm and dropout after every hidden layer, for Fashion-MNIST.
 
-    python -m src.cli fit --config configs/fashion_mnist_mlp_bn.yaml
+python -m src.cli fit --config configs/fashion_mnist_mlp_bn.yaml
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Residual network with batch norm in each residual branch, for MNIST-1D.
 
-    python -m src.cli fit --config configs/mnist1d_resnet_bn.yaml     # linear blocks (residual MLP)
-    python -m src.cli fit --config configs/mnist1d_resconv_bn.yaml    # convolutional blocks
+python -m src.cli fit --config configs/mnist1d_resnet_bn.yaml     # linear blocks (residual MLP)
+python -m src.cli fit --config configs/mnist1d_resconv_bn.yaml    # convolutional blocks
 """
 
 from __future__ import annotations

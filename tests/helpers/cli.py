@@ -45,7 +45,9 @@ def run_module(
     return proc
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: int = 300, check: bool = True
+) -> subprocess.CompletedProcess:
     return run_module("src.cli", *args, cwd=cwd, timeout=timeout, check=check)
 
 
@@ -64,7 +66,9 @@ def start_cli(*args: str, cwd: Path = ROOT) -> subprocess.Popen:
 def refused(proc: subprocess.CompletedProcess, *fragments: str, code: int = 2) -> str:
     """Assert a user-facing refusal: the exit status, no traceback, and each message fragment on stderr."""
     said = proc.stderr
-    assert proc.returncode == code, f"exit {proc.returncode}, expected {code}\n{proc.stdout[-2000:]}\n{said[-4000:]}"
+    assert proc.returncode == code, (
+        f"exit {proc.returncode}, expected {code}\n{proc.stdout[-2000:]}\n{said[-4000:]}"
+    )
     assert "Traceback" not in said, said[-4000:]
     for fragment in fragments:
         assert fragment in said, f"{fragment!r} not in stderr:\n{said[-4000:]}"

@@ -49,9 +49,13 @@ def write_fashion(path: Path, n: int, seed: int = 0, size: int = 28, brightness:
     rng = np.random.default_rng(seed)
     scale = rng.uniform(0.1, 1.0, (n, 1, 1)) if brightness else np.ones((n, 1, 1))
     images = (rng.uniform(0, 255, (n, size, size)) * scale).astype(np.uint8)
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=FASHION_CLASSES)})
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=FASHION_CLASSES)}
+    )
     labels = [i % 10 for i in range(n)]
-    datasets.Dataset.from_dict({"image": list(images), "label": labels}, features=features).to_parquet(str(path))
+    datasets.Dataset.from_dict({"image": list(images), "label": labels}, features=features).to_parquet(
+        str(path)
+    )
     return path
 
 
@@ -99,7 +103,9 @@ def write_tiny_ag_news(folder: Path, n_train: int = 96, n_test: int = 40, seed: 
     import datasets
 
     rng = random.Random(seed)
-    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=AG_CLASSES)})
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=AG_CLASSES)}
+    )
     folder.mkdir(parents=True, exist_ok=True)
     files = {}
     for split, n in (("train", n_train), ("test", n_test)):

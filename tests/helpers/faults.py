@@ -37,7 +37,11 @@ class KillAt(Callback):
             self._kill()
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.where == "before_validation" and not trainer.sanity_checking and trainer.global_step == self.step:
+        if (
+            self.where == "before_validation"
+            and not trainer.sanity_checking
+            and trainer.global_step == self.step
+        ):
             self._kill()
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -1,4 +1,4 @@
-"""Tiny trained checkpoints of every config, shared by tests/test_export.py and tests/test_serve.py.
+"""Tiny trained checkpoints of every config, for tests/test_export.py and tests/test_serve.py.
 
 Each config is fitted once per test session (on tiny data, 2 epochs, as a user runs the CLI) into
 pytest's session temp folder; later calls reuse the checkpoint.
@@ -7,13 +7,10 @@ pytest's session temp folder; later calls reuse the checkpoint.
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from tests.ag_news_data import write_tiny_ag_news
-from tests.conftest import ROOT, run_cli
+from tests.helpers.cli import ROOT, run_cli, run_module
+from tests.helpers.data import tiny_fashion_dir, write_tiny_ag_news
 
 CONFIG_NAMES = ("mnist1d_resnet_bn", "mnist1d_resconv_bn", "fashion_mnist_mlp_bn", "ag_news_cnn_bn")
 
@@ -29,8 +26,6 @@ def _data_args(name: str, root: Path) -> list[str]:
             "--data.init_args.batch_size=32",
         ]
     if name.startswith("fashion"):
-        from tests.test_fashion_mnist import tiny_fashion_dir
-
         return [
             f"--data.init_args.data_dir={tiny_fashion_dir(root, n_train=80, n_test=24)}",
             cache,
@@ -74,26 +69,6 @@ def tiny_checkpoint(name: str, root: Path) -> Path:
     return next((logs / name).rglob("last.ckpt"))
 
 
-def run_module(
-    module: str, *args: str, cwd: Path | None = None, timeout: int = 300, check: bool = True
-) -> subprocess.CompletedProcess:
-    """Run ``python -m <module> ARGS`` as a user would (one torch thread, the Hub off)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "BN_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd or ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{module} failed ({proc.returncode}): {args}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-        )
-    return proc
-
-
 def cli_predictions(ckpt: Path, workdir: Path, *extra: str) -> list[dict[str, object]]:
     """Rows of ``predictions.csv`` from ``python -m src.cli predict --ckpt_path CKPT`` (run in ``workdir``)."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +76,6 @@ def cli_predictions(ckpt: Path, workdir: Path, *extra: str) -> list[dict[str, ob
         "predict",
         "--ckpt_path",
         str(ckpt),
-        "--trainer.callbacks+=PredictionWriter",
         "--trainer.callbacks.print_limit=0",
         "--trainer.enable_progress_bar=false",
         *extra,
@@ -118,3 +92,6 @@ def cli_predictions(ckpt: Path, workdir: Path, *extra: str) -> list[dict[str, ob
         }
         for row in rows
     ]
+
+
+__all__ = ["CONFIG_NAMES", "cli_predictions", "run_module", "tiny_checkpoint"]

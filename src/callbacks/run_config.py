@@ -1,0 +1,36 @@
+"""The run's configuration: ``config.yaml`` in its folder and in every checkpoint it writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info
+
+from src.checkpoints import CONFIG_KEY
+
+
+class RunConfig(SaveConfigCallback):
+    """Lightning's ``config.yaml`` in the run folder, also stored in every checkpoint (so a command
+    given only the checkpoint runs with the same configuration) and kept in step with what the
+    learning-rate and batch-size finders chose (they run at the start of ``fit``)."""
+
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint[CONFIG_KEY] = self.parser.dump(self.config, skip_unset=False)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        tuned = {}
+        if pl_module.hparams.get("lr") != self.config.model.init_args.get("lr"):
+            tuned["model.init_args.lr"] = self.config.model.init_args.lr = pl_module.hparams.lr
+        dm = trainer.datamodule
+        if dm is not None and dm.hparams.get("batch_size") != self.config.data.init_args.get("batch_size"):
+            tuned["data.init_args.batch_size"] = self.config.data.init_args.batch_size = dm.hparams.batch_size
+        if tuned and trainer.is_global_zero and trainer.log_dir:
+            path = Path(trainer.log_dir) / self.config_filename
+            self.parser.save(self.config, path, skip_unset=False, overwrite=True)
+            chosen = ", ".join(f"{k}={v}" for k, v in tuned.items())
+            rank_zero_info(f"The tuner chose {chosen}; config.yaml and the checkpoints record it.")
