@@ -51,7 +51,7 @@ RESUMABLE_CHANGES = (
     "data.init_args.predict_file",
     "model.init_args.compile_model",
 )
-_held_locks: list[Any] = []  # open lock files: released when the process ends, however it ends
+_held_locks: list[int] = []  # open lock files: released when the process ends, however it ends
 _claimed: list[Path] = []  # run folders this process created
 
 
@@ -99,22 +99,19 @@ def lock(run_dir: Path) -> None:
     on SIGKILL, so a killed run never leaves it stuck. A second process gets :class:`UserError`.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
-    f = open(run_dir / ".lock", "a+")  # noqa: SIM115  (held open until the process ends)
+    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
         raise UserError(
             f"the run folder {run_dir} is in use by {holder}. Wait for it to finish (or stop it), or start "
             "a separate run without --ckpt_path."
         ) from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"process {os.getpid()}")
-    f.flush()
-    _held_locks.append(f)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"process {os.getpid()}".encode())
+    _held_locks.append(fd)
 
 
 @dataclass

@@ -48,6 +48,7 @@ def test_bad_grid_arguments_are_refused(bad: str):
         parse_grid_arg(bad)
 
 
+@pytest.mark.slow
 def test_sweep_tabulates_logged_results_and_resumes(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch
 ):

@@ -107,6 +107,7 @@ def test_missing_local_data_gives_a_clear_error(tmp_path: Path):
         dm.get_vocab()
 
 
+@pytest.mark.slow
 def test_fit_then_predict_raw_texts_from_checkpoint_with_data_gone(tmp_path: Path):
     files = write_tiny_ag_news(tmp_path / "data")
     data = [

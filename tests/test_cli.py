@@ -31,6 +31,7 @@ def test_help_lists_model_and_data_options_with_their_documentation():
         assert f"--model.{option}" in model_help and doc in model_help
 
 
+@pytest.mark.slow
 def test_print_config_reloads_as_a_config(tmp_path: Path):
     out = run_cli("fit", "--config", MNIST1D, "--model.init_args.hidden_size=64", "--print_config")
     printed = tmp_path / "printed.yaml"
@@ -44,16 +45,20 @@ def test_print_config_reloads_as_a_config(tmp_path: Path):
     ("args", "expected"),
     [
         (["--model.init_args.hiden_size=3"], "hiden_size"),
-        (["--model.init_args.hidden_size=wide"], "hidden_size"),
-        (["--data.init_args.batch_size=0"], "batch_size"),
-        (["--model.init_args.dropout=1.5"], "dropout"),
-        (["--model.init_args.hidden_size=0"], "hidden_size"),
-        (["--model.init_args.num_blocks=-1"], "num_blocks"),
-        (["--model.init_args.lr=0"], "lr"),
-        (["--model.init_args.optimizer.init_args.lr=0.1"], "Option 'lr' is not accepted"),
-        (["--data.init_args.loader=gpu"], "loader"),
-        (["--model=NoSuchNet"], "NoSuchNet"),
-        (["--data=src.data.NoSuchData"], "NoSuchData"),
+        pytest.param(["--model.init_args.hidden_size=wide"], "hidden_size", marks=pytest.mark.slow),
+        pytest.param(["--data.init_args.batch_size=0"], "batch_size", marks=pytest.mark.slow),
+        pytest.param(["--model.init_args.dropout=1.5"], "dropout", marks=pytest.mark.slow),
+        pytest.param(["--model.init_args.hidden_size=0"], "hidden_size", marks=pytest.mark.slow),
+        pytest.param(["--model.init_args.num_blocks=-1"], "num_blocks", marks=pytest.mark.slow),
+        pytest.param(["--model.init_args.lr=0"], "lr", marks=pytest.mark.slow),
+        pytest.param(
+            ["--model.init_args.optimizer.init_args.lr=0.1"],
+            "Option 'lr' is not accepted",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(["--data.init_args.loader=gpu"], "loader", marks=pytest.mark.slow),
+        pytest.param(["--model=NoSuchNet"], "NoSuchNet", marks=pytest.mark.slow),
+        pytest.param(["--data=src.data.NoSuchData"], "NoSuchData", marks=pytest.mark.slow),
     ],
     ids=[
         "unknown-key",
@@ -75,12 +80,14 @@ def test_a_bad_option_stops_with_an_error_naming_it(tmp_path: Path, args: list[s
     assert not list(tmp_path.rglob("version_*"))
 
 
+@pytest.mark.slow
 def test_a_misspelt_key_in_a_stacked_config_is_named(tmp_path: Path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("trainer:\n  max_epoch: 3\n")
     refused(run_cli("fit", "--config", MNIST1D, "--config", str(bad), check=False), "max_epoch")
 
 
+@pytest.mark.slow
 def test_a_linked_value_set_by_hand_warns_that_the_data_decides(tmp_path: Path):
     out = run_cli(
         "fit", "--config", MNIST1D, "--model.init_args.num_classes=3", "--trainer.fast_dev_run=true",
@@ -159,6 +166,7 @@ def test_checkpoint_only_commands_run_as_the_run_that_wrote_the_checkpoint(main_
     assert saved["lr_scheduler"]["class_path"] == "src.models.OneCycleLR"
 
 
+@pytest.mark.slow
 def test_a_model_option_contradicting_the_checkpoint_is_named(tmp_path: Path):
     data = tiny_mnist1d(tmp_path)
     run_cli(
@@ -176,6 +184,7 @@ def test_a_model_option_contradicting_the_checkpoint_is_named(tmp_path: Path):
     assert "model.init_args.batch_norm: True -> False" in out.stderr
 
 
+@pytest.mark.slow
 def test_checkpoint_only_commands_on_ag_news_warn_about_nothing(tmp_path: Path):
     data = tiny_ag_news(tmp_path)
     run_cli("fit", "--config", config("ag_news_cnn_bn"), *data, *quiet(tmp_path), cwd=tmp_path)
@@ -185,6 +194,7 @@ def test_checkpoint_only_commands_on_ag_news_warn_about_nothing(tmp_path: Path):
         assert "Warning" not in out.stderr and "linked" not in out.stderr, out.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_best_is_only_a_checkpoint_of_a_fit_in_the_same_command(tmp_path: Path):
     out = run_cli(
         "test", "--config", MNIST1D, "--ckpt_path=best", *tiny_mnist1d(tmp_path), cwd=tmp_path, check=False

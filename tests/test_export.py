@@ -25,6 +25,8 @@ from src import export as ex  # noqa: E402
 from src.inference import encoder_for, load_for_inference, sample_inputs  # noqa: E402
 from tests.helpers.serving import CONFIG_NAMES, run_module, tiny_checkpoint  # noqa: E402
 
+pytestmark = pytest.mark.slow  # each test trains or serves a model in a subprocess
+
 
 @pytest.fixture(scope="session")
 def runs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -37,7 +39,6 @@ def _leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if ".tmp" in p.name or ".old" in p.name)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", CONFIG_NAMES)
 def test_onnx_export_matches_the_checkpoint_through_onnxruntime(name: str, runs_root: Path, tmp_path: Path):
     ckpt = tiny_checkpoint(name, runs_root)
@@ -115,7 +116,6 @@ def _sidecar_encode(texts: list[str], meta: dict) -> np.ndarray:
     return np.array([row + [pre["pad_id"]] * (width - len(row)) for row in ids], dtype=np.int64)
 
 
-@pytest.mark.slow
 def test_text_sidecar_encodes_raw_text_without_project_code(runs_root: Path, tmp_path: Path):
     ckpt = tiny_checkpoint("ag_news_cnn_bn", runs_root)
     out = tmp_path / "ag"
@@ -156,7 +156,6 @@ def test_image_sidecar_normalisation_is_the_datamodules(runs_root: Path, tmp_pat
 
 
 # ---------------------------------------------------------------------- TorchScript
-@pytest.mark.slow
 def test_torchscript_export_matches_the_checkpoint(runs_root: Path, tmp_path: Path):
     ckpt = tiny_checkpoint("ag_news_cnn_bn", runs_root)  # dynamic batch and sequence axes
     out = tmp_path / "ts"

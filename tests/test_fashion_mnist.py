@@ -174,6 +174,7 @@ def test_bad_images_and_labels_name_the_split_and_row(tmp_path: Path):
         assert message in str(info.value), (name, str(info.value))
 
 
+@pytest.mark.slow
 def test_cli_predict_from_checkpoint_reports_class_names_with_data_gone(tmp_path: Path):
     run_cli("fit", "--config", CONFIG, *tiny_fashion(tmp_path), *quiet(tmp_path), cwd=tmp_path)
     ckpt = next((tmp_path / "logs").rglob("last.ckpt"))
@@ -183,6 +184,7 @@ def test_cli_predict_from_checkpoint_reports_class_names_with_data_gone(tmp_path
     assert len(rows) == 21 and {r[2] for r in rows[1:]} <= set(CLASS_NAMES)
 
 
+@pytest.mark.slow
 def test_cli_without_data_source_stops_fast_with_what_to_pass(tmp_path: Path):
     out = run_cli(
         "fit",

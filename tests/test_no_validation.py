@@ -67,6 +67,7 @@ def test_val_size_out_of_range_is_refused(tmp_path: Path, val_size: float):
         MNIST1D(cache_dir=str(tmp_path), val_size=val_size)
 
 
+@pytest.mark.slow
 def test_final_fit_without_validation_keeps_the_last_epoch_and_tests_it(tmp_path: Path):
     files = write_tiny_ag_news(tmp_path / "data")
     out = run_cli(
@@ -108,6 +109,7 @@ def test_final_fit_without_validation_keeps_the_last_epoch_and_tests_it(tmp_path
     ],
     ids=["plateau_schedule", "validate"],
 )
+@pytest.mark.slow
 def test_what_needs_validation_is_a_clear_error_without_it(
     tmp_path: Path, subcommand: str, extra: list[str], message: str
 ):

@@ -12,6 +12,8 @@ from torch import nn
 from tests.helpers.cli import CONFIGS, build, data_class
 from tests.helpers.data import TINY_DATA
 
+pytestmark = pytest.mark.slow  # every test trains a model
+
 QUICK = [
     "--trainer.accelerator=cpu",
     "--trainer.max_epochs=1",

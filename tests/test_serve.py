@@ -31,6 +31,8 @@ from src.inference import load_for_inference  # noqa: E402
 from tests.helpers.cli import ROOT  # noqa: E402
 from tests.helpers.serving import CONFIG_NAMES, cli_predictions, run_module, tiny_checkpoint  # noqa: E402
 
+pytestmark = pytest.mark.slow  # each test trains or serves a model in a subprocess
+
 MAX_BYTES = 300_000
 MAX_INPUTS = 64
 PROB_ATOL = 2e-6  # predictions.csv rounds probabilities to 6 decimals
@@ -188,7 +190,6 @@ def assert_same(served: list[dict], expected: list[dict], atol: float = PROB_ATO
 
 
 # ---------------------------------------------------------------------- predictions
-@pytest.mark.slow
 @pytest.mark.parametrize("name", CONFIG_NAMES)
 def test_predictions_equal_cli_predict_on_the_same_inputs(
     name: str, servers, runs_root: Path, tmp_path: Path
@@ -216,7 +217,6 @@ def test_predictions_equal_cli_predict_on_the_same_inputs(
     assert_same(served, expected)
 
 
-@pytest.mark.slow
 def test_concurrent_requests_get_their_own_answers(servers, runs_root: Path):
     server = servers("ag_news_cnn_bn")
     assert server.client.get("/info").json()["server"]["workers_per_device"] == 2
@@ -254,7 +254,6 @@ def _chunks(data: bytes, size: int = 65536):
         yield data[i : i + size]
 
 
-@pytest.mark.slow
 def test_bad_requests_get_a_4xx_json_answer_and_the_server_keeps_serving(servers, runs_root: Path):
     server = servers("fashion_mnist_mlp_bn")
     good = [[[0] * 28] * 28]
@@ -317,7 +316,6 @@ def test_bad_requests_get_a_4xx_json_answer_and_the_server_keeps_serving(servers
     assert sorted(statuses) == [200] * 12 + [422]
 
 
-@pytest.mark.slow
 def test_text_that_is_not_utf8_is_refused(servers, runs_root: Path):
     server = servers("ag_news_cnn_bn")
     lone_surrogate = b'{"inputs": ["fine", "\\ud800 broken"]}'  # valid JSON, not valid UTF-8 text
@@ -338,7 +336,6 @@ def test_text_that_is_not_utf8_is_refused(servers, runs_root: Path):
     assert r.status_code == 200 and len(r.json()["predictions"]) == 1
 
 
-@pytest.mark.slow
 def test_health_and_info(servers):
     server = servers("mnist1d_resnet_bn")
     assert server.client.get("/health").text == "ok"
@@ -347,7 +344,6 @@ def test_health_and_info(servers):
 
 
 # ---------------------------------------------------------------------- start and stop
-@pytest.mark.slow
 def test_sigterm_stops_the_server_and_its_workers(servers, runs_root: Path):
     server = servers("mnist1d_resnet_bn")
     assert children_of(server.proc.pid)  # HTTP and inference worker processes

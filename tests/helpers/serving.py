@@ -77,11 +77,12 @@ def cli_predictions(ckpt: Path, workdir: Path, *extra: str) -> list[dict[str, ob
         "--ckpt_path",
         str(ckpt),
         "--trainer.callbacks.print_limit=0",
+        f"--trainer.callbacks.output={workdir / 'predictions.csv'}",
         "--trainer.enable_progress_bar=false",
         *extra,
         cwd=workdir,
     )
-    path = next(workdir.rglob("predictions.csv"))
+    path = workdir / "predictions.csv"
     with path.open(encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
     return [
