@@ -33,6 +33,7 @@ import contextlib
 import csv
 import math
 import os
+import random
 import re
 import resource
 import shlex
@@ -287,7 +288,18 @@ def open_storage(url: str, heartbeat: bool = False, on_stale: Any = None) -> opt
             else "failed_trial_callback"
         )
         kwargs[name] = on_stale
-    return optuna.storages.RDBStorage(url, **kwargs)
+    from sqlalchemy.exc import SQLAlchemyError
+
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except SQLAlchemyError:
+            # Workers started together all create the schema of a new database; the losers of
+            # that race fail on a unique constraint and find the schema made on a second try.
+            if attempt == 4:
+                raise
+            time.sleep(0.5 + random.random())
+    raise AssertionError("unreachable")
 
 
 def _retry_callback() -> Any:
@@ -480,7 +492,11 @@ def _refusal(stderr: str, space: list[Param], values: dict[str, Any]) -> str:
         body = [next((line for line in reversed(lines) if line.strip()), "no message")]
     else:
         skip = ("Does not validate", "Subtypes:", "Errors:", "Given value", "- Expected a <class 'NoneType'>")
-        body = [line.strip() for line in lines[start:] if line.strip() and not line.strip().startswith(skip)]
+        body = [
+            line.strip().removeprefix("- ")
+            for line in lines[start:]
+            if line.strip() and not line.strip().startswith(skip)
+        ]
         body[0] = body[0].removeprefix("error:").strip()
     message = " ".join(b for b in body if b)
     named = [p for p in space if re.search(rf"\b{re.escape(p.key.rsplit('.', 1)[-1])}\b", message)]
@@ -491,7 +507,8 @@ def _refusal(stderr: str, space: list[Param], values: dict[str, Any]) -> str:
 def _check_searchable(config: dict[str, Any], values: dict[str, Any]) -> None:
     data = ((config.get("data") or {}).get("init_args")) or {}
     trainer = config.get("trainer") or {}
-    shown = f" (with {', '.join(f'{k}={_format_value(v)}' for k, v in values.items())})" if values else ""
+    searched = [f"{k}={_format_value(v)}" for k, v in values.items() if k.endswith(".val_size")]
+    shown = f" (from --space {searched[0]})" if searched else ""
     if data.get("val_size") == 0:
         raise UsageError(
             f"val_size=0{shown}: a search needs validation to score its trials. Keep a val_size for the "
@@ -803,8 +820,12 @@ def progress_line(
     done = len([t for t in counted(study.get_trials(deepcopy=False)) if t.state.name != "RUNNING"])
     return (
         f"[{done}/{budget}] trial {number} {outcome.state}{value}{note} | {best_text} | {shown} | "
-        f"{outcome.stats.get('epochs', 0)} epochs, {outcome.stats.get('cpu_s', 0):.0f} s CPU"
+        f"{_plural(outcome.stats.get('epochs', 0), 'epoch')}, {outcome.stats.get('cpu_s', 0):.0f} s CPU"
     )
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 # ---------------------------------------------------------------------- final step
@@ -925,8 +946,14 @@ def _search(args: argparse.Namespace, unknown: list[str], extra: list[str], comm
     print(f"checking {len(space)} search settings against the CLI ...", flush=True)
     check_with_cli(setup)
     output.mkdir(parents=True, exist_ok=True)
-    storage = open_storage(url, heartbeat=True, on_stale=_retry_callback())
-    study = _open_study(optuna, storage, setup, direction, args)
+    try:
+        storage = open_storage(url, heartbeat=True, on_stale=_retry_callback())
+        study = _open_study(optuna, storage, setup, direction, args)
+    except UsageError:
+        raise
+    except Exception as err:  # a URL Optuna cannot open: a missing driver, no server, no rights
+        first = (str(err).splitlines() or [""])[0]
+        raise UsageError(f"--storage {_mask(url)}: cannot open it: {type(err).__name__}: {first}") from None
 
     signal.signal(signal.SIGTERM, _raise_interrupted)
     signal.signal(signal.SIGINT, _raise_interrupted)
