@@ -651,6 +651,9 @@ def trial_rows(study: optuna.Study, space: list[Param]) -> list[dict[str, Any]]:
             )
         if t.state.name == "FAIL" and not note:
             note = "failed"
+        if t.state.name == "WAITING":  # enqueued; the user attributes are the failed trial's
+            history = t.system_attrs.get("retry_history") or []
+            note = f"waits to run trial {history[-1]} again" if history else "enqueued"
         row: dict[str, Any] = {"trial": t.number, "state": t.state.name, "value": t.value}
         row.update({names[p.key]: t.params.get(p.key) for p in space})
         row.update(
@@ -659,7 +662,7 @@ def trial_rows(study: optuna.Study, space: list[Param]) -> list[dict[str, Any]]:
             if t.datetime_start and end
             else None,
             cpu_s=t.user_attrs.get("cpu_s"),
-            run_dir=t.user_attrs.get("run_dir", ""),
+            run_dir=t.user_attrs.get("run_dir", "") if t.state.name != "WAITING" else "",
             note=note,
         )
         rows.append(row)
@@ -903,10 +906,11 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except (KeyboardInterrupt, Interrupted) as stop:
-        code = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
-        print("interrupted", file=sys.stderr)
-        return 128 + int(code)
+    except Interrupted as stop:  # the search said what happens next
+        return 128 + stop.signum
+    except KeyboardInterrupt:  # before any trial started
+        print("\ninterrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 def _search(args: argparse.Namespace, unknown: list[str], extra: list[str], command: str) -> int:
@@ -1009,6 +1013,8 @@ def _search(args: argparse.Namespace, unknown: list[str], extra: list[str], comm
                 f"\ninterrupted: trial {trial.number} stopped; the same command runs it again",
                 file=sys.stderr,
             )
+        else:
+            print("\ninterrupted: the same command resumes the search", file=sys.stderr)
         write_tables(study, setup, command)
         raise
     finally:
