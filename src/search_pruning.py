@@ -110,10 +110,11 @@ class OptunaPruning(PyTorchLightningPruningCallback):
         if decision == _GO_ON:
             return
         trainer.should_stop = True
-        if decision == _PRUNE:
-            rank_zero_info(f"Optuna pruned this trial after epoch {epoch} ({self.monitor}={score:.4f}).")
-        else:
-            rank_zero_info(f"'{self.monitor}' is not logged; stopping this trial.")
+        if trainer.is_global_zero:  # only rank 0 knows the score
+            if decision == _PRUNE:
+                rank_zero_info(f"Optuna pruned this trial after epoch {epoch} ({self.monitor}={score:.4f}).")
+            else:
+                rank_zero_info(f"'{self.monitor}' is not logged; stopping this trial.")
 
     def state_dict(self) -> dict[str, Any]:
         return {}  # nothing of a trial belongs in its checkpoints
