@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import json
 import math
 import os
 import random
@@ -82,9 +83,12 @@ examples:
 With OneCycleLR (the shipped configs) the peak learning rate is
 model.init_args.lr_scheduler.init_args.max_lr; the optimizer's lr is overridden by the schedule.
 
-pruners (--pruner): median (MedianPruner), halving (SuccessiveHalvingPruner), hyperband
-(HyperbandPruner), none; arguments in brackets, e.g. 'median(n_startup_trials=5,n_warmup_steps=3)'
-(steps are epochs).
+pruners (--pruner), Optuna's, judged on the metric after each validation epoch (steps are epochs):
+  median                     MedianPruner (Optuna's defaults: n_startup_trials=5, n_warmup_steps=0)
+  halving                    SuccessiveHalvingPruner        hyperband   HyperbandPruner
+  threshold(lower=0.5)       ThresholdPruner: stop a trial below (or above: upper=) a value
+  none                       no pruning
+  arguments in brackets: 'median(n_startup_trials=3,n_warmup_steps=4)', 'halving(min_resource=2)'.
 
 Everything after `--` goes to every trial's command line (--trainer.max_epochs=5,
 --data.init_args.data_dir=..., --trainer.devices=2 --trainer.strategy=ddp ...).
@@ -240,6 +244,7 @@ PRUNERS = {
     "median": "MedianPruner",
     "halving": "SuccessiveHalvingPruner",
     "hyperband": "HyperbandPruner",
+    "threshold": "ThresholdPruner",
     "none": "NopPruner",
 }
 
@@ -460,28 +465,63 @@ class Setup:
         }
 
 
+# Parses each probe command line with the CLI's own parser in one process (importing the CLI
+# takes seconds, a parse a fraction of one); `--print_config` makes each parse print the resolved
+# config and exit instead of training. Stops at the first refusal.
+_PROBE = """
+import contextlib, io, json, sys
+from src.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(argv)
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
+            if isinstance(stop.code, str):
+                err.write(stop.code + "\\n")
+        except Exception as exc:
+            code = 1
+            err.write(f"{type(exc).__name__}: {exc}\\n")
+    results.append({"code": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
+    if code:
+        break
+print(json.dumps(results))
+"""
+
+
 def check_with_cli(setup: Setup) -> dict[str, Any]:
     """Run the CLI's own parser (``--print_config``, no training) on the trial command lines.
 
-    Every end of every range and every choice is tried (a few parses, about 5 s each), so an
-    unknown key or a value the CLI refuses stops the search before any trial runs. Returns the
+    Both ends of every range and every choice are tried, so an unknown key or a value the CLI
+    refuses stops the search before any trial runs (one process, a few seconds). Returns the
     resolved config of the first probe.
 
     Raises:
         UsageError: the CLI's message, or why the config cannot be searched (no validation).
     """
     probes = max([2, *(len(p.probe_values()) for p in setup.space)])
-    resolved: dict[str, Any] = {}
-    for i in range(probes):
-        values = {p.key: p.probe_values()[min(i, len(p.probe_values()) - 1)] for p in setup.space}
-        cmd = [*setup.command(values, "trial_check", -1), "--print_config"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=setup.env())
-        if proc.returncode != 0:
-            raise UsageError(_refusal(proc.stderr, setup.space, values))
-        config = yaml.safe_load(proc.stdout) or {}
-        _check_searchable(config, values)
-        resolved = resolved or config
-    return resolved
+    values = [
+        {p.key: p.probe_values()[min(i, len(p.probe_values()) - 1)] for p in setup.space}
+        for i in range(probes)
+    ]
+    # each from `fit` on (the probe process is the CLI already)
+    argvs = [[*setup.command(v, "trial_check", -1)[3:], "--print_config"] for v in values]
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE, json.dumps(argvs)], capture_output=True, text=True, env=setup.env()
+    )
+    try:
+        results = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        raise UsageError(
+            f"could not run the CLI to check the search: {proc.stderr.strip()[-2000:]}"
+        ) from None
+    for probe, result in zip(values, results, strict=False):
+        if result["code"] != 0:
+            raise UsageError(_refusal(result["stderr"], setup.space, probe))
+        _check_searchable(yaml.safe_load(result["stdout"]) or {}, probe)
+    return yaml.safe_load(results[0]["stdout"]) or {}
 
 
 def _refusal(stderr: str, space: list[Param], values: dict[str, Any]) -> str:
