@@ -1061,6 +1061,8 @@ def _search(args: argparse.Namespace, unknown: list[str], extra: list[str], comm
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
+    if args.final_seeds > 0:
+        _wait_for_other_workers(study, storage)
     write_tables(study, setup, command)
     best_config = write_best_config(study, setup)
     for line in write_plots(study, setup):
@@ -1078,12 +1080,45 @@ def _search(args: argparse.Namespace, unknown: list[str], extra: list[str], comm
         flush=True,
     )
     if args.final_seeds > 0:
-        mean, std = final_retrain(setup, best_config, args.final_seeds)
+        with _exclusive(output / "final.lock") as mine:
+            if not mine:
+                print("another worker runs the final step; skipped here", flush=True)
+                return 0
+            mean, std = final_retrain(setup, best_config, args.final_seeds)
         print(
-            f"final: best config re-trained over {args.final_seeds} seeds: test_acc {mean:.4f} ± {std:.4f}",
+            f"final: best config re-trained over {args.final_seeds} seeds: test_acc {mean:.4f} ± {std:.4f} "
+            f"({output / 'final' / 'summary.md'})",
             flush=True,
         )
     return 0
+
+
+def _wait_for_other_workers(study: Any, storage: Any, poll_s: float = 15.0) -> None:
+    """Before the final step: let other workers' trials finish (or be failed, if their worker died)."""
+    told = False
+    while True:
+        recover_dead_trials(study, storage)
+        running = [t.number for t in study.get_trials(deepcopy=False) if t.state.name == "RUNNING"]
+        if not running:
+            return
+        if not told:
+            print(f"waiting for trials {running} of other workers before the final step", flush=True)
+            told = True
+        time.sleep(poll_s)
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Any:
+    """Yield True to the one process (of those sharing this folder) that holds ``path``'s lock."""
+    import fcntl
+
+    with path.open("w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
 
 
 def _open_study(optuna: Any, storage: Any, setup: Setup, direction: str, args: argparse.Namespace) -> Any:
