@@ -930,6 +930,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--final-seeds", type=int, default=0, help="re-train and test the best config over K seeds"
     )
+    parser.add_argument(
+        "--check", action="store_true", help="only check the space against the CLI; print a trial's command"
+    )
     return parser
 
 
@@ -989,6 +992,11 @@ def _search(args: argparse.Namespace, unknown: list[str], extra: list[str], comm
 
     print(f"checking {len(space)} search settings against the CLI ...", flush=True)
     check_with_cli(setup)
+    if args.check:
+        values = {p.key: p.probe_values()[0] for p in space}
+        example = setup.command(values, "trial_NNNN", 0)
+        print(f"ok: the CLI accepts every probe; a trial runs:\n  {shlex.join(['python', *example[1:]])}")
+        return 0
     output.mkdir(parents=True, exist_ok=True)
     try:
         storage = open_storage(url, heartbeat=True, on_stale=_retry_callback())
