@@ -60,9 +60,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNS = "runs"  # trial run folders: OUTPUT/runs/trial_NNNN
 CALLBACK = "src.search_pruning.OptunaPruning"
 PID_ENV = "BN_SEARCH_PID"  # the search's pid: a trial kills itself when its search is gone
-STORAGE_ENV = (
-    "BN_SEARCH_STORAGE"  # how a trial gets the storage URL (credentials stay out of its config.yaml)
-)
+# How a trial gets the storage URL: in its environment, so credentials stay out of its config.yaml.
+STORAGE_ENV = "BN_SEARCH_STORAGE"
 TAIL_LINES = 25  # lines of a failed trial's console output kept in the storage
 HEARTBEAT_S, GRACE_S = 60, 180  # Optuna heartbeat of running trials (for workers on other machines)
 MAX_RETRY = 3  # how often a trial interrupted with its search is run again
