@@ -49,8 +49,8 @@ class OptunaPruning(PyTorchLightningPruningCallback):
             the study's pruner is not stored in the storage, so the search passes it.
         storage: the storage URL; ``None`` reads the ``BN_SEARCH_STORAGE`` environment variable
             (how the search passes it, so that database credentials stay out of config.yaml).
-        watch_parent: kill this run's process group when the search process dies (a SIGKILLed
-            search must not leave its trial training in the background).
+        watch_parent: kill this run's process group as soon as the search process (its pid in
+            ``BN_SEARCH_PID``) is gone: a SIGKILLed search must not leave its trial training.
     """
 
     def __init__(
