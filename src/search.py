@@ -871,14 +871,19 @@ def _plural(n: int, word: str) -> str:
 
 
 # ---------------------------------------------------------------------- final step
-def final_retrain(setup: Setup, best_config: Path, seeds: int) -> tuple[float, float]:
-    """Re-train the best config over ``seeds`` seeds with ``src.ablate`` (fit + test); mean, std of test_acc."""
+def final_retrain(setup: Setup, best_config: Path, best_number: int, seeds: int) -> tuple[Path, float, float]:
+    """Re-train the best config over ``seeds`` seeds with ``src.ablate`` (fit + test).
+
+    The runs go to ``OUTPUT/final/trial_NNNN`` (the best trial's number): run again, the step
+    resumes its own runs, and a study whose best trial changed meanwhile gets new ones.
+    Returns the folder and the mean and std of ``test_acc``.
+    """
     from src.ablate import sweep
 
-    output = setup.output / "final"
+    output = setup.output / "final" / f"trial_{best_number:04d}"
     results = sweep([str(best_config)], [], seeds, output, [], target=0.8, runs_dir=output / "runs")
     accs = [r.test_acc for r in results]
-    return statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0
+    return output, statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0
 
 
 # ---------------------------------------------------------------------- entry point
@@ -1091,10 +1096,10 @@ def _search(args: argparse.Namespace, unknown: list[str], extra: list[str], comm
             if not mine:
                 print("another worker runs the final step; skipped here", flush=True)
                 return 0
-            mean, std = final_retrain(setup, best_config, args.final_seeds)
+            folder, mean, std = final_retrain(setup, best_config, best.number, args.final_seeds)
         print(
-            f"final: best config re-trained over {args.final_seeds} seeds: test_acc {mean:.4f} ± {std:.4f} "
-            f"({output / 'final' / 'summary.md'})",
+            f"final: trial {best.number}'s config re-trained over {args.final_seeds} seeds: "
+            f"test_acc {mean:.4f} ± {std:.4f} ({folder / 'summary.md'})",
             flush=True,
         )
     return 0
