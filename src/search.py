@@ -633,12 +633,11 @@ def run_trial(setup: Setup, study: optuna.Study, storage: Any, trial: optuna.tri
             missing_metric=frozen.user_attrs["missing_metric"],
             stats=stats,
         )
-    direction = study.direction.name.lower()
-    value = best_of(reported, direction)
-    if "pruned_epoch" in frozen.user_attrs:
-        return Outcome(
-            "PRUNED", value=value, note=f"pruned after epoch {frozen.user_attrs['pruned_epoch']}", stats=stats
-        )
+    if "pruned_epoch" in frozen.user_attrs:  # Optuna keeps the last reported value of a pruned trial
+        last = reported[-1] if reported else None
+        note = f"pruned after epoch {frozen.user_attrs['pruned_epoch']}"
+        return Outcome("PRUNED", value=last, note=note, stats=stats)
+    value = best_of(reported, study.direction.name.lower())
     if value is None:
         return Outcome("FAIL", note=f"the run reported no finite '{setup.metric}'", stats=stats)
     return Outcome("COMPLETE", value=value, stats=stats)
