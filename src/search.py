@@ -837,7 +837,7 @@ def write_plots(study: optuna.Study, setup: Setup) -> list[str]:
         except (ValueError, RuntimeError) as err:
             info.append(f"info: no importance.png ({err})")
             return info
-        ax.figure.set_size_inches(7, 1.6 + 0.45 * len(varying))
+        ax.figure.set_size_inches(9, 1.6 + 0.45 * len(varying))
         ax.figure.tight_layout()
         ax.figure.savefig(setup.output / "importance.png", dpi=100)
         plt.close(ax.figure)
