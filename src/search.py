@@ -588,11 +588,14 @@ def run_trial(setup: Setup, study: optuna.Study, storage: Any, trial: optuna.tri
     # A trial run again (a failed one re-enqueued by Optuna's retry callback) keeps its history.
     history = storage.get_trial(trial._trial_id).system_attrs.get("retry_history") or [None]
     retry_of = history[-1]
-    for key, value in (
-        ("worker", worker_info()),
-        ("run_dir", f"{RUNS}/{run_name}"),
-        ("note", f"runs trial {retry_of} again" if retry_of is not None else ""),
-    ):
+    attrs = {
+        "worker": worker_info(),
+        "run_dir": f"{RUNS}/{run_name}",
+        "note": f"runs trial {retry_of} again" if retry_of is not None else "",
+        # A trial run again starts with a copy of the failed one's attributes: clear its outcome.
+        **dict.fromkeys(("pruned_epoch", "missing_metric", "error", "cpu_s", "exit_code")),
+    }
+    for key, value in attrs.items():
         trial.set_user_attr(key, value)
     cmd = setup.command(values, run_name, trial._trial_id)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -626,14 +629,14 @@ def run_trial(setup: Setup, study: optuna.Study, storage: Any, trial: optuna.tri
         trial.set_user_attr("error", "\n".join(tail))
         last = next((line for line in reversed(tail) if line.strip()), "")
         return Outcome("FAIL", note=f"exit {code}: {last.strip()[:200]}", stats=stats)
-    if "missing_metric" in frozen.user_attrs:
+    if frozen.user_attrs.get("missing_metric") is not None:
         return Outcome(
             "FAIL",
             note=f"no '{setup.metric}' logged",
             missing_metric=frozen.user_attrs["missing_metric"],
             stats=stats,
         )
-    if "pruned_epoch" in frozen.user_attrs:  # Optuna keeps the last reported value of a pruned trial
+    if frozen.user_attrs.get("pruned_epoch") is not None:  # Optuna keeps a pruned trial's last value
         last = reported[-1] if reported else None
         note = f"pruned after epoch {frozen.user_attrs['pruned_epoch']}"
         return Outcome("PRUNED", value=last, note=note, stats=stats)
