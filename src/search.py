@@ -495,13 +495,14 @@ def check_with_cli(setup: Setup) -> dict[str, Any]:
 
     Both ends of every range and every choice are tried, so an unknown key or a value the CLI
     refuses stops the search before any trial runs (one process, a few seconds). Returns the
-    resolved config of the first probe.
+    resolved config without any searched value (the config's own values).
 
     Raises:
         UsageError: the CLI's message, or why the config cannot be searched (no validation).
     """
     probes = max([2, *(len(p.probe_values()) for p in setup.space)])
-    values = [
+    # First the config as it is (no searched value: its own values, for --baseline), then the probes.
+    values: list[dict[str, Any]] = [{}] + [
         {p.key: p.probe_values()[min(i, len(p.probe_values()) - 1)] for p in setup.space}
         for i in range(probes)
     ]
@@ -523,6 +524,35 @@ def check_with_cli(setup: Setup) -> dict[str, Any]:
     return yaml.safe_load(results[0]["stdout"]) or {}
 
 
+def baseline_params(config: dict[str, Any], space: list[Param]) -> tuple[dict[str, Any], list[str]]:
+    """The config's own value of every searched key, as a trial's params; and the keys that cannot be.
+
+    A choice matches when its text reads (as YAML) to the config's value (``[512,256]``, ``true``).
+    """
+    params, outside = {}, []
+    for p in space:
+        node: Any = config
+        for part in p.key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if p.kind == "choice":
+            match = [c for c in p.choices if _yaml_value(c) == node]
+            if match:
+                params[p.key] = match[0]
+                continue
+        elif isinstance(node, (int, float)) and not isinstance(node, bool) and p.low <= node <= p.high:
+            params[p.key] = int(node) if p.kind == "int" else float(node)
+            continue
+        outside.append(f"{p.key}={node!r}")
+    return params, outside
+
+
+def _yaml_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
 def _refusal(stderr: str, space: list[Param], values: dict[str, Any]) -> str:
     """One line from the CLI's error: its message, and the --space entries it names."""
     lines = stderr.splitlines()
@@ -538,7 +568,11 @@ def _refusal(stderr: str, space: list[Param], values: dict[str, Any]) -> str:
         ]
         body[0] = body[0].removeprefix("error:").strip()
     message = " ".join(b for b in body if b)
-    named = [p for p in space if re.search(rf"\b{re.escape(p.key.rsplit('.', 1)[-1])}\b", message)]
+    named = [
+        p
+        for p in space
+        if p.key in values and re.search(rf"\b{re.escape(p.key.rsplit('.', 1)[-1])}\b", message)
+    ]
     where = ", ".join(f"{p.key}={_format_value(values[p.key])}" for p in named) or "the command line"
     return f"the CLI refused {where}: {message}"
 
@@ -591,7 +625,11 @@ def run_trial(setup: Setup, study: optuna.Study, storage: Any, trial: optuna.tri
     attrs = {
         "worker": worker_info(),
         "run_dir": f"{RUNS}/{run_name}",
-        "note": f"runs trial {retry_of} again" if retry_of is not None else "",
+        "note": f"runs trial {retry_of} again"
+        if retry_of is not None
+        else "the config's own values (--baseline)"
+        if trial.user_attrs.get("baseline")
+        else "",
         # A trial run again starts with a copy of the failed one's attributes: clear its outcome.
         **dict.fromkeys(("pruned_epoch", "missing_metric", "error", "cpu_s", "exit_code")),
     }
@@ -937,6 +975,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--final-seeds", type=int, default=0, help="re-train and test the best config over K seeds"
     )
     parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="first trial: the config's own values of the searched keys (when inside the space)",
+    )
+    parser.add_argument(
         "--check", action="store_true", help="only check the space against the CLI; print a trial's command"
     )
     return parser
@@ -997,7 +1040,7 @@ def _search(args: argparse.Namespace, unknown: list[str], extra: list[str], comm
     setup = Setup(args.config, extra, space, output, study_name, url, args.metric, args.pruner)
 
     print(f"checking {len(space)} search settings against the CLI ...", flush=True)
-    check_with_cli(setup)
+    base_config = check_with_cli(setup)
     if args.check:
         values = {p.key: p.probe_values()[0] for p in space}
         example = setup.command(values, "trial_NNNN", 0)
@@ -1007,6 +1050,8 @@ def _search(args: argparse.Namespace, unknown: list[str], extra: list[str], comm
     try:
         storage = open_storage(url, heartbeat=True, on_stale=_retry_callback())
         study = _open_study(optuna, storage, setup, direction, args)
+        if args.baseline:
+            _enqueue_baseline(study, base_config, space)
     except UsageError:
         raise
     except Exception as err:  # a URL Optuna cannot open: a missing driver, no server, no rights
@@ -1167,6 +1212,20 @@ def _open_study(optuna: Any, storage: Any, setup: Setup, direction: str, args: a
     return optuna.load_study(
         study_name=setup.study_name, storage=storage, sampler=sampler, pruner=build_pruner(setup.pruner)
     )
+
+
+def _enqueue_baseline(study: Any, config: dict[str, Any], space: list[Param]) -> None:
+    """Make the config's own values the study's next trial (once per study), if they are in the space."""
+    params, outside = baseline_params(config, space)
+    if outside:
+        print(
+            f"info: --baseline: the config's own values are outside the space ({', '.join(outside)})",
+            flush=True,
+        )
+        return
+    if any(t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)):
+        return  # enqueued before (a resumed study)
+    study.enqueue_trial(params, user_attrs={"baseline": True})
 
 
 def _raise_interrupted(signum: int, frame: Any) -> None:

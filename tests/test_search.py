@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 
 from src.search import (
     UsageError,
+    baseline_params,
     build_pruner,
     counted,
     labels,
@@ -151,6 +152,28 @@ def test_space_specs_parse_into_distributions():
 def test_malformed_space_specs_are_refused(spec: str, message: str):
     with pytest.raises(UsageError, match=r"--space .*" + re.escape(message)):
         parse_space(spec)
+
+
+def test_baseline_takes_the_configs_own_values_when_inside_the_space():
+    config = yaml.safe_load((ROOT / "configs" / "fashion_mnist_mlp_bn.yaml").read_text())
+    space = [
+        parse_space("model.init_args.hidden_sizes=choice([1024,512],[512,256])"),
+        parse_space("model.init_args.dropout=float(0.1,0.5)"),
+        parse_space("model.init_args.lr_scheduler.init_args.max_lr=float(1e-3,3e-2,log)"),
+        parse_space("data.init_args.batch_size=choice(128,256)"),
+        parse_space("data.init_args.hflip=choice(true,false)"),
+    ]
+    params, outside = baseline_params(config, space)
+    assert outside == []
+    assert params == {
+        "model.init_args.hidden_sizes": "[512,256]",
+        "model.init_args.dropout": 0.3,
+        "model.init_args.lr_scheduler.init_args.max_lr": 0.01,
+        "data.init_args.batch_size": "256",
+        "data.init_args.hflip": "false",
+    }
+    _, outside = baseline_params(config, [parse_space("model.init_args.dropout=float(0.4,0.5)")])
+    assert outside == ["model.init_args.dropout=0.3"]
 
 
 def test_pruner_specs():
