@@ -1,0 +1,182 @@
+"""What the project adds to LightningCLI, through its public hooks only.
+
+- links: the data's ``num_classes``, ``input_size`` and ``class_names`` go into the model;
+- checks before anything is built (:mod:`src.checks`): pairing, devices, settings that train
+  nothing, a checkpoint of other data or model settings;
+- run folders (:mod:`src.runs`): each run claims and locks its own ``version_N``; ``--ckpt_path=last``
+  resumes only a run whose saved config matches the command;
+- a checkpoint's fitted data state (vocabulary, normalisation) restored before the data → model links
+  are read, so ``validate/test/predict --ckpt_path`` need no training data;
+- the Trainer's callbacks fitted to the switches and the run (:mod:`src.trainer_setup`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import yaml
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+from src import checks, runs
+from src.checkpoints import read_metadata
+from src.data import ClassificationDataModule
+from src.devices import placement, sync_batchnorm_applies
+from src.errors import UserError
+from src.trainer_setup import checkpoint_plugins, fitting_callbacks
+from src.workarounds import instantiate_data_as_lightning_does
+
+
+class ProjectCLI(LightningCLI):
+    """LightningCLI in subclass mode over :class:`ClassifierModule` and :class:`ClassificationDataModule`."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for name in checks.LINKED:
+            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=False,
+            help="After fit, test the best checkpoint (the last one without validation) in the same run folder.",
+        )
+
+    def settings(self, instantiated: bool = False) -> Any:
+        """The settings of the subcommand being run (all of them with ``run=False``)."""
+        config = self.config_init if instantiated else self.config
+        sub = self.config.get("subcommand")
+        return config[sub] if sub else config
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # The model as the command gives it, before Lightning replaces it with a checkpoint's
+        # hyperparameters (`--ckpt_path FILE`): what that drops is reported, never lost silently.
+        model = self.settings().get("model")
+        self.given_model = model.as_dict() if model is not None else {}
+
+    def before_instantiate_classes(self) -> None:
+        sub, cfg = self.config.get("subcommand"), self.settings()
+        checks.check_given(cfg)
+        logger = cfg.trainer.get("logger")
+        version = (logger.get("init_args") or {}).get("version") if hasattr(logger, "get") else None
+        command = yaml.safe_load(self.parser.dump(self.config, skip_unset=False)).get(sub, {})
+        self.checkpoint, self.resume_dir = runs.resolve_checkpoint(
+            sub, cfg.get("ckpt_path"), runs.logger_root(logger), command, version
+        )
+        if self.checkpoint is not None:
+            checks.check_checkpoint(sub, cfg, self.checkpoint, self.given_model)
+        checks.check_command(sub, cfg, self.given_model)
+        where = placement(
+            cfg.trainer.get("accelerator"), cfg.trainer.get("devices"), cfg.trainer.get("num_nodes")
+        )
+        if cfg.trainer.get("sync_batchnorm") and not sync_batchnorm_applies(where):
+            cfg.trainer.sync_batchnorm = False  # SyncBatchNorm needs several GPU processes
+
+    def instantiate_classes(self) -> None:
+        instantiators = None
+        state = self._checkpoint_data_state()
+        if state:
+            # Fitted data state (class names, vocabulary, normalisation) is needed before the data →
+            # model links are read: the model gets the checkpoint's sizes without the training data.
+            instantiators = [(partial(_with_state, cli=self, state=state), ClassificationDataModule, True)]
+        try:
+            self.config_init = self.parser.instantiate(self.config, instantiators=instantiators)
+        except (ValueError, MisconfigurationException) as err:
+            raise UserError(f"cannot build the run from these settings: {err}") from err
+        self.datamodule, self.model = self.settings(True).get("data"), self.settings(True).get("model")
+        self.trainer = self.instantiate_trainer()
+
+    def _checkpoint_data_state(self) -> dict[str, Any] | None:
+        if self.checkpoint is None:
+            return None
+        data_class = checks.import_class(self.settings().data.class_path)
+        return read_metadata(self.checkpoint).get(data_class.__qualname__)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        cfg, given = self.settings(True)["trainer"], self.settings().trainer
+        validates = getattr(self.datamodule, "has_validation", True) or self.subcommand != "fit"
+        kwargs.setdefault("callbacks", fitting_callbacks(list(cfg.get("callbacks") or []), cfg, validates))
+        kwargs.setdefault("plugins", checkpoint_plugins(cfg.get("plugins")))
+        if not cfg.get("fast_dev_run"):  # fast_dev_run logs nowhere: no run folder
+            kwargs.setdefault("logger", self._versioned_loggers(cfg.get("logger"), given.get("logger")))
+            if cfg.get("default_root_dir") is None:  # Lightning's other files go into the run folder too
+                kwargs.setdefault("default_root_dir", self._run_folder(kwargs["logger"]))
+        return super().instantiate_trainer(**kwargs)
+
+    def _versioned_loggers(self, logger: Any, config: Any) -> Any:
+        claimed: dict[Path, Any] = {}
+        if isinstance(logger, list):
+            return [
+                runs.versioned(lg, _init_args(c), self.resume_dir, claimed)
+                for lg, c in zip(logger, config, strict=True)
+            ]
+        return runs.versioned(logger, _init_args(config), self.resume_dir, claimed)
+
+    @staticmethod
+    def _run_folder(logger: Any) -> str | None:
+        for lg in logger if isinstance(logger, list) else [logger]:
+            if getattr(lg, "log_dir", None) and getattr(lg, "version", None) is not None:
+                return lg.log_dir
+        return str(runs.folder_without_logger()) if logger is False else None
+
+    def after_instantiate_classes(self) -> None:
+        if self.checkpoint is None:
+            return
+        if self.subcommand:  # `last` resolved to its file
+            self.config_init[self.subcommand]["ckpt_path"] = str(self.checkpoint)
+        checks.check_weights_fit(self.model, self.checkpoint)
+
+    def before_fit(self) -> None:
+        if not getattr(self.datamodule, "has_validation", True):
+            # Lightning's notice about the empty validation loader is what val_size=0 asked for.
+            warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
+
+    def before_validate(self) -> None:
+        if not getattr(self.datamodule, "has_validation", True):
+            raise UserError(
+                "val_size=0 leaves no validation split to validate on. Pass a val_size, or run test."
+            )
+        _quiet_restore()
+
+    def before_test(self) -> None:
+        _quiet_restore()
+
+    def before_predict(self) -> None:
+        _quiet_restore()
+
+    def after_fit(self) -> None:
+        if not self.config.fit.get("test_after_fit") or self.trainer.fast_dev_run:
+            return
+        best = getattr(self.trainer.checkpoint_callback, "best_model_path", "")
+        if not best:
+            rank_zero_info("No checkpoint was written; testing the weights as they are.")
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
+
+
+def _init_args(logger_config: Any) -> dict[str, Any]:
+    config = logger_config.as_dict() if hasattr(logger_config, "as_dict") else logger_config
+    return dict(config.get("init_args") or {}) if isinstance(config, dict) else {}
+
+
+def _with_state(
+    class_type: type,
+    *args: Any,
+    cli: LightningCLI,
+    state: dict[str, Any],
+    applied_instantiation_links: dict,
+    **kwargs: Any,
+) -> Any:
+    datamodule = instantiate_data_as_lightning_does(
+        cli, class_type, *args, applied_instantiation_links=applied_instantiation_links, **kwargs
+    )
+    datamodule.load_state_dict(state)
+    return datamodule
+
+
+def _quiet_restore() -> None:
+    # Restoring a checkpoint into a new run folder, Lightning notes that ModelCheckpoint's
+    # bookkeeping of the old folder is not reloaded: true, and irrelevant outside fit.
+    warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
