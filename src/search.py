@@ -2,7 +2,7 @@
 
     python -m src.search --config configs/fashion_mnist_mlp_bn.yaml \\
         --space 'model.init_args.dropout=float(0.0,0.5)' \\
-        --space 'model.init_args.lr_scheduler.init_args.max_lr=float(1e-3,3e-2,log)' \\
+        --space 'model.init_args.lr=float(1e-3,3e-2,log)' \\
         --space 'model.init_args.bn_position=choice(before_activation,after_activation)' \\
         --trials 20 --study fmnist --output lightning_logs/search/fmnist \\
         -- --data.init_args.data_dir=../shared/data/fashion_mnist
@@ -75,12 +75,11 @@ search space (repeat --space for each setting; KEY is any CLI key, without the l
                              commas inside brackets stay in one value: choice([512,256],[1024,512])
 examples:
   --space 'model.init_args.dropout=float(0.0,0.5)'
-  --space 'model.init_args.optimizer.init_args.lr=float(1e-4,1e-1,log)'
+  --space 'model.init_args.lr=float(1e-4,1e-1,log)'
   --space 'model.init_args.hidden_size=int(64,512,log)'
   --space 'model.init_args.bn_position=choice(before_activation,after_activation)'
   --space 'data.init_args.batch_size=choice(128,256,512)'
-With OneCycleLR (the shipped configs) the peak learning rate is
-model.init_args.lr_scheduler.init_args.max_lr; the optimizer's lr is overridden by the schedule.
+The learning rate is model.init_args.lr: the optimiser's, and the peak of the one-cycle schedule.
 
 pruners (--pruner), Optuna's, judged on the metric after each validation epoch (steps are epochs):
   median                     MedianPruner (Optuna's defaults: n_startup_trials=5, n_warmup_steps=0)

@@ -17,7 +17,6 @@ import os
 import signal
 import threading
 import time
-from argparse import Namespace
 from typing import Any
 
 import optuna
@@ -81,7 +80,6 @@ class OptunaPruning(PyTorchLightningPruningCallback):
             study_name=self.study_name, storage=open_storage(url), pruner=build_pruner(self.pruner)
         )
         self._trial = optuna.trial.Trial(study, self.trial_id)
-        _add_to_hparams(trainer, {"search/trial": self._trial.number, **_compact(self._trial.params)})
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # The integration checks the storage type and prepares its DDP bookkeeping here; this
@@ -118,28 +116,6 @@ class OptunaPruning(PyTorchLightningPruningCallback):
 
     def state_dict(self) -> dict[str, Any]:
         return {}  # nothing of a trial belongs in its checkpoints
-
-
-def _compact(params: dict[str, Any]) -> dict[str, Any]:
-    """``model.init_args.optimizer.init_args.lr`` → ``search/model.optimizer.lr`` (unique, readable)."""
-    return {"search/" + k.replace("init_args.", ""): v for k, v in params.items()}
-
-
-def _add_to_hparams(trainer: Trainer, extra: dict[str, Any]) -> None:
-    """Add the trial's searched values to what the run logs as hyperparameters (HPARAMS tab).
-
-    The model logs only its own ``__init__`` arguments there, without the optimizer, the LR
-    schedule or any data setting, so the searched values would be missing from the run's row.
-    Each logger's ``log_hyperparams`` is wrapped for this run: every call also gets the values.
-    """
-    for logger in trainer.loggers:
-        original = logger.log_hyperparams
-
-        def log_hyperparams(params: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
-            params = vars(params) if isinstance(params, Namespace) else dict(params or {})
-            return _original({**params, **extra}, *args, **kwargs)
-
-        logger.log_hyperparams = log_hyperparams  # type: ignore[method-assign]
 
 
 _watchdog_started = False

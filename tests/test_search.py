@@ -30,13 +30,13 @@ from src.search import (
     retried_numbers,
     split_top_level,
 )
-from tests.conftest import ROOT
+from tests.helpers.cli import ROOT
 
 CONFIG = str(ROOT / "configs" / "mnist1d_resnet_bn.yaml")
 # One-cycle peak LR: 0.02 learns, 1e-6 stays at chance (a clearly bad trial for the pruner).
-LR_CHOICE = "model.init_args.lr_scheduler.init_args.max_lr=choice(0.02,1.0e-06)"
+LR_CHOICE = "model.init_args.lr=choice(0.02,1.0e-06)"
 DROPOUT = "model.init_args.dropout=float(0.0,0.5)"
-# RandomSampler(seed=6) draws max_lr 0.02, 1e-6, 0.02 for the first three trials (with the
+# RandomSampler(seed=6) draws lr 0.02, 1e-6, 0.02 for the first three trials (with the
 # dropout drawn after it in each trial): trial 1 is the bad one.
 PRUNING = ["--sampler", "random", "--seed", "6", "--pruner", "median(n_startup_trials=1,n_warmup_steps=0)"]
 
@@ -108,11 +108,11 @@ def hparams_keys(run_dir: Path) -> set[str]:
 def test_space_specs_parse_into_distributions():
     p = parse_space("model.init_args.dropout=float(0.0,0.5)")
     assert (p.key, p.kind, p.low, p.high, p.log) == ("model.init_args.dropout", "float", 0.0, 0.5, False)
-    p = parse_space("--model.init_args.optimizer.init_args.lr=float(1e-4, 1e-1, log)")
-    assert (p.key, p.low, p.high, p.log) == ("model.init_args.optimizer.init_args.lr", 1e-4, 0.1, True)
+    p = parse_space("--model.init_args.lr=float(1e-4, 1e-1, log)")
+    assert (p.key, p.low, p.high, p.log) == ("model.init_args.lr", 1e-4, 0.1, True)
     assert (
         p.probe_values() == [1e-4, 0.1]
-        and p.override(1e-05) == "--model.init_args.optimizer.init_args.lr=1e-05"
+        and p.override(1e-05) == "--model.init_args.lr=1e-05"
     )
     p = parse_space("model.init_args.hidden_size=int(64,512,log)")
     assert (p.kind, p.low, p.high, p.log, p.probe_values()) == ("int", 64, 512, True, [64, 512])
@@ -141,7 +141,7 @@ def test_space_specs_parse_into_distributions():
         ("model.init_args.dropout=float(0,1,ln)", "float takes LOW,HIGH"),
         ("model.init_args.dropout=float(a,1)", "must be numbers"),
         ("model.init_args.dropout=float(0.5,0.1)", "LOW must be below HIGH"),
-        ("model.init_args.optimizer.init_args.lr=float(0,0.1,log)", "needs LOW > 0"),
+        ("model.init_args.lr=float(0,0.1,log)", "needs LOW > 0"),
         ("model.init_args.hidden_size=int(8,16.5)", "must be integers"),
         ("model.init_args.bn_position=choice(before_activation)", "at least two values"),
         ("model.init_args.bn_position=choice(a,,b)", "empty choice"),
@@ -159,7 +159,7 @@ def test_baseline_takes_the_configs_own_values_when_inside_the_space():
     space = [
         parse_space("model.init_args.hidden_sizes=choice([1024,512],[512,256])"),
         parse_space("model.init_args.dropout=float(0.1,0.5)"),
-        parse_space("model.init_args.lr_scheduler.init_args.max_lr=float(1e-3,3e-2,log)"),
+        parse_space("model.init_args.lr=float(1e-3,3e-2,log)"),
         parse_space("data.init_args.batch_size=choice(128,256)"),
         parse_space("data.init_args.hflip=choice(true,false)"),
     ]
@@ -168,7 +168,7 @@ def test_baseline_takes_the_configs_own_values_when_inside_the_space():
     assert params == {
         "model.init_args.hidden_sizes": "[512,256]",
         "model.init_args.dropout": 0.3,
-        "model.init_args.lr_scheduler.init_args.max_lr": 0.01,
+        "model.init_args.lr": 0.01,
         "data.init_args.batch_size": "256",
         "data.init_args.hflip": "false",
     }
@@ -247,7 +247,7 @@ def test_help_documents_the_space_syntax():
         "float(LOW,HIGH,log)",
         "int(LOW,HIGH)",
         "choice([512,256],[1024,512])",
-        "max_lr",
+        "model.init_args.lr",
         "--pruner",
     ):
         assert text in out
@@ -287,11 +287,11 @@ def test_three_trial_search_end_to_end_with_a_pruned_trial(tmp_path: Path, cache
                   "--output", str(out), *PRUNING, *tiny(cache), cwd=tmp_path)  # fmt: skip
     stdout = ok(proc)
     progress = [line for line in stdout.splitlines() if line.startswith("[")]
-    assert len(progress) == 3 and all("best" in line and "max_lr=" in line for line in progress)
+    assert len(progress) == 3 and all("best" in line and "lr=" in line for line in progress)
 
     trials = trials_of(out, "e2e")
     assert [t.state for t in trials[:2]] == [TrialState.COMPLETE, TrialState.PRUNED]
-    assert trials[1].params["model.init_args.lr_scheduler.init_args.max_lr"] == "1.0e-06"
+    assert trials[1].params["model.init_args.lr"] == "1.0e-06"
     assert len(trials) == 3 and trials[2].state in (TrialState.COMPLETE, TrialState.PRUNED)
     # the value is the best reported val_acc of the trial's epochs (read from the storage)
     assert trials[0].value == max(trials[0].intermediate_values.values())
@@ -307,7 +307,7 @@ def test_three_trial_search_end_to_end_with_a_pruned_trial(tmp_path: Path, cache
         "trial",
         "state",
         "value",
-        "max_lr",
+        "lr",
         "dropout",
         "epochs",
         "duration_s",
@@ -327,7 +327,7 @@ def test_three_trial_search_end_to_end_with_a_pruned_trial(tmp_path: Path, cache
 
     best = yaml.safe_load((out / "best_config.yaml").read_text())
     assert best["model"]["init_args"]["dropout"] == pytest.approx(trials[0].params["model.init_args.dropout"])
-    assert best["model"]["init_args"]["lr_scheduler"]["init_args"]["max_lr"] == 0.02
+    assert best["model"]["init_args"]["lr"] == 0.02
     assert best["data"]["init_args"]["num_samples"] == 600  # the overrides after `--` are part of it
     assert not any("search" in c["class_path"] for c in best["trainer"]["callbacks"])
     assert best["trainer"]["logger"]["init_args"]["save_dir"] == "lightning_logs" and best["test_after_fit"]
@@ -342,7 +342,7 @@ def test_three_trial_search_end_to_end_with_a_pruned_trial(tmp_path: Path, cache
         run = out / t.user_attrs["run_dir"]
         assert (run / "config.yaml").is_file() and list((run / "checkpoints").glob("*.ckpt"))
         keys = hparams_keys(run)
-        assert {"search/model.dropout", "search/model.lr_scheduler.max_lr", "search/trial", "dropout"} <= keys
+        assert {"dropout", "lr", "optimizer", "data/batch_size"} <= keys  # HParamsTab logs them
 
 
 @pytest.mark.slow
@@ -428,7 +428,7 @@ def test_ddp_trial_reports_from_rank_0_and_all_ranks_stop_together(tmp_path: Pat
     out = tmp_path / "search"
     # One trial at a peak LR of 1e-6 (chance accuracy): the threshold pruner stops it after epoch 0.
     proc = search("--space", DROPOUT, "--trials", "1", "--study", "ddp", "--output", str(out),
-                  "--pruner", "threshold(lower=0.5)", *tiny(cache), "--model.init_args.lr_scheduler.init_args.max_lr=1e-6",
+                  "--pruner", "threshold(lower=0.5)", *tiny(cache), "--model.init_args.lr=1e-6",
                   "--trainer.devices=2", "--trainer.strategy=ddp", cwd=tmp_path)  # fmt: skip
     # its only trial pruned, the study has no complete trial: exit 1, saying so
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
