@@ -146,7 +146,9 @@ def servers(runs_root: Path, tmp_path_factory: pytest.TempPathFactory):
     problems = []
     for name, server in started.items():  # every server is stopped before anything is reported
         if server.proc.poll() is None:
-            code, _, left = server.stop(signal.SIGINT)
+            # LitServe gives open keep-alive connections up to 30 s to finish (uvicorn's graceful
+            # timeout), then 5 s per inference worker: a loaded machine can need most of it here.
+            code, _, left = server.stop(signal.SIGINT, within=45.0)
             if code != 0 or left:
                 problems.append((name, code, left, server.log.read_text()[-2000:]))
     assert not problems, problems
