@@ -32,8 +32,12 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-# Local copies of the Hub datasets (parquet), so benchmarks never need the network.
-DATA_DIR = Path(os.environ.get("BN_DATA_DIR", ROOT.parent / "shared" / "data"))
+
+
+def default_data_dir() -> Path:
+    """Local copies of the Hub datasets (parquet), so benchmarks never need the network:
+    ``$BN_DATA_DIR``, default ``../shared/data`` beside the repository."""
+    return Path(os.environ.get("BN_DATA_DIR") or ROOT.parent / "shared" / "data")
 
 
 @dataclass
@@ -95,7 +99,7 @@ def data_class(config: str) -> str:
 
 def local_data(config: str, data_dir: Path | str | None = None) -> list[str]:
     """Flags that point a config's data at the local parquet copies (none for generated data)."""
-    folder = Path(data_dir or DATA_DIR).resolve()
+    folder = Path(data_dir or default_data_dir()).resolve()
     kind = data_class(config)
     if kind == "FashionMNIST":
         return [f"--data.init_args.data_dir={folder / 'fashion_mnist'}"]

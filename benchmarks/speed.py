@@ -167,11 +167,19 @@ def run_b(
     return hand_loop(cli.model, cli.datamodule, options, cli.config, clock=clock, evaluate=evaluate)
 
 
-def run_c(pair: Pair, save_dir: str, *, device: str = "cpu", target: float | None = None, evaluate: bool = True,
-          epochs: int | None = None) -> Clock:
-    """(c): the notebooks' loop on the config's network."""
+def run_c(
+    pair: Pair,
+    extra: list[str],
+    save_dir: str,
+    *,
+    device: str = "cpu",
+    target: float | None = None,
+    evaluate: bool = True,
+    epochs: int | None = None,
+) -> Clock:
+    """(c): the notebooks' loop on the config's network (``epochs``: default the notebook's)."""
     with _quiet():
-        cli = build(pair.config, [f"--trainer.logger.init_args.save_dir={save_dir}"])
+        cli = build(pair.config, [f"--trainer.logger.init_args.save_dir={save_dir}", *extra])
     options = seed_style(epochs or pair.seed_epochs, pair.seed_optimizer, device=device)
     return hand_loop(cli.model, cli.datamodule, options, cli.config, clock=Clock(target), evaluate=evaluate)
 
@@ -274,7 +282,7 @@ def to_target(
                 epochs=a_epochs,
             )
         else:
-            clock = run_c(pair, save_dir, device=device, target=targets[0], epochs=seed_epochs)
+            clock = run_c(pair, flags, save_dir, device=device, target=targets[0], epochs=seed_epochs)
         marks = [s[0] for s in clock.starts] + ([clock.end[0]] if clock.end else [])
         reached = {}
         for t in targets:
