@@ -36,7 +36,12 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARES = {"pytest": 0.2, "cli": 0.3, "speed": 0.5}  # of the budget; unused time passes on
-LARGE_BATCH = {"mnist1d_resnet_bn": 1000, "mnist1d_resconv_bn": 1000, "fashion_mnist_mlp_bn": 2048, "ag_news_cnn_bn": 512}
+LARGE_BATCH = {
+    "mnist1d_resnet_bn": 1000,
+    "mnist1d_resconv_bn": 1000,
+    "fashion_mnist_mlp_bn": 2048,
+    "ag_news_cnn_bn": 512,
+}
 PRECISIONS = ("32-true", "bf16-mixed")
 
 
@@ -77,8 +82,20 @@ def environment(device: str) -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), gpus=torch.cuda.device_count())
-    for name in ("lightning", "torchmetrics", "jsonargparse", "datasets", "mnist1d", "pyarrow", "tensorboard"):
+        info.update(
+            gpu=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            gpus=torch.cuda.device_count(),
+        )
+    for name in (
+        "lightning",
+        "torchmetrics",
+        "jsonargparse",
+        "datasets",
+        "mnist1d",
+        "pyarrow",
+        "tensorboard",
+    ):
         try:
             module = __import__(name)
             info[name] = getattr(module, "__version__", "present")
@@ -93,9 +110,8 @@ def pair_flags(dry_run: bool, data_dir: Path, work: Path) -> dict[str, list[str]
 
     flags = {}
     if dry_run:
-        from tests.helpers.data import TINY_DATA
-
         from benchmarks.runner import data_class
+        from tests.helpers.data import TINY_DATA
 
         for name, pair in PAIRS.items():
             flags[name] = TINY_DATA[data_class(pair.config)](work / "tiny" / name)
@@ -113,7 +129,10 @@ def part_pytest(out: Path, budget: Budget) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_gpu.py"]
     log(f"pytest -m gpu (at most {timeout:.0f} s)")
     start = time.perf_counter()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         output, code = proc.stdout + proc.stderr, proc.returncode
@@ -122,7 +141,15 @@ def part_pytest(out: Path, budget: Budget) -> dict[str, Any]:
         output += f"\n(stopped at the part's budget, {timeout:.0f} s)"
         code = "timeout"
     (out / "pytest_gpu.log").write_text(output)
-    summary = next((line for line in reversed(output.splitlines()) if " in " in line and ("passed" in line or "skipped" in line or "failed" in line or "error" in line)), output.splitlines()[-1] if output else "")
+    summary = next(
+        (
+            line
+            for line in reversed(output.splitlines())
+            if " in " in line
+            and ("passed" in line or "skipped" in line or "failed" in line or "error" in line)
+        ),
+        output.splitlines()[-1] if output else "",
+    )
     log(f"pytest: {summary.strip()} (exit {code})")
     return {"exit": code, "summary": summary.strip(), "seconds": time.perf_counter() - start}
 
@@ -143,7 +170,9 @@ def _cli(args: list[str]) -> tuple[int, str]:
         sys.argv = argv
 
 
-def part_cli(flags: dict[str, list[str]], device: str, epochs: int, work: Path, budget: Budget) -> list[dict[str, Any]]:
+def part_cli(
+    flags: dict[str, list[str]], device: str, epochs: int, work: Path, budget: Budget
+) -> list[dict[str, Any]]:
     """Each config × precision: fit (a few epochs, test after fit), then predict from its checkpoint."""
     import torch
 
@@ -159,7 +188,11 @@ def part_cli(flags: dict[str, list[str]], device: str, epochs: int, work: Path, 
                 row["status"] = "skipped (budget)"
                 continue
             save = work / "cli" / f"{name}_{precision}"
-            common = [f"--trainer.accelerator={accelerator}", "--trainer.devices=1", f"--trainer.precision={precision}"]
+            common = [
+                f"--trainer.accelerator={accelerator}",
+                "--trainer.devices=1",
+                f"--trainer.precision={precision}",
+            ]
             log(f"cli: {name} {precision}: fit {epochs} epoch(s) + test, then predict")
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
@@ -176,21 +209,35 @@ def part_cli(flags: dict[str, list[str]], device: str, epochs: int, work: Path, 
                 continue
             run = run_folder(save)
             fig = figures(run)
-            row.update(test_acc=fig["test_acc"], test_f1=fig["test_f1"], best_val_acc=fig["best_val_acc"], epochs=fig["epochs"])
-            ckpt = next((run / "checkpoints" / c for c in fig["checkpoints"] if c != "last.ckpt"), run / "checkpoints" / "last.ckpt")
+            row.update(
+                test_acc=fig["test_acc"],
+                test_f1=fig["test_f1"],
+                best_val_acc=fig["best_val_acc"],
+                epochs=fig["epochs"],
+            )
+            ckpt = next(
+                (run / "checkpoints" / c for c in fig["checkpoints"] if c != "last.ckpt"),
+                run / "checkpoints" / "last.ckpt",
+            )
             start = time.perf_counter()
-            code, err = _cli(["predict", "--ckpt_path", str(ckpt), *common, "--trainer.enable_progress_bar=false"])
+            code, err = _cli(
+                ["predict", "--ckpt_path", str(ckpt), *common, "--trainer.enable_progress_bar=false"]
+            )
             row["predict_s"] = round(time.perf_counter() - start, 2)
             predictions = sorted(p for p in ckpt.parents[2].rglob("predictions.csv"))
             row["predicted_rows"] = sum(1 for _ in predictions[-1].open()) - 1 if predictions else 0
             if device == "cuda":
                 row["peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
             row["status"] = "ok" if code == 0 and row["predicted_rows"] > 0 else f"predict failed {err}"
-            log(f"cli: {name} {precision}: test acc {fig['test_acc']:.4f}, {row['predicted_rows']} predictions, {row['status']}")
+            log(
+                f"cli: {name} {precision}: test acc {fig['test_acc']:.4f}, {row['predicted_rows']} predictions, {row['status']}"
+            )
     return rows
 
 
-def part_speed(flags: dict[str, list[str]], device: str, dry_run: bool, work: Path, budget: Budget) -> dict[str, Any]:
+def part_speed(
+    flags: dict[str, list[str]], device: str, dry_run: bool, work: Path, budget: Budget
+) -> dict[str, Any]:
     """Per pair: (a)/(a0)/(b) per epoch at the default and a large batch; time to the targets."""
     from benchmarks import speed
     from benchmarks.runner import PAIRS
@@ -209,12 +256,25 @@ def part_speed(flags: dict[str, list[str]], device: str, dry_run: bool, work: Pa
                 continue
             log(f"speed: {name} batch {bs or 'default'}: (a), (a0), (b) x {epochs} epochs")
             try:
-                r = speed.per_epoch(pair, device=device, batch_size=bs, epochs=epochs, repeats=1, save_dir=save, extra=extra, echo=False)
+                r = speed.per_epoch(
+                    pair,
+                    device=device,
+                    batch_size=bs,
+                    epochs=epochs,
+                    repeats=1,
+                    save_dir=save,
+                    extra=extra,
+                    echo=False,
+                )
                 res["per_epoch"].append(r)
-                log(f"speed: {name} batch {r['batch_size']}: a {r['a_s']:.4f} s/epoch, a/a0 {r['a_over_a0']:.3f}, a/b {r['a_over_b']:.3f}, "
-                    f"(a) {r['a_samples_per_s']:,.0f} samples/s, peak {r.get('a_peak_mib')}")
+                log(
+                    f"speed: {name} batch {r['batch_size']}: a {r['a_s']:.4f} s/epoch, a/a0 {r['a_over_a0']:.3f}, a/b {r['a_over_b']:.3f}, "
+                    f"(a) {r['a_samples_per_s']:,.0f} samples/s, peak {r.get('a_peak_mib')}"
+                )
             except Exception as err:
-                res["per_epoch_error"] = "".join(traceback.format_exception_only(type(err), err)).strip()[-600:]
+                res["per_epoch_error"] = "".join(traceback.format_exception_only(type(err), err)).strip()[
+                    -600:
+                ]
                 log(f"speed: {name} FAILED {res['per_epoch_error']}")
         if budget.left() <= 0:
             res["skipped"].append("time to target (budget)")
@@ -222,10 +282,14 @@ def part_speed(flags: dict[str, list[str]], device: str, dry_run: bool, work: Pa
         log(f"speed: {name}: full runs of (a) and (b), test accuracy after every epoch")
         try:
             full_extra = [*extra, "--trainer.max_epochs=2"] if dry_run else extra
-            res["to_target"] = speed.to_target(pair, device=device, save_dir=save, sides=("a", "b"), extra=full_extra)
+            res["to_target"] = speed.to_target(
+                pair, device=device, save_dir=save, sides=("a", "b"), extra=full_extra
+            )
             for side in ("a", "b"):
                 f = res["to_target"][side]
-                log(f"speed: {name} ({side}): {f['epochs']} epochs in {f['training_s']:.1f} s, to targets {f['time_to_target_s']}, final {f['final_acc']}")
+                log(
+                    f"speed: {name} ({side}): {f['epochs']} epochs in {f['training_s']:.1f} s, to targets {f['time_to_target_s']}, final {f['final_acc']}"
+                )
         except Exception as err:
             res["to_target_error"] = "".join(traceback.format_exception_only(type(err), err)).strip()[-600:]
             log(f"speed: {name} time to target FAILED {res['to_target_error']}")
@@ -235,6 +299,22 @@ def part_speed(flags: dict[str, list[str]], device: str, dry_run: bool, work: Pa
 
 
 # ---------------------------------------------------------------------------------------- report
+CLI_COLUMNS = (
+    ("epochs", ""),
+    ("test_acc", ".4f"),
+    ("test_f1", ".4f"),
+    ("fit_test_s", ""),
+    ("predict_s", ""),
+    ("predicted_rows", ""),
+    ("peak_mib", ""),
+)
+
+
+def _cell(row: dict[str, Any], key: str, spec: str) -> str:
+    value = row.get(key)
+    return "-" if value is None else format(value, spec)
+
+
 def write_report(out: Path, report: dict[str, Any]) -> None:
     from benchmarks import speed
 
@@ -249,7 +329,9 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
                 writer.writerow({"pair": name, **r})
     cli_rows = report.get("cli", [])
     if cli_rows:
-        keys = sorted({k for r in cli_rows for k in r}, key=lambda k: (k not in ("pair", "precision", "status"), k))
+        keys = sorted(
+            {k for r in cli_rows for k in r}, key=lambda k: (k not in ("pair", "precision", "status"), k)
+        )
         with (out / "cli_runs.csv").open("w", newline="") as f:
             writer = csv.DictWriter(f, keys)
             writer.writeheader()
@@ -269,20 +351,18 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in cli_rows:
-        def fmt(key: str, spec: str = "") -> str:
-            v = r.get(key)
-            return "-" if v is None else format(v, spec)
-
-        lines.append(
-            f"| {r['pair']} | {r['precision']} | {r.get('status')} | {fmt('epochs')} | {fmt('test_acc', '.4f')} | {fmt('test_f1', '.4f')} "
-            f"| {fmt('fit_test_s')} | {fmt('predict_s')} | {fmt('predicted_rows')} | {fmt('peak_mib')} |"
-        )
+        cells = [_cell(r, k, spec) for k, spec in CLI_COLUMNS]
+        lines.append(f"| {r['pair']} | {r['precision']} | {r.get('status')} | " + " | ".join(cells) + " |")
     lines += ["", "## 3. Speed: (a) project, (a0) bare Trainer, (b) hand loop", ""]
     if rows:
         lines += speed.table(rows)
     fulls = [(n, res["to_target"]) for n, res in report.get("speed", {}).items() if "to_target" in res]
     if fulls:
-        lines += ["", "Time to target test accuracy (training time from the first epoch; evaluation not counted)", ""]
+        lines += [
+            "",
+            "Time to target test accuracy (training time from the first epoch; evaluation not counted)",
+            "",
+        ]
         lines += speed.target_table(fulls)
     lines += ["", "## Verdicts", ""]
     for name, res in report.get("speed", {}).items():
@@ -298,7 +378,9 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--output", type=Path, required=True, help="folder for the report files")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny data, short runs (CI)")
     parser.add_argument("--budget-s", type=float, default=None, help="whole check (default 480; dry run 150)")
@@ -324,7 +406,12 @@ def main(argv: list[str] | None = None) -> int:
 
         data_dir = default_data_dir()
     work = Path(tempfile.mkdtemp(prefix="device_check_"))
-    report: dict[str, Any] = {"dry_run": args.dry_run, "budget_s": budget.total, "data_dir": str(data_dir), "work": str(work)}
+    report: dict[str, Any] = {
+        "dry_run": args.dry_run,
+        "budget_s": budget.total,
+        "data_dir": str(data_dir),
+        "work": str(work),
+    }
     report["environment"] = env = environment(device)
     log(f"environment: {json.dumps(env)}")
     flags = pair_flags(args.dry_run, Path(data_dir).resolve(), work)

@@ -311,10 +311,8 @@ def hand_loop(
     recipe = options.recipe
     bs = options.batch_size or dm.batch_size
     n = len(train[0])
-    if recipe:
-        optimizer = model.optimizer(net.parameters(), model.lr)
-    else:
-        optimizer = options.optimizer(net.parameters())
+    # The config's optimiser at its learning rate, as the module builds it; else the given one.
+    optimizer = model.optimizer(net.parameters(), model.lr) if recipe else options.optimizer(net.parameters())
     scheduler, per_step = None, False
     if recipe and model.lr_scheduler is not None:
         kwargs = {}

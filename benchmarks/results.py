@@ -42,7 +42,10 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
         "default": [],
         "sizes_128_64": ["--model.init_args.hidden_sizes=[128, 64]"],
         "bn_off": ["--model.init_args.batch_norm=false"],
-        "sizes_128_64_bn_off": ["--model.init_args.hidden_sizes=[128, 64]", "--model.init_args.batch_norm=false"],
+        "sizes_128_64_bn_off": [
+            "--model.init_args.hidden_sizes=[128, 64]",
+            "--model.init_args.batch_norm=false",
+        ],
         "bn_after": ["--model.init_args.bn_position=after_activation"],
     },
     "ag_news_cnn_bn": {
@@ -91,7 +94,9 @@ def tfidf_baseline(config: str, overrides: list[str], C: float = 10.0) -> dict[s
     }
 
 
-def table(title: str, results: dict[str, list[dict[str, Any]]], baselines: dict[str, dict] | None = None) -> list[str]:
+def table(
+    title: str, results: dict[str, list[dict[str, Any]]], baselines: dict[str, dict] | None = None
+) -> list[str]:
     lines = [
         f"{title}",
         "",
@@ -117,7 +122,9 @@ def table(title: str, results: dict[str, list[dict[str, Any]]], baselines: dict[
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--pair", choices=list(PAIRS), required=True)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--variants", nargs="+", default=None, help="default: every variant of the pair")
@@ -139,7 +146,10 @@ def main(argv: list[str] | None = None) -> None:
         for name, overrides in variants.items():
             base = tfidf_baseline(config, [*local_data(config), *overrides, *args.extra])
             baselines[name] = base
-            print(f"{name:22s} TF-IDF+LR: test_acc {base['test_acc']:.4f}  test_f1 {base['test_f1']:.4f}", flush=True)
+            print(
+                f"{name:22s} TF-IDF+LR: test_acc {base['test_acc']:.4f}  test_f1 {base['test_f1']:.4f}",
+                flush=True,
+            )
     results = grid(config, variants, args.seeds, args.extra, save_dir / time.strftime("%Y%m%d-%H%M%S"))
     load = os.getloadavg()[0]
     title = f"{args.pair} ({config}), {args.seeds} seed(s), BN_NUM_THREADS={os.environ.get('BN_NUM_THREADS', 'default')}, load {load:.1f}"
@@ -149,7 +159,9 @@ def main(argv: list[str] | None = None) -> None:
         acc = statistics.mean(r["test_acc"] for r in results["final"])
         base = baselines["final"]["test_acc"]
         met = acc >= 0.87 and acc >= base
-        print(f"\nGoal (final stage): test acc >= 0.87 and >= TF-IDF+LR: {acc:.4f} vs {base:.4f} -> {'met' if met else 'NOT met'}")
+        print(
+            f"\nGoal (final stage): test acc >= 0.87 and >= TF-IDF+LR: {acc:.4f} vs {base:.4f} -> {'met' if met else 'NOT met'}"
+        )
 
 
 if __name__ == "__main__":

@@ -104,7 +104,10 @@ def local_data(config: str, data_dir: Path | str | None = None) -> list[str]:
     if kind == "FashionMNIST":
         return [f"--data.init_args.data_dir={folder / 'fashion_mnist'}"]
     if kind == "AGNews":
-        train, test = folder / "ag_news" / "train_first_10429_rows.parquet", folder / "ag_news" / "test.parquet"
+        train, test = (
+            folder / "ag_news" / "train_first_10429_rows.parquet",
+            folder / "ag_news" / "test.parquet",
+        )
         return [f"--data.init_args.data_files={{train: {train}, test: {test}}}"]
     return []
 
@@ -224,9 +227,7 @@ def fit(
     ]
     ran = run_command(args, timeout=timeout, log=save_dir / "output.log")
     if ran["returncode"] != 0:
-        raise RuntimeError(
-            f"fit failed ({ran['returncode']}): {' '.join(args)}\n{ran['output'][-4000:]}"
-        )
+        raise RuntimeError(f"fit failed ({ran['returncode']}): {' '.join(args)}\n{ran['output'][-4000:]}")
     return {"seed": seed, **figures(run_folder(save_dir)), "wall_s": ran["wall_s"], "cpu_s": ran["cpu_s"]}
 
 
@@ -265,10 +266,14 @@ def mean_std(values: list[float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--pair", choices=list(PAIRS), required=True)
     parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--save-dir", default=None, help="run folders go here (default: a new temporary folder)")
+    parser.add_argument(
+        "--save-dir", default=None, help="run folders go here (default: a new temporary folder)"
+    )
     parser.add_argument("extra", nargs="*", help="CLI overrides for every run (after --)")
     args = parser.parse_args(argv)
     results = grid(PAIRS[args.pair].config, {"config": []}, args.seeds, args.extra, args.save_dir)

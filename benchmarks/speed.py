@@ -56,7 +56,10 @@ AG_NEWS_ROWS = 10_429
 
 # ---------------------------------------------------------------------------------------- one run of each
 def _device_flags(device: str, precision: str) -> list[str]:
-    return [f"--trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}", f"--trainer.precision={precision}"]
+    return [
+        f"--trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}",
+        f"--trainer.precision={precision}",
+    ]
 
 
 @contextlib.contextmanager
@@ -91,7 +94,10 @@ def run_a(
     ``first_step`` counts from the CLI call."""
     from src.cli import main
 
-    clock = {"class_path": "benchmarks.loops.EpochClock", "init_args": {"target": target, "evaluate": evaluate}}
+    clock = {
+        "class_path": "benchmarks.loops.EpochClock",
+        "init_args": {"target": target, "evaluate": evaluate},
+    }
     args = [
         "fit",
         "--config",
@@ -224,7 +230,11 @@ def per_epoch(
             times[side]["train"] += clock.train_times()[1:]
         if echo:
             last = {s: statistics.median(times[s]["epoch"]) for s in SIDES if times[s]["epoch"]}
-            print(f"    repeat {r + 1}/{repeats}: s/epoch " + ", ".join(f"{s} {v:.4f}" for s, v in last.items()), flush=True)
+            print(
+                f"    repeat {r + 1}/{repeats}: s/epoch "
+                + ", ".join(f"{s} {v:.4f}" for s, v in last.items()),
+                flush=True,
+            )
         if budget_s is not None and time.perf_counter() - started > budget_s:
             break
     with _quiet():
@@ -278,7 +288,13 @@ def to_target(
             a_epochs = clock.epochs  # early stopping may end it before max_epochs
         elif side == "b":
             clock = run_b(
-                pair, flags, save_dir, device=device, precision=precision, target=targets[0], evaluate=True,
+                pair,
+                flags,
+                save_dir,
+                device=device,
+                precision=precision,
+                target=targets[0],
+                evaluate=True,
                 epochs=a_epochs,
             )
         else:
@@ -301,25 +317,50 @@ def to_target(
     return out
 
 
+def import_time() -> float:
+    """Seconds a new process spends importing the CLI (``python -c "import src.cli"``), the part of a
+    user's start-up that the in-process (a) runs do not see; the median of three."""
+    import subprocess
+
+    from benchmarks.runner import env
+
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import src.cli"], cwd=ROOT, env=env(), check=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 # ---------------------------------------------------------------------------------------- report
 def verdicts(name: str, r: dict[str, Any], full: dict[str, Any] | None = None) -> list[str]:
     """The goals of issue 15 for one pair's figures."""
     lines = []
     ratio = r["a_over_a0"]
-    lines.append(f"a/a0 <= 1.05: {ratio:.3f} (CPU time {r['a_over_a0_cpu']:.3f}) -> {'met' if ratio <= 1.05 else 'NOT met'}")
+    lines.append(
+        f"a/a0 <= 1.05: {ratio:.3f} (CPU time {r['a_over_a0_cpu']:.3f}) -> {'met' if ratio <= 1.05 else 'NOT met'}"
+    )
     ab = r["a_over_b"]
     if r["b_step_ms"] >= 5:
-        lines.append(f"a/b <= 1.10 (hand-loop step {r['b_step_ms']:.1f} ms): {ab:.3f} -> {'met' if ab <= 1.10 else 'NOT met'}")
+        lines.append(
+            f"a/b <= 1.10 (hand-loop step {r['b_step_ms']:.1f} ms): {ab:.3f} -> {'met' if ab <= 1.10 else 'NOT met'}"
+        )
     else:
         lines.append(f"a/b {ab:.3f} (reported only: hand-loop step {r['b_step_ms']:.2f} ms < 5 ms)")
     if r["device"] == "cuda" and name == "ag_news_cnn_bn":
         epoch = AG_NEWS_ROWS / r["a_samples_per_s"]
-        lines.append(f"AG News epoch of {AG_NEWS_ROWS:,} rows <= 1 s: {epoch:.2f} s -> {'met' if epoch <= 1 else 'NOT met'}")
+        lines.append(
+            f"AG News epoch of {AG_NEWS_ROWS:,} rows <= 1 s: {epoch:.2f} s -> {'met' if epoch <= 1 else 'NOT met'}"
+        )
     if r["device"] == "cuda" and name == "fashion_mnist_mlp_bn" and full and "a" in full:
         t = full["a"]["time_to_target_s"].get("0.9")
         lines.append(
             "Fashion-MNIST >= 0.90 test acc in <= 5 s of training: "
-            + (f"{t:.1f} s -> {'met' if t <= 5 else 'NOT met'}" if t is not None else "not reached -> NOT met")
+            + (
+                f"{t:.1f} s -> {'met' if t <= 5 else 'NOT met'}"
+                if t is not None
+                else "not reached -> NOT met"
+            )
         )
     return lines
 
@@ -331,7 +372,9 @@ def table(rows: list[tuple[str, dict[str, Any]]]) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows:
-        peaks = "/".join("-" if r.get(f"{s}_peak_mib") is None else f"{r[f'{s}_peak_mib']:.0f}" for s in SIDES)
+        peaks = "/".join(
+            "-" if r.get(f"{s}_peak_mib") is None else f"{r[f'{s}_peak_mib']:.0f}" for s in SIDES
+        )
         out.append(
             f"| {name} | {r['batch_size']} | {r['device']} {r['precision']} | {r['a_s']:.4f} | {r['a0_s']:.4f} | {r['b_s']:.4f} "
             f"| {r['a_over_a0']:.3f} | {r['a_over_b']:.3f} | {r['a_over_a0_cpu']:.3f} | {r['a_over_b_cpu']:.3f} "
@@ -356,20 +399,33 @@ def target_table(rows: list[tuple[str, dict[str, Any]]]) -> list[str]:
             )
             start = "-" if f["startup_s"] is None else f"{f['startup_s']:.1f}"
             accs = "-" if f["final_acc"] is None else f"{f['final_acc']:.4f} / {f['best_acc']:.4f}"
-            out.append(f"| {name} | ({side}) | {f['epochs']} | {start} | {f['training_s']:.1f} | {ttt} | {accs} |")
+            out.append(
+                f"| {name} | ({side}) | {f['epochs']} | {start} | {f['training_s']:.1f} | {ttt} | {accs} |"
+            )
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="32-true")
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each of (a), (a0), (b) per batch size")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the pair's speed_epochs)")
-    parser.add_argument("--batch-sizes", nargs="*", type=int, default=[], help="also measure at these batch sizes")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="runs of each of (a), (a0), (b) per batch size"
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="epochs per run (default: the pair's speed_epochs)"
+    )
+    parser.add_argument(
+        "--batch-sizes", nargs="*", type=int, default=[], help="also measure at these batch sizes"
+    )
     parser.add_argument("--no-full", action="store_true", help="skip the full-length time-to-target runs")
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
+    parser.add_argument(
+        "extra", nargs="*", help="CLI overrides for every run of (a), (a0), (b), (c) (after --)"
+    )
     args = parser.parse_args(argv)
     os.chdir(ROOT)  # the configs' data caches are relative to the repository root
     if args.device == "cpu":
@@ -377,21 +433,39 @@ def main(argv: list[str] | None = None) -> None:
     save_dir = tempfile.mkdtemp(prefix="bench_speed_")
     rows, fulls, report = [], [], {}
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"speed: {args.device} {args.precision}, {torch.get_num_threads()} torch thread(s), load {load:.2f}", flush=True)
+    print(
+        f"speed: {args.device} {args.precision}, {torch.get_num_threads()} torch thread(s), load {load:.2f}",
+        flush=True,
+    )
+    imports = import_time()
+    print(
+        f"A new process imports the CLI in {imports:.1f} s (before the start-up column's CLI call).",
+        flush=True,
+    )
     for name in args.pairs:
         pair = PAIRS[name]
         print(f"\n## {name}", flush=True)
         results = {"per_epoch": []}
         for bs in [None, *args.batch_sizes]:
-            r = per_epoch(pair, device=args.device, precision=args.precision, batch_size=bs, epochs=args.epochs,
-                          repeats=args.repeats, save_dir=save_dir)
+            r = per_epoch(
+                pair,
+                device=args.device,
+                precision=args.precision,
+                batch_size=bs,
+                epochs=args.epochs,
+                repeats=args.repeats,
+                save_dir=save_dir,
+                extra=args.extra,
+            )
             r["load"] = os.getloadavg()[0]
             rows.append((name, r))
             results["per_epoch"].append(r)
             print("\n".join(table([(name, r)])), flush=True)
         full = None
         if not args.no_full:
-            full = to_target(pair, device=args.device, precision=args.precision, save_dir=save_dir)
+            full = to_target(
+                pair, device=args.device, precision=args.precision, save_dir=save_dir, extra=args.extra
+            )
             fulls.append((name, full))
             results["to_target"] = full
             print("\n".join(target_table([(name, full)])), flush=True)
@@ -400,17 +474,21 @@ def main(argv: list[str] | None = None) -> None:
             print(f"- {line}", flush=True)
         report[name] = results
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"\n# Summary ({args.device} {args.precision}, load at the end {load:.2f})\n")
+    print(
+        f"\n# Summary ({args.device} {args.precision}, load at the end {load:.2f}; importing the CLI: {imports:.1f} s)\n"
+    )
     print("\n".join(table(rows)))
     if fulls:
-        print("\nTime to target test accuracy (evaluation after every epoch, not counted; (a) start-up apart)\n")
+        print(
+            "\nTime to target test accuracy (evaluation after every epoch, not counted; (a) start-up apart)\n"
+        )
         print("\n".join(target_table(fulls)))
     print()
     for name, results in report.items():
         for line in results["verdicts"]:
             print(f"- {name}: {line}")
     if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
+        args.json.write_text(json.dumps({"import_s": imports, "pairs": report}, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -73,14 +73,23 @@ def test_ema_decay_is_read_from_the_config_and_the_text_loop_runs_ema_and_mixup(
     assert cli.model.hparams.mixup_alpha > 0
     clock = loops.hand_loop(cli.model, cli.datamodule, loops.LoopOptions(epochs=1), cli.config)
     assert clock.epochs == 1
-    fashion = runner.build(runner.PAIRS["fashion_mnist_mlp_bn"].config, tiny("fashion_mnist_mlp_bn", tmp_path))
+    fashion = runner.build(
+        runner.PAIRS["fashion_mnist_mlp_bn"].config, tiny("fashion_mnist_mlp_bn", tmp_path)
+    )
     assert loops.ema_settings(fashion.config) is None
 
 
 # ---------------------------------------------------------------------------------------- speed
 def test_speed_measures_project_bare_trainer_and_hand_loop_side_by_side(tmp_path: Path):
     pair = runner.PAIRS["mnist1d_resnet_bn"]
-    r = speed.per_epoch(pair, epochs=2, repeats=1, save_dir=str(tmp_path / "speed"), extra=tiny("mnist1d_resnet_bn", tmp_path), echo=False)
+    r = speed.per_epoch(
+        pair,
+        epochs=2,
+        repeats=1,
+        save_dir=str(tmp_path / "speed"),
+        extra=tiny("mnist1d_resnet_bn", tmp_path),
+        echo=False,
+    )
     for side in speed.SIDES:
         assert r[f"{side}_s"] > 0 and r[f"{side}_samples_per_s"] > 0
     assert r["a_over_a0"] > 0 and r["a_over_b"] > 0 and r["startup_s"] > 0 and r["steps_per_epoch"] > 0
@@ -103,7 +112,12 @@ def test_speed_time_to_target_runs_all_three_loops(tmp_path: Path):
 @pytest.mark.slow
 def test_runner_fits_through_the_cli_and_reads_the_run_folder(tmp_path: Path):
     flags = TINY_DATA["MNIST1D"](tmp_path)
-    r = runner.fit(runner.PAIRS["mnist1d_resnet_bn"].config, [*flags, "--trainer.max_epochs=2"], seed=1, save_dir=tmp_path / "run")
+    r = runner.fit(
+        runner.PAIRS["mnist1d_resnet_bn"].config,
+        [*flags, "--trainer.max_epochs=2"],
+        seed=1,
+        save_dir=tmp_path / "run",
+    )
     assert 0 <= r["test_acc"] <= 1 and 0 <= r["test_f1"] <= 1 and 0 <= r["best_val_acc"] <= 1
     assert r["epochs"] == 2 and len(r["val_acc_per_epoch"]) == 2 and "last.ckpt" in r["checkpoints"]
     assert r["wall_s"] > 0 and r["cpu_s"] > 0 and Path(r["run_dir"]).is_dir()
@@ -132,7 +146,14 @@ def test_device_check_dry_run_writes_its_report(tmp_path: Path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["cli_runs.csv", "device_check.json", "device_check.log", "device_check.md", "pytest_gpu.log", "speed.csv"]
+    assert names == [
+        "cli_runs.csv",
+        "device_check.json",
+        "device_check.log",
+        "device_check.md",
+        "pytest_gpu.log",
+        "speed.csv",
+    ]
     assert len(names) <= 8  # what the device tool brings back
     report = json.loads((out / "device_check.json").read_text())
     assert report["dry_run"] and "skipped" in report["pytest"]["summary"]  # GPU tests skip on a CPU
@@ -163,11 +184,19 @@ def test_non_finite_loss_is_found_at_the_checks_and_named_by_its_first_step(monk
     ft = FaultTolerance(check_every_n_steps=5)
     reads = []
     real_nonzero = torch.Tensor.nonzero
-    monkeypatch.setattr(torch.Tensor, "nonzero", lambda self, *a, **k: reads.append(1) or real_nonzero(self, *a, **k))
+    monkeypatch.setattr(
+        torch.Tensor, "nonzero", lambda self, *a, **k: reads.append(1) or real_nonzero(self, *a, **k)
+    )
     for step in (1, 2):
         ft.on_train_batch_end(_trainer(step), None, {"loss": torch.tensor(0.5)}, None, step)
     for step in (3, 4):  # bad, but not read until the check at step 5
-        ft.on_train_batch_end(_trainer(step, epoch=1), None, torch.tensor(float("nan") if step == 3 else float("inf")), None, step)
+        ft.on_train_batch_end(
+            _trainer(step, epoch=1),
+            None,
+            torch.tensor(float("nan") if step == 3 else float("inf")),
+            None,
+            step,
+        )
     assert reads == []  # nothing read on the device between checks
     with pytest.raises(NonFiniteLossError, match=r"at training step 3 \(epoch 1\)"):
         ft.on_train_batch_end(_trainer(5, epoch=1), None, torch.tensor(0.1), None, 5)
@@ -182,3 +211,21 @@ def test_finite_losses_pass_every_check():
         ft.on_train_batch_end(_trainer(step), None, {"loss": torch.tensor(float(step))}, None, step)
     ft.on_train_epoch_end(SimpleNamespace(world_size=1, global_step=7), None)
     ft.stop_if_nonfinite(_trainer(7))
+
+
+@pytest.mark.slow
+def test_speed_command_prints_its_tables_and_writes_json(tmp_path: Path):
+    flags = tiny("mnist1d_resnet_bn", tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.speed", "--pairs", "mnist1d_resnet_bn", "--epochs", "2", "--repeats", "1",
+         "--json", str(tmp_path / "speed.json"), "--", *flags, "--trainer.max_epochs=2"],
+        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (
+        "# Summary" in out.stdout
+        and "a/a0 <= 1.05" in out.stdout
+        and "| mnist1d_resnet_bn | (c) |" in out.stdout
+    )
+    report = json.loads((tmp_path / "speed.json").read_text())
+    assert report["import_s"] > 0 and report["pairs"]["mnist1d_resnet_bn"]["verdicts"]

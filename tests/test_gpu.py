@@ -106,7 +106,9 @@ def test_every_config_fits_on_one_gpu_with_its_data_on_the_gpu(config_path: Path
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 @pytest.mark.parametrize("config_path", CONFIGS, ids=IDS)
-def test_mixed_precision_on_gpu_keeps_batch_norm_in_float32(config_path: Path, precision: str, tmp_path: Path):
+def test_mixed_precision_on_gpu_keeps_batch_norm_in_float32(
+    config_path: Path, precision: str, tmp_path: Path
+):
     cli = build_on_gpu(config_path, tmp_path, f"--trainer.precision={precision}")
     assert cli.trainer.precision == precision  # no fallback on a GPU
     bns = batch_norms(cli.model)
@@ -121,7 +123,9 @@ def test_mixed_precision_on_gpu_keeps_batch_norm_in_float32(config_path: Path, p
         assert bn.num_batches_tracked > 0 and torch.isfinite(bn.running_var).all()
     assert torch.isfinite(cli.trainer.callback_metrics["val_loss"])
     state = torch.load(next((tmp_path / "logs").rglob("last.ckpt")), weights_only=True)["state_dict"]
-    assert all(v.dtype == torch.float32 for k, v in state.items() if k.endswith(("running_var", "running_mean")))
+    assert all(
+        v.dtype == torch.float32 for k, v in state.items() if k.endswith(("running_var", "running_mean"))
+    )
 
 
 def test_compiled_network_trains_on_gpu_and_checkpoints_keep_eager_names(tmp_path: Path):
@@ -161,9 +165,19 @@ def test_training_step_on_gpu_never_syncs_with_the_host(config_path: str, tmp_pa
 
 def test_resume_from_last_checkpoint_on_gpu(tmp_path: Path):
     data = TINY_DATA["MNIST1D"](tmp_path)
-    first = run_cli("fit", "--config", config("mnist1d_resnet_bn"), *GPU, *data, *quiet(tmp_path, max_epochs=1))
+    first = run_cli(
+        "fit", "--config", config("mnist1d_resnet_bn"), *GPU, *data, *quiet(tmp_path, max_epochs=1)
+    )
     assert first.returncode == 0
-    run_cli("fit", "--config", config("mnist1d_resnet_bn"), *GPU, *data, *quiet(tmp_path, max_epochs=2), "--ckpt_path=last")
+    run_cli(
+        "fit",
+        "--config",
+        config("mnist1d_resnet_bn"),
+        *GPU,
+        *data,
+        *quiet(tmp_path, max_epochs=2),
+        "--ckpt_path=last",
+    )
     runs = [p.parent for p in (tmp_path / "logs").rglob("config.yaml")]
     assert len(runs) == 1, f"the resumed run continued in its own folder: {runs}"
     train_epochs = sorted(step for tag, step in scalars(runs[0]) if tag == "train_acc")
@@ -173,7 +187,9 @@ def test_resume_from_last_checkpoint_on_gpu(tmp_path: Path):
 
 
 def _ddp(tmp_path: Path, devices: int, synced: bool) -> None:
-    check = f'{{"class_path": "tests.test_gpu.BatchNormKind", "init_args": {{"synced": {str(synced).lower()}}}}}'
+    check = (
+        f'{{"class_path": "tests.test_gpu.BatchNormKind", "init_args": {{"synced": {str(synced).lower()}}}}}'
+    )
     run_cli(
         "fit", "--config", config("mnist1d_resnet_bn"), *TINY_DATA["MNIST1D"](tmp_path), *quiet(tmp_path),
         "--trainer.accelerator=gpu", f"--trainer.devices={devices}", "--trainer.strategy=ddp",
