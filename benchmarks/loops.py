@@ -329,7 +329,8 @@ def hand_loop(
     loader = None
     if options.per_sample:
         g = torch.Generator().manual_seed(options.seed)
-        loader = DataLoader(PerSample(train), batch_size=bs, shuffle=True, generator=g)
+        # drop_last only for a one-sample last batch, which BatchNorm cannot train on
+        loader = DataLoader(PerSample(train), batch_size=bs, shuffle=True, generator=g, drop_last=n % bs == 1)
 
     clock = clock or Clock(device=device)
     clock.device = device
