@@ -1,33 +1,34 @@
-"""Speed of the project's training loop against a hand-written loop and the seeds' loops.
+"""Speed of the project against Lightning's own floor, a hand-written loop, and the notebooks' loop.
 
-    python -m benchmarks.speed                                   # every pair, 1 torch thread
-    python -m benchmarks.speed --pairs mnist1d_resnet_bn --threads 2 --compile
-    python -m benchmarks.speed --compare-threads --repeats 4     # torch threads 1 vs 2
+    BN_NUM_THREADS=1 python -m benchmarks.speed                          # every pair, CPU
+    BN_NUM_THREADS=1 python -m benchmarks.speed --pairs mnist1d_resnet_bn --repeats 3 --no-full
+    python -m benchmarks.speed --device cuda --precision bf16-mixed --batch-sizes 1024
 
-For each dataset/model pair (one config in ``configs/``; local data under ``$BN_DATA_DIR``,
-default ``../shared/data``) it prints:
+For each pair (a config in ``configs/``; local data under ``$BN_DATA_DIR``, default
+``../shared/data``), side by side in one process, alternating:
 
-- epoch wall time, CPU time and training samples/s of (a) the project through the Trainer with the
-  config as a user runs it (``python -m src.cli fit --config ...``: progress bar, validation,
-  checkpoints, TensorBoard, LR monitor, activation statistics, early stopping; the bar is drawn
-  to /dev/null so the tables stay readable; the test after fit is left out) and (b) a
-  hand-written PyTorch loop over the same network, tensors, batch size, optimiser,
-  schedule, augmentation, weight averaging and mixup (where the config has them) and per-epoch
-  validation pass. At the config's batch size the figures are
-  the median epoch of ``--full-repeats`` full-length runs of each (alternating, same process); at
-  ``--batch-sizes`` (32 and 100) the median epoch of short runs;
-- time to a target test accuracy, epochs and final test accuracy of those full runs of (a) and (b),
-  and of (c) the seed's loop: a ``DataLoader`` over a per-sample ``Dataset``, batch 32, the seed's
-  optimiser, ``loss.item()`` every step, same network. Test accuracy is measured after every epoch
-  in all three; that evaluation is not counted in the times. (a) is timed from the CLI call (a
-  user waits for parsing, building and the sanity check too: the "startup" column); (b) and (c)
-  from their first step, their model and data already built.
+- (a) the project as a user runs it: ``python -m src.cli fit --config <yaml>`` (in-process, with a
+  clock callback added): progress bar (drawn to /dev/null), validation, checkpoints, TensorBoard,
+  the config's callbacks; the test after fit is left out;
+- (a0) a bare Lightning ``Trainer`` on the same module and the same on-device tensors: no logger,
+  no checkpointing, no progress bar, no model summary, no sanity check, no callbacks except the
+  config's weight averaging (part of the training recipe, which (b) does too); validation after
+  every epoch, as (a);
+- (b) the hand-written loop of :mod:`benchmarks.loops` (same network, tensors, batch size,
+  optimiser, schedule, augmentation, EMA, mixup, validation pass);
+- (c) the notebooks' loop (:func:`benchmarks.loops.seed_style`): ``DataLoader`` over a per-sample
+  ``Dataset``, batch 32, plain optimiser, ``loss.item()`` every step.
 
-CPU time (``time.process_time``, all threads of the process) is printed beside wall time: on a
-shared machine it is less sensitive to other jobs' load.
+Per epoch: the median of every epoch but the first of ``--repeats`` runs of ``speed_epochs`` epochs
+each (a, a0, b), in wall and CPU time (``time.process_time``: all threads of this process, less
+sensitive to other jobs' load than wall time), samples/s, a/a0 and a/b. Then (unless
+``--no-full``) one full-length run of (a), (b) and (c) with test accuracy after every epoch (not
+counted): time to the target accuracies, and the start-up of (a), from the CLI call to its first
+training step.
 
-Goals (issue 5): (a)/(b) <= 1.10 per epoch at the config's batch size, and (a) reaches the target
-at least 5x sooner than (c), with an equal or better final accuracy.
+Goals (issue 15): a/a0 <= 1.05 per epoch for every pair; a/b <= 1.10 for pairs whose hand-loop
+step takes >= 5 ms (the others are reported); on one GPU, Fashion-MNIST to >= 0.90 test accuracy in
+<= 5 s of training and an AG News epoch of 10,429 rows in <= 1 s.
 """
 
 from __future__ import annotations
@@ -35,478 +36,459 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
+import logging
 import os
 import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
-from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from lightning.pytorch import Callback
-from lightning.pytorch.callbacks import WeightAveraging
-from torch import Tensor, nn
-from torch.optim.lr_scheduler import ReduceLROnPlateau
-from torch.optim.swa_utils import AveragedModel
-from torch.utils.data import DataLoader, Dataset
 
-from src.models.bn_cnn import mixup_step
-from src.models.classifier import _accepts_unset
+from benchmarks.loops import Clock, EpochClock, LoopOptions, hand_loop, seed_style, steps_per_epoch
+from benchmarks.runner import PAIRS, ROOT, Pair, build, local_data
 
-# Local copies of the Hub datasets (parquet), so the benchmark runs offline.
-DATA_DIR = os.environ.get("BN_DATA_DIR", "../shared/data")
+SIDES = ("a", "a0", "b")
+AG_NEWS_ROWS = 10_429
 
 
-@dataclass
-class Pair:
-    """One dataset/model pair and its seed's training loop."""
-
-    config: str
-    seed_optimizer: Any  # callable(params) -> optimizer, as in the seed notebook
-    seed_epochs: int
-    target: float  # test accuracy both the project and the seed's loop are timed to
-    seed_batch_size: int = 32
-    note: str = ""
-    overrides: list[str] = field(default_factory=list)
+# ---------------------------------------------------------------------------------------- one run of each
+def _device_flags(device: str, precision: str) -> list[str]:
+    return [
+        f"--trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}",
+        f"--trainer.precision={precision}",
+    ]
 
 
-PAIRS = {
-    # seed 003: SGD lr 0.05, momentum 0.9 (its loader used batch 200; the issue's seed loop uses 32)
-    "mnist1d_resnet_bn": Pair(
-        config="configs/mnist1d_resnet_bn.yaml",
-        seed_optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9),
-        seed_epochs=60,
-        target=0.60,  # about the best the seed loop reaches (0.58-0.62 in 60 epochs)
-        note="seed 003 network, SGD(0.05, momentum 0.9)",
-    ),
-    "mnist1d_resconv_bn": Pair(
-        config="configs/mnist1d_resconv_bn.yaml",
-        seed_optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9),
-        seed_epochs=60,
-        target=0.98,  # the seed loop on this network: 0.989 final, 0.994 best in 60 epochs
-        note="seed 003 loop (SGD 0.05, momentum 0.9) on the conv network",
-    ),
-    # seed 004: SGD lr 0.1, batch 32, 10 epochs (its test accuracy: 0.83 on a 6,000-image subset)
-    "fashion_mnist_mlp_bn": Pair(
-        config="configs/fashion_mnist_mlp_bn.yaml",
-        seed_optimizer=partial(torch.optim.SGD, lr=0.1),
-        seed_epochs=10,
-        target=0.85,
-        note="seed 004 loop: SGD(0.1), 10 epochs, full training split",
-        overrides=[f"--data.init_args.data_dir={DATA_DIR}/fashion_mnist"],
-    ),
-    # seed 001: Adam lr 1e-3, 10 epochs (its loader used batch 64; the issue's seed loop uses 32)
-    "ag_news_cnn_bn": Pair(
-        config="configs/ag_news_cnn_bn.yaml",
-        seed_optimizer=partial(torch.optim.Adam, lr=1e-3),
-        seed_epochs=10,
-        target=0.70,  # the seed's own test figure: weighted F1 0.693
-        note="seed 001 loop: Adam(1e-3), 10 epochs, no scheduler",
-        overrides=[
-            "--data.init_args.data_files="
-            f"{{train: {DATA_DIR}/ag_news/train_first_10429_rows.parquet, test: {DATA_DIR}/ag_news/test.parquet}}"
-        ],
-    ),
-}
-
-
-# ---------------------------------------------------------------------------------------- helpers
-def build(config: str, overrides: list[str]) -> Any:
-    """Model, DataModule and Trainer from a config, exactly as ``python -m src.cli`` builds them."""
-    from src.cli import main
-
-    argv, sys.argv = sys.argv, sys.argv[:1]
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """The progress bar and Lightning's notices out of the tables (the bar is still drawn, to /dev/null)."""
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
     try:
-        return main(["--config", config, *overrides], run=False)
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+            yield
     finally:
-        sys.argv = argv
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
-@torch.no_grad()
-def accuracy(net: nn.Module, dm: Any, split: tuple[Tensor, ...], batch_size: int = 4096) -> float:
-    was_training = net.training
-    net.eval()
-    correct = torch.zeros((), dtype=torch.long, device=split[0].device)
-    for start in range(0, len(split[0]), batch_size):
-        batch = dm.transform_batch(dm.collate(tuple(t[start : start + batch_size] for t in split)), False)
-        correct += (net(batch[0]).argmax(-1) == batch[1]).sum()
-    net.train(was_training)
-    return int(correct) / len(split[0])
+def _peak_reset(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
 
 
-class Clock:
-    """Wall time with the test evaluations taken out, and the first time a target was reached."""
-
-    def __init__(self, target: float) -> None:
-        self.start = time.perf_counter()
-        self.cpu_start = time.process_time()
-        self.excluded = 0.0
-        self.cpu_excluded = 0.0
-        self.target = target
-        self.time_to_target: float | None = None
-        self.train_start: float | None = None  # first training step (Trainer runs)
-        self.epoch_ends: list[float] = []
-        self.cpu_ends: list[float] = []  # process CPU time: less sensitive to other jobs' load
-        self.accs: list[float] = []
-
-    def now(self) -> float:
-        return time.perf_counter() - self.start - self.excluded
-
-    def epoch_end(self, evaluate: Any) -> None:
-        self.epoch_ends.append(self.now())
-        self.cpu_ends.append(time.process_time() - self.cpu_start - self.cpu_excluded)
-        t0, c0 = time.perf_counter(), time.process_time()
-        acc = evaluate()
-        self.excluded += time.perf_counter() - t0
-        self.cpu_excluded += time.process_time() - c0
-        self.accs.append(acc)
-        if self.time_to_target is None and acc >= self.target:
-            self.time_to_target = self.epoch_ends[-1]
-
-    def shift(self, seconds: float) -> None:
-        self.epoch_ends = [t + seconds for t in self.epoch_ends]
-        if self.train_start is not None:
-            self.train_start += seconds
-        if self.time_to_target is not None:
-            self.time_to_target += seconds
-
-    def epoch_times(self, cpu: bool = False) -> list[float]:
-        ends = self.cpu_ends if cpu else self.epoch_ends
-        return [b - a for a, b in zip(ends, ends[1:], strict=False)]
+def _peak(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
 
 
-class EpochClock(Callback):
-    """Times each epoch of a Trainer run (validation and checkpointing included) and, outside
-    the timing, measures test accuracy after it."""
-
-    def __init__(self, target: float = 0.0, evaluate: bool = True) -> None:
-        self.clock = Clock(target)
-        self.evaluate = evaluate
-
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self.clock.train_start = self.clock.now()
-
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        dm = trainer.datamodule
-        self.clock.epoch_end(lambda: accuracy(pl_module, dm, dm.splits["test"]) if self.evaluate else 0.0)
-
-
-def run_project(pair: Pair, extra: list[str], target: float, evaluate: bool, save_dir: str | None) -> Clock:
-    """(a): ``python -m src.cli fit --config ...`` in this process, with an epoch clock added; the
-    progress bar (on, as a user runs it) draws to /dev/null."""
+def run_a(
+    pair: Pair, extra: list[str], save_dir: str, *, target: float | None = None, evaluate: bool = False
+) -> Clock:
+    """(a): ``fit --config`` through ``src.cli.main`` with an :class:`EpochClock` added; its clock's
+    ``first_step`` counts from the CLI call."""
     from src.cli import main
 
+    clock = {
+        "class_path": "benchmarks.loops.EpochClock",
+        "init_args": {"target": target, "evaluate": evaluate},
+    }
     args = [
         "fit",
         "--config",
-        pair.config,
+        str(ROOT / pair.config),
+        *local_data(pair.config),
         "--test_after_fit=false",
-        *([f"--trainer.logger.init_args.save_dir={save_dir}"] if save_dir else []),
-        *pair.overrides,
+        f"--trainer.logger.init_args.save_dir={save_dir}",
         *extra,
+        f"--trainer.callbacks+={json.dumps(clock)}",
     ]
-    clock = {
-        "class_path": "benchmarks.speed.EpochClock",
-        "init_args": {"target": target, "evaluate": evaluate},
-    }
-    args.append(f"--trainer.callbacks+={json.dumps(clock)}")
     start = time.perf_counter()
     argv, sys.argv = sys.argv, sys.argv[:1]
     try:
-        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
-            cli = main(args)
+        with _quiet():
+            main(args)
     finally:
         sys.argv = argv
-    clock = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "EpochClock").clock
-    clock.shift(clock.start - start)  # count from the CLI call, as a user waits
-    return clock
+    result = EpochClock.last.clock
+    result.first_step = (result.first_step or 0.0) + (result.start - start)
+    return result
 
 
-def run_hand_loop(
-    pair: Pair,
-    batch_size: int,
-    epochs: int,
-    target: float,
-    evaluate: bool,
-    schedule_epochs: int | None = None,
+def run_a0(
+    pair: Pair, extra: list[str], save_dir: str, *, target: float | None = None, evaluate: bool = False
 ) -> Clock:
-    """(b): the same network, tensors, batch size, optimiser, schedule, weight averaging, mixup and
-    per-epoch validation, in a plain PyTorch loop. ``schedule_epochs``: length of a one-cycle schedule (the Trainer's
-    ``max_epochs``) when the run stops earlier, as early stopping does."""
-    cli = build(pair.config, [f"--data.init_args.batch_size={batch_size}", *pair.overrides])
-    model, dm = cli.model, cli.datamodule
-    torch.manual_seed(cli.config.get("seed_everything") or 0)
-    dm.setup("fit")
-    device = torch.device("cpu")
-    train, val, test = (
-        {k: tuple(t.to(device) for t in v) for k, v in dm.splits.items()}[s] for s in ("train", "val", "test")
+    """(a0): a bare ``Trainer`` on the module and data the CLI builds from the config."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import WeightAveraging
+
+    with _quiet():
+        cli = build(pair.config, [f"--trainer.logger.init_args.save_dir={save_dir}", *extra])
+        built = cli.trainer
+        clock = EpochClock(target, evaluate)
+        trainer = Trainer(
+            accelerator=built.accelerator,
+            devices=1,
+            precision=built.precision,
+            max_epochs=built.max_epochs,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            callbacks=[clock, *(c for c in built.callbacks if isinstance(c, WeightAveraging))],
+        )
+        trainer.fit(cli.model, datamodule=cli.datamodule)
+    return clock.clock
+
+
+def run_b(
+    pair: Pair,
+    extra: list[str],
+    save_dir: str,
+    *,
+    device: str = "cpu",
+    precision: str = "32-true",
+    target: float | None = None,
+    evaluate: bool = False,
+    epochs: int | None = None,
+) -> Clock:
+    """(b): the hand loop on what the CLI builds from the config: ``epochs`` (default: the config's
+    ``max_epochs``) of a schedule as long as ``max_epochs``, as a run stopped early has."""
+    with _quiet():
+        cli = build(pair.config, [f"--trainer.logger.init_args.save_dir={save_dir}", *extra])
+    options = LoopOptions(
+        epochs=epochs or cli.trainer.max_epochs,
+        schedule_epochs=cli.trainer.max_epochs,
+        device=device,
+        precision=precision,
+        seed=int(cli.config.get("seed_everything") or 0),
     )
-    net = model.net.to(device)
-    optimizer = model.optimizer(net.parameters())
-    # What the config's training adds to each step, done by hand too: weight averaging (EMA, as
-    # Lightning's callback: every step, validation on the averaged copy) and feature mixup.
-    averaging = next((c for c in cli.trainer.callbacks if isinstance(c, WeightAveraging)), None)
-    averaged = (
-        AveragedModel(net, use_buffers=averaging._use_buffers, **averaging._kwargs) if averaging else None
-    )
-    mixup_alpha = getattr(model, "mixup_alpha", 0.0)
-    steps_per_epoch = math.ceil(len(train[0]) / batch_size)
-    scheduler, per_step = None, False
-    if model.lr_scheduler is not None:
-        kwargs = {}
-        if _accepts_unset(model.lr_scheduler, "total_steps"):
-            kwargs, per_step = {"total_steps": (schedule_epochs or epochs) * steps_per_epoch}, True
-        scheduler = model.lr_scheduler(optimizer, **kwargs)
-    n = len(train[0])
     clock = Clock(target)
-    for epoch in range(epochs):
-        net.train()
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch), device=device)
-        shuffled = tuple(t[perm] for t in train)
-        for start in range(0, n, batch_size):
-            batch = dm.transform_batch(
-                dm.collate(tuple(t[start : start + batch_size] for t in shuffled)), True
-            )
-            if mixup_alpha > 0:
-                loss = mixup_step(net, batch[0], batch[1], mixup_alpha, model.label_smoothing)[0]
+    return hand_loop(cli.model, cli.datamodule, options, cli.config, clock=clock, evaluate=evaluate)
+
+
+def run_c(
+    pair: Pair,
+    extra: list[str],
+    save_dir: str,
+    *,
+    device: str = "cpu",
+    target: float | None = None,
+    evaluate: bool = True,
+    epochs: int | None = None,
+) -> Clock:
+    """(c): the notebooks' loop on the config's network (``epochs``: default the notebook's)."""
+    with _quiet():
+        cli = build(pair.config, [f"--trainer.logger.init_args.save_dir={save_dir}", *extra])
+    options = seed_style(epochs or pair.seed_epochs, pair.seed_optimizer, device=device)
+    return hand_loop(cli.model, cli.datamodule, options, cli.config, clock=Clock(target), evaluate=evaluate)
+
+
+# ---------------------------------------------------------------------------------------- measurements
+def per_epoch(
+    pair: Pair,
+    *,
+    device: str = "cpu",
+    precision: str = "32-true",
+    batch_size: int | None = None,
+    epochs: int | None = None,
+    repeats: int = 2,
+    save_dir: str,
+    extra: list[str] = (),
+    budget_s: float | None = None,
+    echo: bool = True,
+) -> dict[str, Any]:
+    """Median epoch (first of each run dropped) of (a), (a0) and (b), alternating over ``repeats``."""
+    epochs = epochs or pair.speed_epochs
+    flags = [*_device_flags(device, precision), f"--trainer.max_epochs={epochs}", *extra]
+    if batch_size:
+        flags.append(f"--data.init_args.batch_size={batch_size}")
+    times: dict[str, dict[str, list[float]]] = {s: {"epoch": [], "cpu": [], "train": []} for s in SIDES}
+    peak: dict[str, float | None] = {}
+    startup: list[float] = []
+    started = time.perf_counter()
+    for r in range(repeats):
+        order = SIDES[r % 3 :] + SIDES[: r % 3]
+        for side in order:
+            _peak_reset(device)
+            if side == "a":
+                clock = run_a(pair, flags, save_dir)
+                startup.append(clock.first_step)
+            elif side == "a0":
+                clock = run_a0(pair, flags, save_dir)
             else:
-                loss = F.cross_entropy(net(batch[0]), batch[1], label_smoothing=model.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if per_step:
-                scheduler.step()
-            if averaged is not None:
-                averaged.update_parameters(net)
-        # validation pass, as the Trainer runs it every epoch (loss and accuracy on the device)
-        evaluated = averaged.module if averaged is not None else net
-        evaluated.eval()
-        with torch.no_grad():
-            val_loss = torch.zeros((), device=device)
-            correct = torch.zeros((), dtype=torch.long, device=device)
-            for start in range(0, len(val[0]), dm.eval_batch_size):
-                batch = dm.transform_batch(
-                    dm.collate(tuple(t[start : start + dm.eval_batch_size] for t in val)), False
-                )
-                logits = evaluated(batch[0])
-                val_loss += F.cross_entropy(logits, batch[1], reduction="sum")
-                correct += (logits.argmax(-1) == batch[1]).sum()
-        if scheduler is not None and not per_step:
-            scheduler.step(float(val_loss) / len(val[0])) if isinstance(
-                scheduler, ReduceLROnPlateau
-            ) else scheduler.step()
-        clock.epoch_end(lambda: accuracy(net, dm, test) if evaluate else 0.0)  # raw weights, as (a)
-    return clock
+                clock = run_b(pair, flags, save_dir, device=device, precision=precision)
+            peak[side] = max(filter(None, [peak.get(side), _peak(device)]), default=None)
+            times[side]["epoch"] += clock.epoch_times()[1:]
+            times[side]["cpu"] += clock.epoch_times(cpu=True)[1:]
+            times[side]["train"] += clock.train_times()[1:]
+        if echo:
+            last = {s: statistics.median(times[s]["epoch"]) for s in SIDES if times[s]["epoch"]}
+            print(
+                f"    repeat {r + 1}/{repeats}: s/epoch "
+                + ", ".join(f"{s} {v:.4f}" for s, v in last.items()),
+                flush=True,
+            )
+        if budget_s is not None and time.perf_counter() - started > budget_s:
+            break
+    with _quiet():
+        cli = build(pair.config, [f"--trainer.logger.init_args.save_dir={save_dir}", *flags])
+    cli.datamodule.setup("fit")
+    n_train = len(cli.datamodule.splits["train"][0])
+    bs = cli.datamodule.batch_size
+    med = {s: {k: statistics.median(v) for k, v in times[s].items()} for s in SIDES}
+    steps = steps_per_epoch(n_train, bs)
+    return {
+        "batch_size": bs,
+        "epochs": epochs,
+        "repeats": r + 1,
+        "n_train": n_train,
+        "steps_per_epoch": steps,
+        "device": device,
+        "precision": precision,
+        **{f"{s}_s": med[s]["epoch"] for s in SIDES},
+        **{f"{s}_cpu_s": med[s]["cpu"] for s in SIDES},
+        **{f"{s}_train_s": med[s]["train"] for s in SIDES},
+        **{f"{s}_samples_per_s": n_train / med[s]["train"] for s in SIDES},
+        **{f"{s}_peak_mib": peak.get(s) for s in SIDES},
+        "a_over_a0": med["a"]["epoch"] / med["a0"]["epoch"],
+        "a_over_a0_cpu": med["a"]["cpu"] / med["a0"]["cpu"],
+        "a_over_b": med["a"]["epoch"] / med["b"]["epoch"],
+        "a_over_b_cpu": med["a"]["cpu"] / med["b"]["cpu"],
+        "b_step_ms": 1000 * med["b"]["train"] / steps,
+        "startup_s": statistics.median(startup) if startup else None,
+    }
 
 
-class PerSample(Dataset):
-    """A map-style dataset returning one sample at a time, as the seed notebooks build them."""
+def to_target(
+    pair: Pair,
+    *,
+    device: str = "cpu",
+    precision: str = "32-true",
+    save_dir: str,
+    sides: tuple[str, ...] = ("a", "b", "c"),
+    extra: list[str] = (),
+    seed_epochs: int | None = None,
+) -> dict[str, Any]:
+    """Full-length runs with test accuracy after every epoch (not counted): time to the targets."""
+    flags = [*_device_flags(device, precision), *extra]
+    targets = [pair.target, *pair.extra_targets]
+    out: dict[str, Any] = {"targets": targets}
+    a_epochs = None
+    for side in sides:
+        _peak_reset(device)
+        if side == "a":
+            clock = run_a(pair, flags, save_dir, target=targets[0], evaluate=True)
+            a_epochs = clock.epochs  # early stopping may end it before max_epochs
+        elif side == "b":
+            clock = run_b(
+                pair,
+                flags,
+                save_dir,
+                device=device,
+                precision=precision,
+                target=targets[0],
+                evaluate=True,
+                epochs=a_epochs,
+            )
+        else:
+            clock = run_c(pair, flags, save_dir, device=device, target=targets[0], epochs=seed_epochs)
+        marks = [s[0] for s in clock.starts] + ([clock.end[0]] if clock.end else [])
+        reached = {}
+        for t in targets:
+            hit = next((i for i, acc in enumerate(clock.accs) if acc >= t), None)
+            reached[str(t)] = None if hit is None else marks[hit + 1] - marks[0]
+        out[side] = {
+            "epochs": clock.epochs,
+            "startup_s": clock.first_step if side == "a" else None,
+            "training_s": clock.training_time,
+            "time_to_target_s": reached,
+            "final_acc": clock.accs[-1] if clock.accs else None,
+            "best_acc": max(clock.accs) if clock.accs else None,
+            "accs": clock.accs,
+            "peak_mib": _peak(device),
+        }
+    return out
 
-    def __init__(self, tensors: tuple[Tensor, ...]) -> None:
-        self.tensors = tensors
 
-    def __len__(self) -> int:
-        return len(self.tensors[0])
+def import_time() -> float:
+    """Seconds a new process spends importing the CLI (``python -c "import src.cli"``), the part of a
+    user's start-up that the in-process (a) runs do not see; the median of three."""
+    import subprocess
 
-    def __getitem__(self, i: int) -> tuple[Tensor, ...]:
-        return tuple(t[i] for t in self.tensors)
+    from benchmarks.runner import env
 
-
-def run_seed_loop(pair: Pair, target: float) -> Clock:
-    """(c): the seed's loop: DataLoader over a per-sample Dataset, batch 32, the seed's optimiser,
-    ``loss.item()`` every step, no augmentation and no schedule; the same network architecture."""
-    cli = build(pair.config, list(pair.overrides))
-    model, dm = cli.model, cli.datamodule
-    torch.manual_seed(cli.config.get("seed_everything") or 0)
-    dm.setup("fit")
-    net = model.net
-    optimizer = pair.seed_optimizer(net.parameters())
-    loader = DataLoader(PerSample(dm.splits["train"]), batch_size=pair.seed_batch_size, shuffle=True)
-    clock = Clock(target)
-    for _ in range(pair.seed_epochs):
-        net.train()
-        total = 0.0
-        for batch in loader:
-            batch = dm.transform_batch(dm.collate(tuple(batch)), False)
-            optimizer.zero_grad()
-            loss = F.cross_entropy(net(batch[0]), batch[1])
-            loss.backward()
-            optimizer.step()
-            total += loss.item()
-        clock.epoch_end(lambda: accuracy(net, dm, dm.splits["test"]))
-    return clock
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import src.cli"], cwd=ROOT, env=env(), check=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 # ---------------------------------------------------------------------------------------- report
-def short_runs(
-    pair: Pair, batch_size: int, epochs: int, repeats: int, save_dir: str, compile_model: bool
-) -> dict:
-    """Median epoch time of (a) and (b) over short runs (``epochs``, first dropped), alternating."""
-    extra = [f"--data.init_args.batch_size={batch_size}", f"--trainer.max_epochs={epochs}"]
-    if compile_model:
-        extra.append("--model.init_args.compile_model=true")
-    times: dict[str, list[float]] = {"a": [], "b": [], "a_cpu": [], "b_cpu": []}
-    for _ in range(repeats):
-        for key, clock in (
-            ("a", run_project(pair, extra, 1.0, evaluate=False, save_dir=save_dir)),
-            ("b", run_hand_loop(pair, batch_size, epochs, 1.0, evaluate=False)),
-        ):
-            times[key] += clock.epoch_times()[1:]
-            times[f"{key}_cpu"] += clock.epoch_times(cpu=True)[1:]
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def fmt_ttt(clocks: list[Clock]) -> str:
-    times = [c.time_to_target for c in clocks]
-    if any(t is None for t in times):
-        return f"not reached in {sum(t is None for t in times)}/{len(times)} runs"
-    return f"{statistics.median(times):.1f}"
-
-
-def median_ttt(clocks: list[Clock]) -> float | None:
-    times = [c.time_to_target for c in clocks]
-    return None if any(t is None for t in times) else statistics.median(times)
-
-
-def report_pair(name: str, pair: Pair, args: argparse.Namespace, save_dir: str) -> None:
-    cli = build(pair.config, pair.overrides)
-    default_bs, max_epochs = cli.datamodule.batch_size, cli.trainer.max_epochs
-    cli.datamodule.setup("fit")
-    n_train = len(cli.datamodule.splits["train"][0])
-    print(
-        f"\n## {name} ({pair.config}): {n_train} training samples, {torch.get_num_threads()} torch thread(s), cpu"
+def verdicts(name: str, r: dict[str, Any], full: dict[str, Any] | None = None) -> list[str]:
+    """The goals of issue 15 for one pair's figures."""
+    lines = []
+    ratio = r["a_over_a0"]
+    lines.append(
+        f"a/a0 <= 1.05: {ratio:.3f} (CPU time {r['a_over_a0_cpu']:.3f}) -> {'met' if ratio <= 1.05 else 'NOT met'}"
     )
-
-    # Full default runs, (a) and (b) alternating: epoch times and time to the target accuracy.
-    a_runs, b_runs = [], []
-    for _ in range(args.full_repeats):
-        a = run_project(pair, [], pair.target, evaluate=True, save_dir=save_dir)
-        b = run_hand_loop(
-            pair, default_bs, len(a.accs), pair.target, evaluate=True, schedule_epochs=max_epochs
-        )
-        a_runs.append(a)
-        b_runs.append(b)
-    full = {
-        key: statistics.median(t for c in runs for t in c.epoch_times(cpu=cpu))
-        for key, runs, cpu in (
-            ("a", a_runs, False),
-            ("b", b_runs, False),
-            ("a_cpu", a_runs, True),
-            ("b_cpu", b_runs, True),
-        )
-    }
-    print(
-        "\nPer epoch (median over every epoch of the full runs; train + validation + the config's callbacks)"
-    )
-    print(
-        "| batch | (a) project s/epoch | (b) hand loop s/epoch | a/b | (a) CPU s/epoch | (b) CPU s/epoch "
-        "| a/b CPU | (a) samples/s | (b) samples/s |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
-
-    def row(label: str, r: dict[str, float], b_note: str = "") -> None:
-        print(
-            f"| {label} | {r['a']:.4f} | {r['b']:.4f}{b_note} | {r['a'] / r['b']:.3f} | {r['a_cpu']:.4f} | "
-            f"{r['b_cpu']:.4f} | {r['a_cpu'] / r['b_cpu']:.3f} | {n_train / r['a']:,.0f} | {n_train / r['b']:,.0f} |",
-            flush=True,
-        )
-
-    row(f"{default_bs} (default, full runs)", full)
-    for bs in dict.fromkeys(args.batch_sizes):
-        row(
-            f"{bs} (first {args.epochs} epochs)",
-            short_runs(pair, bs, args.epochs, args.repeats, save_dir, False),
-        )
-    if args.compile:
-        r = short_runs(pair, default_bs, args.epochs, args.repeats, save_dir, compile_model=True)
-        row(f"{default_bs}, compile_model=true (first {args.epochs} epochs)", r, " (eager)")
-
-    c = run_seed_loop(pair, pair.target)
-    print(
-        f"\nTime to test accuracy {pair.target} (evaluation after every epoch, not counted); (c): {pair.note}"
-    )
-    print("| run | startup (s) | epochs | time to target (s) | total (s) | final test acc | best test acc |")
-    print("|---|---|---|---|---|---|---|")
-    rows = (
-        ("(a) project, default config", a_runs),
-        ("(b) hand loop, same settings", b_runs),
-        (f"(c) seed loop, batch {pair.seed_batch_size}", [c]),
-    )
-    for label, clocks in rows:
-        starts = [k.train_start or 0.0 for k in clocks]
-        print(
-            f"| {label} | {statistics.median(starts):.1f} | {statistics.median(len(k.accs) for k in clocks)} | "
-            f"{fmt_ttt(clocks)} | "
-            f"{statistics.median(k.epoch_ends[-1] for k in clocks):.1f} | "
-            f"{statistics.median(k.accs[-1] for k in clocks):.4f} | {statistics.median(max(k.accs) for k in clocks):.4f} |"
-        )
-    ta, tc = median_ttt(a_runs), median_ttt([c])
-    a_final = statistics.median(k.accs[-1] for k in a_runs)
-    ratio = full["a"] / full["b"]
-    print(
-        f"Goal a/b <= 1.10 per epoch at batch {default_bs}: {ratio:.3f} -> {'met' if ratio <= 1.10 else 'NOT met'}"
-    )
-    if ta and tc:
-        met = tc / ta >= 5 and a_final >= c.accs[-1]
-        print(
-            f"Goal (c)/(a) >= 5 in time to {pair.target} at equal or better final accuracy: {tc / ta:.1f}x "
-            f"(final {a_final:.4f} vs {c.accs[-1]:.4f}) -> {'met' if met else 'NOT met'}",
-            flush=True,
+    ab = r["a_over_b"]
+    if r["b_step_ms"] >= 5:
+        lines.append(
+            f"a/b <= 1.10 (hand-loop step {r['b_step_ms']:.1f} ms): {ab:.3f} -> {'met' if ab <= 1.10 else 'NOT met'}"
         )
     else:
-        print(
-            f"Goal (c)/(a) >= 5 in time to {pair.target}: target not reached by every run -> NOT met",
-            flush=True,
+        lines.append(f"a/b {ab:.3f} (reported only: hand-loop step {r['b_step_ms']:.2f} ms < 5 ms)")
+    if r["device"] == "cuda" and name == "ag_news_cnn_bn":
+        epoch = AG_NEWS_ROWS / r["a_samples_per_s"]
+        lines.append(
+            f"AG News epoch of {AG_NEWS_ROWS:,} rows <= 1 s: {epoch:.2f} s -> {'met' if epoch <= 1 else 'NOT met'}"
         )
+    if r["device"] == "cuda" and name == "fashion_mnist_mlp_bn" and full and "a" in full:
+        t = full["a"]["time_to_target_s"].get("0.9")
+        lines.append(
+            "Fashion-MNIST >= 0.90 test acc in <= 5 s of training: "
+            + (
+                f"{t:.1f} s -> {'met' if t <= 5 else 'NOT met'}"
+                if t is not None
+                else "not reached -> NOT met"
+            )
+        )
+    return lines
 
 
-def compare_threads(pair: Pair, name: str, epochs: int, repeats: int, save_dir: str) -> None:
-    """(a) short runs at the config's batch size with 1 and 2 torch threads, alternating."""
-    times: dict[int, list[float]] = {1: [], 2: []}
-    for _ in range(repeats):
-        for threads in times:
-            os.environ["BN_NUM_THREADS"] = str(threads)
-            extra = [f"--trainer.max_epochs={epochs}"]
-            times[threads] += run_project(pair, extra, 1.0, evaluate=False, save_dir=save_dir).epoch_times()[
-                1:
-            ]
-    one, two = statistics.median(times[1]), statistics.median(times[2])
-    print(f"| {name} | {one:.4f} | {two:.4f} | {two / one:.2f} |", flush=True)
+def table(rows: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    out = [
+        "| pair | batch | device | (a) s/epoch | (a0) s/epoch | (b) s/epoch | a/a0 | a/b | a/a0 CPU | a/b CPU "
+        "| (a) samples/s | (a0) samples/s | (b) samples/s | (b) step ms | start-up (a) s | peak MiB a/a0/b |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows:
+        peaks = "/".join(
+            "-" if r.get(f"{s}_peak_mib") is None else f"{r[f'{s}_peak_mib']:.0f}" for s in SIDES
+        )
+        out.append(
+            f"| {name} | {r['batch_size']} | {r['device']} {r['precision']} | {r['a_s']:.4f} | {r['a0_s']:.4f} | {r['b_s']:.4f} "
+            f"| {r['a_over_a0']:.3f} | {r['a_over_b']:.3f} | {r['a_over_a0_cpu']:.3f} | {r['a_over_b_cpu']:.3f} "
+            f"| {r['a_samples_per_s']:,.0f} | {r['a0_samples_per_s']:,.0f} | {r['b_samples_per_s']:,.0f} "
+            f"| {r['b_step_ms']:.2f} | {r['startup_s']:.1f} | {peaks} |"
+        )
+    return out
 
 
-def main() -> None:
+def target_table(rows: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    out = [
+        "| pair | run | epochs | start-up s | training s | time to targets s | final / best test acc |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, full in rows:
+        for side in ("a", "b", "c"):
+            if side not in full:
+                continue
+            f = full[side]
+            ttt = ", ".join(
+                f"{t}: {'-' if v is None else f'{v:.1f}'}" for t, v in f["time_to_target_s"].items()
+            )
+            start = "-" if f["startup_s"] is None else f"{f['startup_s']:.1f}"
+            accs = "-" if f["final_acc"] is None else f"{f['final_acc']:.4f} / {f['best_acc']:.4f}"
+            out.append(
+                f"| {name} | ({side}) | {f['epochs']} | {start} | {f['training_s']:.1f} | {ttt} | {accs} |"
+            )
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--pairs", nargs="*", default=list(PAIRS), choices=list(PAIRS))
-    parser.add_argument("--threads", type=int, default=int(os.environ.get("BN_NUM_THREADS", 1)))
-    parser.add_argument("--full-repeats", type=int, default=2, help="full default runs of (a) and of (b)")
-    parser.add_argument("--repeats", type=int, default=2, help="short runs per extra batch size")
-    parser.add_argument("--epochs", type=int, default=8, help="epochs of a short run (the first is dropped)")
-    parser.add_argument("--batch-sizes", nargs="*", type=int, default=[32, 100])
-    parser.add_argument("--compile", action="store_true", help="also time (a) with compile_model=true")
+    parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--precision", default="32-true")
     parser.add_argument(
-        "--compare-threads", action="store_true", help="only: (a) epoch time with 1 vs 2 torch threads"
+        "--repeats", type=int, default=2, help="runs of each of (a), (a0), (b) per batch size"
     )
-    args = parser.parse_args()
-    if args.compare_threads:
-        save_dir = tempfile.mkdtemp(prefix="bench_threads_")
-        print(
-            f"(a) s/epoch, config batch size, median of {args.repeats} x {args.epochs - 1} epochs per setting"
-        )
-        print("| pair | 1 thread | 2 threads | 2/1 |\n|---|---|---|---|")
-        for name in args.pairs:
-            compare_threads(PAIRS[name], name, args.epochs, args.repeats, save_dir)
-        return
-    os.environ["BN_NUM_THREADS"] = str(args.threads)
-    torch.set_num_threads(args.threads)
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="epochs per run (default: the pair's speed_epochs)"
+    )
+    parser.add_argument(
+        "--batch-sizes", nargs="*", type=int, default=[], help="also measure at these batch sizes"
+    )
+    parser.add_argument("--no-full", action="store_true", help="skip the full-length time-to-target runs")
+    parser.add_argument("--json", type=Path, default=None, help="write every figure here")
+    parser.add_argument(
+        "extra", nargs="*", help="CLI overrides for every run of (a), (a0), (b), (c) (after --)"
+    )
+    args = parser.parse_args(argv)
+    os.chdir(ROOT)  # the configs' data caches are relative to the repository root
+    if args.device == "cpu":
+        torch.set_num_threads(int(os.environ.get("BN_NUM_THREADS", 1)))
     save_dir = tempfile.mkdtemp(prefix="bench_speed_")
+    rows, fulls, report = [], [], {}
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(
+        f"speed: {args.device} {args.precision}, {torch.get_num_threads()} torch thread(s), load {load:.2f}",
+        flush=True,
+    )
+    imports = import_time()
+    print(
+        f"A new process imports the CLI in {imports:.1f} s (before the start-up column's CLI call).",
+        flush=True,
+    )
     for name in args.pairs:
-        report_pair(name, PAIRS[name], args, save_dir)
+        pair = PAIRS[name]
+        print(f"\n## {name}", flush=True)
+        results = {"per_epoch": []}
+        for bs in [None, *args.batch_sizes]:
+            r = per_epoch(
+                pair,
+                device=args.device,
+                precision=args.precision,
+                batch_size=bs,
+                epochs=args.epochs,
+                repeats=args.repeats,
+                save_dir=save_dir,
+                extra=args.extra,
+            )
+            r["load"] = os.getloadavg()[0]
+            rows.append((name, r))
+            results["per_epoch"].append(r)
+            print("\n".join(table([(name, r)])), flush=True)
+        full = None
+        if not args.no_full:
+            full = to_target(
+                pair, device=args.device, precision=args.precision, save_dir=save_dir, extra=args.extra
+            )
+            fulls.append((name, full))
+            results["to_target"] = full
+            print("\n".join(target_table([(name, full)])), flush=True)
+        results["verdicts"] = verdicts(name, results["per_epoch"][0], full)
+        for line in results["verdicts"]:
+            print(f"- {line}", flush=True)
+        report[name] = results
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(
+        f"\n# Summary ({args.device} {args.precision}, load at the end {load:.2f}; importing the CLI: {imports:.1f} s)\n"
+    )
+    print("\n".join(table(rows)))
+    if fulls:
+        print(
+            "\nTime to target test accuracy (evaluation after every epoch, not counted; (a) start-up apart)\n"
+        )
+        print("\n".join(target_table(fulls)))
+    print()
+    for name, results in report.items():
+        for line in results["verdicts"]:
+            print(f"- {name}: {line}")
+    if args.json:
+        args.json.write_text(json.dumps({"import_s": imports, "pairs": report}, indent=1, default=str))
 
 
 if __name__ == "__main__":

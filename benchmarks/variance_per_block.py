@@ -1,10 +1,10 @@
 """Activation variance after each residual block at initialisation, with and without batch norm
-(seed 003), on a batch of real MNIST-1D signals.
+on a batch of real MNIST-1D signals.
 
     python -m benchmarks.variance_per_block            # writes docs/variance_per_block.png
 
-He-initialised residual-BN networks (the seed's 5 blocks of width 100, and the conv-block
-variant) get one batch of 200 training signals in train mode; ActivationStats's measurement
+He-initialised residual-BN networks (``ResidualBN``'s network: 5 linear blocks of width 100, and
+the conv-block variant) get one batch of 200 training signals in train mode; ActivationStats's measurement
 (per-feature variance over the batch, averaged over features) is taken after the stem and after
 every block, averaged over several initialisation seeds.
 """
@@ -19,7 +19,7 @@ import torch
 
 from src.callbacks.activation_stats import collect_activation_stats
 from src.data import MNIST1D
-from src.models import ResidualBNNet
+from src.models import ResidualBN
 
 SETTINGS = {
     "no BN": {"batch_norm": False},
@@ -33,13 +33,12 @@ def block_variances(x: torch.Tensor, seeds: int, **net_args) -> list[float]:
     per_seed = []
     for seed in range(seeds):
         torch.manual_seed(seed)
-        net = ResidualBNNet(40, 10, **net_args)
+        net = ResidualBN(num_classes=10, input_size=x.shape[1], **net_args).net  # the model's network
         stats = collect_activation_stats(net, x)
         num_blocks = len(net.blocks)
         # The stem is not a tracked layer: measure it on its own.
-        stem_input = x.unsqueeze(1) if net.block == "conv" else x
         with torch.no_grad():
-            stem = net.stem(stem_input)
+            stem = net.stem(x)
         stem_var = stem.transpose(0, 1).flatten(1).var(dim=1, unbiased=False).mean().item()
         per_seed.append([stem_var, *(stats[f"blocks.{i}"][1] for i in range(num_blocks))])
     return [statistics.mean(col) for col in zip(*per_seed, strict=True)]
