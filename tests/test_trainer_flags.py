@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from src.checkpoints import CONFIG_KEY
 from tests.helpers.cli import ROOT, config, run_cli
 from tests.helpers.data import tiny_mnist1d
 from tests.helpers.tensorboard import scalars
@@ -90,7 +91,10 @@ def check_no_checkpoints(tmp_path: Path, out) -> None:
 
 def check_lr_finder(tmp_path: Path, out) -> None:
     chosen = yaml.safe_load((run_folder(tmp_path) / "config.yaml").read_text())["model"]["init_args"]["lr"]
-    assert chosen != 0.01 and last(tmp_path)["hyper_parameters"]["lr"] == chosen
+    checkpoint = last(tmp_path)
+    assert chosen != 0.01 and checkpoint["hyper_parameters"]["lr"] == chosen
+    # the finder saves (and restores) a checkpoint before the tuned value is known
+    assert yaml.safe_load(checkpoint[CONFIG_KEY])["model"]["init_args"]["lr"] == chosen
     assert "The tuner chose model.init_args.lr=" in out.stdout + out.stderr
 
 
@@ -98,11 +102,10 @@ def check_batch_size_finder(tmp_path: Path, out) -> None:
     chosen = yaml.safe_load((run_folder(tmp_path) / "config.yaml").read_text())["data"]["init_args"][
         "batch_size"
     ]
-    assert (
-        chosen != 32
-        and chosen <= 1024
-        and last(tmp_path)["datamodule_hyper_parameters"]["batch_size"] == chosen
-    )
+    checkpoint = last(tmp_path)
+    assert chosen != 32 and chosen <= 1024
+    assert checkpoint["datamodule_hyper_parameters"]["batch_size"] == chosen
+    assert yaml.safe_load(checkpoint[CONFIG_KEY])["data"]["init_args"]["batch_size"] == chosen
 
 
 def check_one_process_preset(tmp_path: Path, out) -> None:

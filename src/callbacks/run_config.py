@@ -17,10 +17,14 @@ class RunConfig(SaveConfigCallback):
     given only the checkpoint runs with the same configuration) and kept in step with what the
     learning-rate and batch-size finders chose (they run at the start of ``fit``)."""
 
+    _dumped: str | None = None  # dumping takes ~0.1 s: once per run, again only after the tuner
+
     def on_save_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        checkpoint[CONFIG_KEY] = self.parser.dump(self.config, skip_unset=False)
+        if self._dumped is None:
+            self._dumped = self.parser.dump(self.config, skip_unset=False)
+        checkpoint[CONFIG_KEY] = self._dumped
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         tuned = {}
@@ -29,6 +33,8 @@ class RunConfig(SaveConfigCallback):
         dm = trainer.datamodule
         if dm is not None and dm.hparams.get("batch_size") != self.config.data.init_args.get("batch_size"):
             tuned["data.init_args.batch_size"] = self.config.data.init_args.batch_size = dm.hparams.batch_size
+        if tuned:
+            self._dumped = None
         if tuned and trainer.is_global_zero and trainer.log_dir:
             path = Path(trainer.log_dir) / self.config_filename
             self.parser.save(self.config, path, skip_unset=False, overwrite=True)
