@@ -42,16 +42,12 @@ CPU_FILE = "cpu_seconds.txt"  # written beside the event files: CPU time of the 
 
 
 # ---------------------------------------------------------------------- grid
-def parse_grid_arg(text: str) -> tuple[str, list[str]]:
-    """``key=v1,v2`` → ``(key, [v1, v2])``. Commas inside brackets stay in one value (``[3,5]``)."""
-    key, sep, values = text.partition("=")
-    key = key.strip().removeprefix("--")
-    if not sep or not key or not values.strip():
-        raise ValueError(
-            f"--grid {text!r}: expected KEY=VALUE1,VALUE2,... e.g. --grid model.init_args.batch_norm=true,false"
-        )
+
+
+def split_top_level(text: str) -> list[str]:
+    """Split on commas outside brackets: ``[512,256],[64]`` → ``['[512,256]', '[64]']``."""
     out, depth, current = [], 0, ""
-    for ch in values:
+    for ch in text:
         if ch in "[{(":
             depth += 1
         elif ch in "]})":
@@ -62,6 +58,18 @@ def parse_grid_arg(text: str) -> tuple[str, list[str]]:
         else:
             current += ch
     out.append(current.strip())
+    return out
+
+
+def parse_grid_arg(text: str) -> tuple[str, list[str]]:
+    """``key=v1,v2`` → ``(key, [v1, v2])``. Commas inside brackets stay in one value (``[3,5]``)."""
+    key, sep, values = text.partition("=")
+    key = key.strip().removeprefix("--")
+    if not sep or not key or not values.strip():
+        raise ValueError(
+            f"--grid {text!r}: expected KEY=VALUE1,VALUE2,... e.g. --grid model.init_args.batch_norm=true,false"
+        )
+    out = split_top_level(values)
     if any(v == "" for v in out):
         raise ValueError(f"--grid {text!r} has an empty value; remove the extra comma")
     if len(set(out)) != len(out):

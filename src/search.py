@@ -53,6 +53,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from src.ablate import split_top_level
+
 if TYPE_CHECKING:
     import optuna
 
@@ -199,23 +201,6 @@ def parse_space(text: str) -> Param:
     if log and low <= 0:
         raise UsageError(f"{where}: a log range needs LOW > 0")
     return Param(key, kind, low, high, log)
-
-
-def split_top_level(text: str) -> list[str]:
-    """Split on commas outside brackets: ``[512,256],[64]`` → ``['[512,256]', '[64]']``."""
-    out, depth, current = [], 0, ""
-    for ch in text:
-        if ch in "[{(":
-            depth += 1
-        elif ch in "]})":
-            depth -= 1
-        if ch == "," and depth == 0:
-            out.append(current.strip())
-            current = ""
-        else:
-            current += ch
-    out.append(current.strip())
-    return out
 
 
 def _parse_int(text: str) -> int:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
@@ -16,6 +15,7 @@ from src.callbacks.activation_stats import ActivationStats, collect_activation_s
 from src.data.base import ClassificationDataModule
 from src.models.layers import NormAct
 from src.models.residual_bn import ResidualBN
+from tests.helpers.models import quiet_trainer
 
 
 def block_variances(batch_norm: bool, seed: int) -> list[float]:
@@ -82,15 +82,12 @@ class RandomData(ClassificationDataModule):
 
 def test_fit_logs_init_stats_then_every_n_steps(tmp_path: Path):
     logger = TensorBoardLogger(tmp_path, name="run", default_hp_metric=False)
-    trainer = Trainer(
+    trainer = quiet_trainer(
         max_epochs=1,
         limit_train_batches=5,
         limit_val_batches=1,
         logger=logger,
         callbacks=[ActivationStats(every_n_steps=2, histogram_every_n_steps=4)],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(ResidualBN(num_classes=10, input_size=40, num_blocks=3), datamodule=RandomData(batch_size=16))
     events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "histograms": 0, "images": 0})

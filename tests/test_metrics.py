@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassConfusionMatrix,
@@ -16,6 +16,7 @@ from torchmetrics.classification import (
 from src.data import TensorBatches
 from src.models import ResidualBN
 from src.models.metrics import ClassificationStats
+from tests.helpers.models import quiet_trainer
 
 # Python-level conversions of a tensor: on a GPU each one waits for the device (a host sync).
 HOST_SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")
@@ -69,12 +70,8 @@ def test_training_step_never_syncs_with_the_host(monkeypatch):
 
     torch.manual_seed(0)
     x, y = torch.randn(64, 40), torch.randint(0, 10, (64,))
-    trainer = Trainer(
+    trainer = quiet_trainer(
         max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=0,
     )
     trainer.fit(Spied(num_classes=10, input_size=40), TensorBatches((x, y), 16, shuffle=True))
@@ -96,12 +93,8 @@ def test_epoch_figures_logged_once_per_epoch_and_reset():
     xv, yv = torch.randn(40, 40), torch.randint(0, 10, (40,))
     model = ResidualBN(num_classes=10, input_size=40)
     record = Record()
-    trainer = Trainer(
+    trainer = quiet_trainer(
         max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[record],
     )
     trainer.fit(model, TensorBatches((x, y), 16, shuffle=True), TensorBatches((xv, yv), 16))

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from src.callbacks import EMAWeights
@@ -16,6 +15,7 @@ from src.data.mnist1d import MNIST1D
 from src.models.bn_cnn import BNCNN
 from tests.helpers.cli import config, refused, run_cli
 from tests.helpers.data import tiny_mnist1d, write_tiny_ag_news
+from tests.helpers.models import quiet_trainer
 
 AG_NEWS = config("ag_news_cnn_bn")
 MNIST1D_CONFIG = config("mnist1d_resnet_bn")
@@ -131,12 +131,10 @@ def test_test_after_fit_scores_the_averaged_weights_of_the_checkpoint(tmp_path: 
     dm = _ag_news(tmp_path, val_size=16)
     model = BNCNN(input_size=dm.input_size, num_classes=4, kernel_sizes=[1, 2], num_filters=8, hidden_size=8)
     model.hparams.lr = model.lr = 0.01
-    trainer = Trainer(
+    trainer = quiet_trainer(
         max_epochs=2,
+        enable_checkpointing=True,
         callbacks=[EMAWeights(decay=0.5), ModelCheckpoint(monitor="val_acc", mode="max")],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         default_root_dir=tmp_path,
     )
     trainer.fit(model, datamodule=dm)

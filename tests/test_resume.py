@@ -19,13 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from src.callbacks import LastCheckpoint
 from src.data import TensorBatches
 from tests.helpers.cli import config, env, read_only, refused, run_cli, start_cli
 from tests.helpers.data import tiny_ag_news, tiny_mnist1d
+from tests.helpers.models import quiet_trainer
 from tests.helpers.tensorboard import scalars
 
 pytestmark = pytest.mark.slow
@@ -56,12 +57,10 @@ def test_lightning_save_last_follows_the_best_checkpoint_and_last_checkpoint_doe
     """Pins Lightning >= 2.6.0: ``ModelCheckpoint(save_last=True)`` writes last.ckpt only when it saves a
     top-k checkpoint, so beside a monitored best it holds the best epoch. LastCheckpoint is the fix."""
     data = TensorBatches((torch.randn(8, 2),), batch_size=4)
-    trainer = Trainer(
+    trainer = quiet_trainer(
         max_epochs=3,
+        enable_checkpointing=True,
         default_root_dir=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[
             ModelCheckpoint(dirpath=tmp_path / "lightning", monitor="val_acc", mode="max", save_last=True),
             LastCheckpoint(filename="newest.ckpt"),

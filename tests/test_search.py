@@ -110,10 +110,7 @@ def test_space_specs_parse_into_distributions():
     assert (p.key, p.kind, p.low, p.high, p.log) == ("model.init_args.dropout", "float", 0.0, 0.5, False)
     p = parse_space("--model.init_args.lr=float(1e-4, 1e-1, log)")
     assert (p.key, p.low, p.high, p.log) == ("model.init_args.lr", 1e-4, 0.1, True)
-    assert (
-        p.probe_values() == [1e-4, 0.1]
-        and p.override(1e-05) == "--model.init_args.lr=1e-05"
-    )
+    assert p.probe_values() == [1e-4, 0.1] and p.override(1e-05) == "--model.init_args.lr=1e-05"
     p = parse_space("model.init_args.hidden_size=int(64,512,log)")
     assert (p.kind, p.low, p.high, p.log, p.probe_values()) == ("int", 64, 512, True, [64, 512])
     p = parse_space("model.init_args.hidden_sizes=choice([512,256],[1024, 512])")
