@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from src.ablate import main, parse_grid_arg, variants
-from tests.helpers.cli import ROOT
+from tests.helpers.cli import ROOT, refused, run_module
 
 CONFIG = str(ROOT / "configs" / "mnist1d_resnet_bn.yaml")
 
@@ -46,6 +46,22 @@ def test_grid_arguments_parse_into_every_combination():
 def test_bad_grid_arguments_are_refused(bad: str):
     with pytest.raises(ValueError, match="--grid"):
         parse_grid_arg(bad)
+
+
+def test_a_bad_grid_on_the_command_line_is_one_line_and_creates_nothing(tmp_path: Path):
+    out = tmp_path / "sweep"
+    proc = run_module(
+        "src.ablate",
+        "--config",
+        CONFIG,
+        "--grid",
+        "model.init_args.dropout=0.1,,0.2",
+        "--output",
+        str(out),
+        check=False,
+    )
+    refused(proc, "has an empty value; remove the extra comma")
+    assert not out.exists()
 
 
 @pytest.mark.slow
