@@ -1169,19 +1169,15 @@ def _open_study(optuna: Any, storage: Any, setup: Setup, direction: str, args: a
     study = optuna.create_study(
         study_name=setup.study_name, storage=storage, direction=direction, load_if_exists=True
     )
-    stored = study.user_attrs
-    mine = {"space": [p.spec for p in setup.space], "metric": setup.metric}
-    if not stored:
-        for k, v in mine.items():
-            study.set_user_attr(k, v)
-    elif (
-        stored.get("space") != mine["space"]
-        or stored.get("metric") != mine["metric"]
-        or study.direction.name.lower() != direction
-    ):
+    # One attribute, written in one call: two workers starting together must never see half of it.
+    mine = {"space": [p.spec for p in setup.space], "metric": setup.metric, "direction": direction}
+    if "contract" not in study.user_attrs:
+        study.set_user_attr("contract", mine)
+    stored = optuna.load_study(study_name=setup.study_name, storage=storage).user_attrs["contract"]
+    if stored != mine:
         raise UsageError(
             f"study {setup.study_name!r} in {_mask(setup.storage_url)} was made for {stored.get('metric')} "
-            f"({study.direction.name.lower()}) over {stored.get('space')}; pass the same --space/--metric/--direction, "
+            f"({stored.get('direction')}) over {stored.get('space')}; pass the same --space/--metric/--direction, "
             "or another --study or --output"
         )
     # Offset the seed by the trials already there: a resumed search must not draw the values of

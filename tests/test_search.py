@@ -6,7 +6,9 @@ epochs per trial, so each trial is a few seconds of training after a few seconds
 
 from __future__ import annotations
 
+import argparse
 import csv
+import multiprocessing
 import os
 import re
 import signal
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -21,11 +24,14 @@ import yaml
 from optuna.trial import TrialState
 
 from src.search import (
+    Setup,
     UsageError,
+    _open_study,
     baseline_params,
     build_pruner,
     counted,
     labels,
+    open_storage,
     parse_space,
     retried_numbers,
     split_top_level,
@@ -212,6 +218,52 @@ def test_budget_counts_finished_and_running_trials_but_not_failures_run_again():
     assert [t.number for t in counted(trials)] == [0, 2, 3, 6]
     trials[5].system_attrs = {}  # had 4 not been enqueued again, it would use the budget
     assert [t.number for t in counted(trials)] == [0, 2, 3, 4, 6]
+
+
+def _setup(db: Path, metric: str = "val/acc") -> Setup:
+    return Setup([CONFIG], [], [parse_space(DROPOUT)], db.parent, "race", f"sqlite:///{db}", metric, "none")
+
+
+def _open_after(barrier: Any, db: Path, metric: str, direction: str) -> str:
+    barrier.wait()
+    try:
+        _open_study(
+            optuna,
+            open_storage(f"sqlite:///{db}"),
+            _setup(db, metric),
+            direction,
+            argparse.Namespace(seed=0, sampler="random"),
+        )
+    except UsageError as err:
+        return str(err)
+    return "ok"
+
+
+def test_workers_starting_together_agree_on_the_study_and_a_different_one_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Several workers open one new study at the same instant: none may see it half-described."""
+    set_user_attr = optuna.Study.set_user_attr
+
+    def slow_set_user_attr(self: optuna.Study, key: str, value: Any) -> None:
+        set_user_attr(self, key, value)
+        time.sleep(0.3)  # widen the window between two writes, were there two
+
+    monkeypatch.setattr(optuna.Study, "set_user_attr", slow_set_user_attr)  # the forked workers inherit it
+    db = tmp_path / "study.db"
+    ctx = multiprocessing.get_context("fork")
+    for _ in range(3):
+        db.unlink(missing_ok=True)
+        barrier = ctx.Manager().Barrier(4)
+        with ctx.Pool(4) as pool:
+            outcomes = pool.starmap(_open_after, [(barrier, db, "val/acc", "maximize")] * 4)
+        assert outcomes == ["ok"] * 4
+    assert _open_after(ctx.Manager().Barrier(1), db, "val/acc", "maximize") == "ok"
+    refused = _open_after(ctx.Manager().Barrier(1), db, "val/loss", "minimize")
+    assert refused == (
+        f"study 'race' in sqlite:///{db} was made for val/acc (maximize) over ['{DROPOUT}']; "
+        "pass the same --space/--metric/--direction, or another --study or --output"
+    )
 
 
 def test_bad_input_exits_2_with_one_line_and_no_trial(tmp_path: Path):
