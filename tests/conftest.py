@@ -7,6 +7,7 @@ injection, reading TensorBoard); no test module imports another.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -24,3 +25,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def runs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where ``tests.helpers.serving.tiny_checkpoint`` fits its checkpoints: one folder for the whole
+    session, shared by pytest-xdist's workers (each checkpoint is fitted once, under a file lock)."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "tiny_runs"
+    root.mkdir(exist_ok=True)
+    return root

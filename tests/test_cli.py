@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from tests.helpers.cli import config, refused, run_cli
-from tests.helpers.data import quiet, tiny_ag_news, tiny_mnist1d
+from tests.helpers.data import quiet, tiny_mnist1d
 
 MNIST1D = config("mnist1d_resnet_bn")
 
@@ -182,16 +182,6 @@ def test_a_model_option_contradicting_the_checkpoint_is_named(tmp_path: Path):
     out = run_cli("test", "--ckpt_path", str(ckpt), "--model.init_args.batch_norm=true", cwd=tmp_path)
     assert "The checkpoint's model settings are used, not the command's" in out.stderr
     assert "model.init_args.batch_norm: True -> False" in out.stderr
-
-
-@pytest.mark.slow
-def test_checkpoint_only_commands_on_ag_news_warn_about_nothing(tmp_path: Path):
-    data = tiny_ag_news(tmp_path)
-    run_cli("fit", "--config", config("ag_news_cnn_bn"), *data, *quiet(tmp_path), cwd=tmp_path)
-    ckpt = next(tmp_path.rglob("last.ckpt"))
-    for command in ("test", "predict"):
-        out = run_cli(command, "--ckpt_path", str(ckpt), cwd=tmp_path)
-        assert "Warning" not in out.stderr and "linked" not in out.stderr, out.stderr[-2000:]
 
 
 @pytest.mark.slow

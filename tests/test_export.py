@@ -28,13 +28,6 @@ from tests.helpers.serving import CONFIG_NAMES, run_module, tiny_checkpoint  # n
 pytestmark = pytest.mark.slow  # each test trains or serves a model in a subprocess
 
 
-@pytest.fixture(scope="session")
-def runs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.getbasetemp() / "tiny_runs"
-    root.mkdir(exist_ok=True)
-    return root
-
-
 def _leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if ".tmp" in p.name or ".old" in p.name)
 

@@ -119,13 +119,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def runs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.getbasetemp() / "tiny_runs"
-    root.mkdir(exist_ok=True)
-    return root
-
-
 @pytest.fixture(scope="module")
 def servers(runs_root: Path, tmp_path_factory: pytest.TempPathFactory):
     """Start one server per config on first use; stop the ones still running at the end (SIGINT)."""

@@ -1,13 +1,15 @@
 """Tiny trained checkpoints of every config, for tests/test_export.py and tests/test_serve.py.
 
 Each config is fitted once per test session (on tiny data, 2 epochs, as a user runs the CLI) into
-pytest's session temp folder; later calls reuse the checkpoint.
+the ``runs_root`` folder; later calls, from any pytest-xdist worker, reuse the checkpoint.
 """
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
+
+from filelock import FileLock
 
 from tests.helpers.cli import ROOT, run_cli, run_module
 from tests.helpers.data import tiny_fashion_dir, write_tiny_ag_news
@@ -50,9 +52,14 @@ def _data_args(name: str, root: Path) -> list[str]:
 def tiny_checkpoint(name: str, root: Path) -> Path:
     """The ``last.ckpt`` of a 2-epoch fit of ``configs/<name>.yaml`` on tiny data (fitted on first use)."""
     logs = root / "logs"
-    found = sorted((logs / name).rglob("last.ckpt"))
-    if found:
-        return found[0]
+    with FileLock(root / f"{name}.lock"):  # another worker may be fitting it now
+        found = sorted((logs / name).rglob("last.ckpt"))
+        if not found:
+            _fit(name, root, logs)
+    return next((logs / name).rglob("last.ckpt"))
+
+
+def _fit(name: str, root: Path, logs: Path) -> None:
     run_cli(
         "fit",
         "--config",
@@ -66,7 +73,6 @@ def tiny_checkpoint(name: str, root: Path) -> Path:
         *_data_args(name, root),
         cwd=root,
     )
-    return next((logs / name).rglob("last.ckpt"))
 
 
 def cli_predictions(ckpt: Path, workdir: Path, *extra: str) -> list[dict[str, object]]:
