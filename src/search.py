@@ -1173,7 +1173,7 @@ def _open_study(optuna: Any, storage: Any, setup: Setup, direction: str, args: a
     mine = {"space": [p.spec for p in setup.space], "metric": setup.metric, "direction": direction}
     if "contract" not in study.user_attrs:
         study.set_user_attr("contract", mine)
-    stored = optuna.load_study(study_name=setup.study_name, storage=storage).user_attrs["contract"]
+    stored = study.user_attrs["contract"]  # read from the storage again: another worker may have won
     if stored != mine:
         raise UsageError(
             f"study {setup.study_name!r} in {_mask(setup.storage_url)} was made for {stored.get('metric')} "

@@ -239,9 +239,7 @@ def _open_after(barrier: Any, db: Path, metric: str, direction: str) -> str:
     return "ok"
 
 
-def test_workers_starting_together_agree_on_the_study_and_a_different_one_is_refused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-):
+def test_workers_starting_together_agree_on_the_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Several workers open one new study at the same instant: none may see it half-described."""
     set_user_attr = optuna.Study.set_user_attr
 
@@ -259,11 +257,22 @@ def test_workers_starting_together_agree_on_the_study_and_a_different_one_is_ref
             outcomes = pool.starmap(_open_after, [(barrier, db, "val/acc", "maximize")] * 4)
         assert outcomes == ["ok"] * 4
     assert _open_after(ctx.Manager().Barrier(1), db, "val/acc", "maximize") == "ok"
-    refused = _open_after(ctx.Manager().Barrier(1), db, "val/loss", "minimize")
-    assert refused == (
-        f"study 'race' in sqlite:///{db} was made for val/acc (maximize) over ['{DROPOUT}']; "
+
+
+@pytest.mark.slow
+def test_a_study_made_for_another_metric_is_refused_on_the_command_line(tmp_path: Path):
+    db = tmp_path / "search" / "study.db"
+    db.parent.mkdir()
+    _open_study(optuna, open_storage(f"sqlite:///{db}"), _setup(db, "val_acc"), "maximize",
+                argparse.Namespace(seed=0, sampler="random"))  # fmt: skip
+    proc = search("--space", DROPOUT, "--trials", "1", "--study", "race", "--output", str(db.parent),
+                  "--metric", "val_loss", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: study 'race' in sqlite:///{db} was made for val_acc (maximize) over ['{DROPOUT}']; "
         "pass the same --space/--metric/--direction, or another --study or --output"
-    )
+    ]
+    assert trials_of(db.parent, "race") == [] and sorted(p.name for p in db.parent.iterdir()) == ["study.db"]
 
 
 def test_bad_input_exits_2_with_one_line_and_no_trial(tmp_path: Path):
