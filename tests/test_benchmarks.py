@@ -8,7 +8,6 @@ import json
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,22 +27,29 @@ def tiny(name: str, tmp_path: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------- the loop
-def test_clock_keeps_evaluations_out_of_the_epochs_and_times_the_target():
+def test_clock_keeps_evaluations_out_of_the_epochs_and_times_the_target(monkeypatch):
+    now = [100.0]  # a fake clock: the figures are exact whatever the machine's load
+
+    def advance(seconds: float) -> None:
+        now[0] += seconds
+
+    monkeypatch.setattr(loops.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(loops.time, "process_time", lambda: now[0])
     clock = loops.Clock(target=0.5)
     accs = iter([0.2, 0.7])
 
     def slow_eval() -> float:
-        time.sleep(0.2)
+        advance(0.2)
         return next(accs)
 
     for _ in range(2):
         clock.epoch_start(slow_eval)
-        time.sleep(0.01)
+        advance(0.01)
         clock.train_end()
     clock.finish(slow_eval)
     assert clock.epochs == 2 and clock.accs == [0.2, 0.7]
-    assert all(t < 0.15 for t in clock.epoch_times()), clock.epoch_times()
-    assert 0.015 < clock.time_to_target < 0.15  # the end of the second epoch, evaluations not counted
+    assert clock.epoch_times() == pytest.approx([0.01, 0.01])
+    assert clock.time_to_target == pytest.approx(0.02)  # the end of the second epoch, evaluations not counted
 
 
 def test_hand_loop_trains_the_configs_network_on_its_tensors(tmp_path: Path):
