@@ -1,4 +1,4 @@
-"""Latency and throughput of the prediction server (``python -m src.serve``) on this machine.
+"""Latency and throughput of the prediction server (``python -m src.tools.serve``) on this machine.
 
     python -m benchmarks.serve --ckpt_path <fashion or ag_news ckpt>
     python -m benchmarks.serve --ckpt_path <ckpt> --requests 400 --clients 8 --variant "b1=--max_batch_size 1"
@@ -50,7 +50,7 @@ def raw_inputs(ckpt: str, n: int, image_format: str) -> list[Any]:
     import numpy as np
 
     from src.data.ag_news import AGNews
-    from src.inference import load_for_inference
+    from src.tools.inference import load_for_inference
 
     _, datamodule = load_for_inference(ckpt)
     datamodule.setup("test")
@@ -153,7 +153,7 @@ def bench_variant(args: argparse.Namespace, label: str, server_args: list[str], 
     cmd = [
         sys.executable,
         "-m",
-        "src.serve",
+        "src.tools.serve",
         "--ckpt_path",
         args.ckpt_path,
         "--port",

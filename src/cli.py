@@ -7,7 +7,7 @@
 
 Any setting can be overridden on the command line (``--trainer.max_epochs=5``,
 ``--model.init_args.hidden_size=256``). LightningCLI in subclass mode over the project's model and
-data base classes; what the project adds to it is in :mod:`src.project_cli`. Expected failures
+data base classes; what the project adds to it is in :mod:`src.runtime.lightning_cli`. Expected failures
 end with ``error: <what to do>`` and an exit status (2: bad input, 1: a failure while running,
 143/130: stopped by SIGTERM/SIGINT after saving ``last.ckpt``), without a traceback.
 """
@@ -22,16 +22,17 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 import src.callbacks  # noqa: F401  (registers the callbacks' short names for YAML)
-from src import runs
-from src.callbacks import FaultTolerance, HParamsTab, ScalingSetup
-from src.callbacks.fault_tolerance import NonFiniteLossError, RunInterrupted
-from src.callbacks.run_config import RunConfig
-from src.checkpoints import CheckpointWriteError, with_stored_config
 from src.data import ClassificationDataModule
-from src.devices import cpu_threads
-from src.errors import UserError
 from src.models import ClassifierModule
-from src.project_cli import ProjectCLI
+from src.runtime import runs
+from src.runtime.checkpoints import CheckpointWriteError, with_stored_config
+from src.runtime.devices import cpu_threads
+from src.runtime.errors import UserError
+from src.runtime.fault_tolerance import FaultTolerance, NonFiniteLossError, RunInterrupted
+from src.runtime.hparams import HParamsTab
+from src.runtime.lightning_cli import ClassifierCLI
+from src.runtime.run_config import RunConfig
+from src.runtime.scaling import ScalingSetup
 
 
 class _NoAdverts(logging.Filter):
@@ -41,7 +42,7 @@ class _NoAdverts(logging.Filter):
         return not str(record.msg).startswith("💡 Tip")
 
 
-def main(args: list[str] | None = None, run: bool = True) -> ProjectCLI:
+def main(args: list[str] | None = None, run: bool = True) -> ClassifierCLI:
     """Build and run the CLI; ``args`` lets tests and scripts call it in-process."""
     torch.set_num_threads(cpu_threads())
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdverts())
@@ -51,7 +52,7 @@ def main(args: list[str] | None = None, run: bool = True) -> ProjectCLI:
         argv = with_stored_config(list(sys.argv[1:] if args is None else args))
         if args is None:
             sys.argv[1:] = argv  # LightningCLI parses the command line itself
-        return ProjectCLI(
+        return ClassifierCLI(
             ClassifierModule,
             ClassificationDataModule,
             subclass_mode_model=True,

@@ -1,4 +1,4 @@
-"""src.ablate: grid parsing, a real (tiny) sweep, its table, and resuming an interrupted sweep."""
+"""src.tools.ablate: grid parsing, a real (tiny) sweep, its table, and resuming an interrupted sweep."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from src.ablate import main, parse_grid_arg, variants
+from src.tools.ablate import main, parse_grid_arg, variants
 from tests.helpers.cli import ROOT, refused, run_module
 
 CONFIG = str(ROOT / "configs" / "mnist1d_resnet_bn.yaml")
@@ -51,7 +51,7 @@ def test_bad_grid_arguments_are_refused(bad: str):
 def test_a_bad_grid_on_the_command_line_is_one_line_and_creates_nothing(tmp_path: Path):
     out = tmp_path / "sweep"
     proc = run_module(
-        "src.ablate",
+        "src.tools.ablate",
         "--config",
         CONFIG,
         "--grid",

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from benchmarks import loops, runner, speed
-from src.callbacks.fault_tolerance import FaultTolerance, NonFiniteLossError
+from src.runtime.fault_tolerance import FaultTolerance, NonFiniteLossError
 from tests.helpers.cli import ROOT, env
 from tests.helpers.data import TINY_DATA
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.checkpoints import CheckpointError, CheckpointWriteError, SafeCheckpointIO, load_checkpoint
+from src.runtime.checkpoints import CheckpointError, CheckpointWriteError, SafeCheckpointIO, load_checkpoint
 from tests.helpers.cli import ROOT
 
 
@@ -88,7 +88,7 @@ def test_file_size_limit_in_a_real_process_is_a_write_error(tmp_path: Path):
     target = tmp_path / "ck" / "last.ckpt"
     script = f"""
 import resource, signal, torch
-from src.checkpoints import SafeCheckpointIO
+from src.runtime.checkpoints import SafeCheckpointIO
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 io_ = SafeCheckpointIO()
 io_.save_checkpoint({{"state_dict": {{"w": torch.ones(10)}}}}, {str(target)!r}); io_.flush()
@@ -133,7 +133,7 @@ def test_sigkill_in_the_middle_of_a_write_leaves_the_previous_file_loadable(tmp_
     target = tmp_path / "last.ckpt"
     script = f"""
 import io, os, signal, torch
-from src.checkpoints import SafeCheckpointIO
+from src.runtime.checkpoints import SafeCheckpointIO
 real_save = torch.save
 def half_then_die(obj, f, *a, **k):
     buf = io.BytesIO(); real_save(obj, buf)

@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from src.callbacks.scaling import effective_batch_report
-from src.devices import Placement, cpu_threads, placement, sync_batchnorm_applies
-from src.errors import UserError
+from src.runtime.devices import Placement, cpu_threads, placement, sync_batchnorm_applies
+from src.runtime.errors import UserError
+from src.runtime.scaling import effective_batch_report
 
 
 def test_cpu_placement_counts_devices_and_refuses_more_than_the_machine_has(monkeypatch):

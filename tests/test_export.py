@@ -1,4 +1,4 @@
-"""`python -m src.export`: ONNX/TorchScript export with a sidecar, parity with the checkpoint, clean failures.
+"""`python -m src.tools.export`: ONNX/TorchScript export with a sidecar, parity with the checkpoint, clean failures.
 
 Needs the serve extra (onnx, onnxscript, onnxruntime); skipped without it. The tiny checkpoints come
 from tests/helpers/serving.py (fitted once per session, ~40 s for the four configs).
@@ -21,8 +21,8 @@ ort = pytest.importorskip("onnxruntime", reason="the serve extra (onnxruntime) i
 onnx = pytest.importorskip("onnx", reason="the serve extra (onnx) is not installed")
 pytest.importorskip("onnxscript", reason="the serve extra (onnxscript, for torch.onnx) is not installed")
 
-from src import export as ex  # noqa: E402
-from src.inference import encoder_for, load_for_inference, sample_inputs  # noqa: E402
+from src.tools import export as ex  # noqa: E402
+from src.tools.inference import encoder_for, load_for_inference, sample_inputs  # noqa: E402
 from tests.helpers.serving import CONFIG_NAMES, run_module, tiny_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.slow  # each test trains or serves a model in a subprocess
@@ -36,7 +36,7 @@ def _leftovers(folder: Path) -> list[str]:
 def test_onnx_export_matches_the_checkpoint_through_onnxruntime(name: str, runs_root: Path, tmp_path: Path):
     ckpt = tiny_checkpoint(name, runs_root)
     out = tmp_path / "exported"
-    proc = run_module("src.export", "--ckpt_path", str(ckpt), "--output", str(out), "--samples", "64")
+    proc = run_module("src.tools.export", "--ckpt_path", str(ckpt), "--output", str(out), "--samples", "64")
     assert "parity (onnxruntime" in proc.stdout and ": PASS" in proc.stdout, proc.stdout
     assert "synthetic" not in proc.stdout  # the tiny data is there: real samples
     assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.onnx"]
@@ -112,7 +112,7 @@ def _sidecar_encode(texts: list[str], meta: dict) -> np.ndarray:
 def test_text_sidecar_encodes_raw_text_without_project_code(runs_root: Path, tmp_path: Path):
     ckpt = tiny_checkpoint("ag_news_cnn_bn", runs_root)
     out = tmp_path / "ag"
-    run_module("src.export", "--ckpt_path", str(ckpt), "--output", str(out), "--samples", "16")
+    run_module("src.tools.export", "--ckpt_path", str(ckpt), "--output", str(out), "--samples", "16")
     meta = json.loads((out / "model.json").read_text(encoding="utf-8"))
     texts = [
         "Wall St.\\band #36;5 &lt;b&gt;Bears&lt;/b&gt; can't stop",
@@ -152,7 +152,9 @@ def test_image_sidecar_normalisation_is_the_datamodules(runs_root: Path, tmp_pat
 def test_torchscript_export_matches_the_checkpoint(runs_root: Path, tmp_path: Path):
     ckpt = tiny_checkpoint("ag_news_cnn_bn", runs_root)  # dynamic batch and sequence axes
     out = tmp_path / "ts"
-    proc = run_module("src.export", "--ckpt_path", str(ckpt), "--format", "torchscript", "--output", str(out))
+    proc = run_module(
+        "src.tools.export", "--ckpt_path", str(ckpt), "--format", "torchscript", "--output", str(out)
+    )
     assert "parity (torch.jit.load vs PyTorch)" in proc.stdout and ": PASS" in proc.stdout
     assert json.loads((out / "model.json").read_text())["model"]["file"] == "model.pt"
     module = torch.jit.load(str(out / "model.pt"))
@@ -188,7 +190,7 @@ def test_bad_or_mismatched_checkpoints_stop_with_a_message_and_write_nothing(run
     messages = {
         "missing": "does not exist",
         "truncated": "could not read checkpoint",
-        "not a checkpoint": "checkpoint",  # src.checkpoints' message for a file torch.load refuses
+        "not a checkpoint": "checkpoint",  # src.runtime.checkpoints' message for a file torch.load refuses
         "mismatched": "do not fit",
         "weights only": "does not name its model class",
         "no normalisation": "no Fashion-MNIST normalisation",
@@ -201,7 +203,7 @@ def test_bad_or_mismatched_checkpoints_stop_with_a_message_and_write_nothing(run
     for case in ("truncated", "mismatched"):  # as a user runs it: one message, exit status 2
         path = _bad_checkpoints(good, tmp_path)[case]
         proc = run_module(
-            "src.export", "--ckpt_path", str(path), "--output", str(tmp_path / "out"), check=False
+            "src.tools.export", "--ckpt_path", str(path), "--output", str(tmp_path / "out"), check=False
         )
         assert proc.returncode == 2, (case, proc.stderr)
         assert proc.stderr.startswith("error: ") and messages[case] in proc.stderr, (case, proc.stderr)
@@ -214,7 +216,7 @@ def test_unwritable_or_existing_output_folders(runs_root: Path, tmp_path: Path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     proc = run_module(
-        "src.export", "--ckpt_path", str(ckpt), "--output", str(blocker / "sub" / "out"), check=False
+        "src.tools.export", "--ckpt_path", str(ckpt), "--output", str(blocker / "sub" / "out"), check=False
     )
     assert (
         proc.returncode == 2

@@ -145,7 +145,7 @@ def test_compile_model_compiles_in_place_and_keeps_checkpoint_keys():
 
 
 def test_hyperparameters_are_plain_values_a_weights_only_checkpoint_can_hold(tmp_path):
-    from src.options import PositiveFloat, PositiveInt
+    from src.runtime.value_types import PositiveFloat, PositiveInt
 
     model = ResidualBN(num_classes=4, input_size=40, hidden_size=PositiveInt(16), lr=PositiveFloat(0.1))
     torch.save({"hparams": dict(model.hparams)}, tmp_path / "h.pt")

@@ -1,6 +1,6 @@
-"""src.search: space specs, pruner specs, the trial budget, and real (tiny) searches as a user runs them.
+"""src.tools.search: space specs, pruner specs, the trial budget, and real (tiny) searches as a user runs them.
 
-The searches run ``python -m src.search`` in a subprocess on MNIST-1D with 600 samples and two
+The searches run ``python -m src.tools.search`` in a subprocess on MNIST-1D with 600 samples and two
 epochs per trial, so each trial is a few seconds of training after a few seconds of start-up.
 """
 
@@ -23,7 +23,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from src.search import (
+from src.tools.search import (
     Setup,
     UsageError,
     _open_study,
@@ -66,7 +66,7 @@ def tiny(cache: Path, epochs: int = 2) -> list[str]:
 
 
 def command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "src.search", "--config", CONFIG, *args]
+    return [sys.executable, "-m", "src.tools.search", "--config", CONFIG, *args]
 
 
 def env() -> dict[str, str]:
@@ -74,7 +74,7 @@ def env() -> dict[str, str]:
 
 
 def search(*args: str, cwd: Path, timeout: int = 400) -> subprocess.CompletedProcess:
-    """Run ``python -m src.search --config <MNIST-1D> ARGS`` as a user would."""
+    """Run ``python -m src.tools.search --config <MNIST-1D> ARGS`` as a user would."""
     return subprocess.run(command(*args), cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -299,7 +299,11 @@ def test_bad_input_exits_2_with_one_line_and_no_trial(tmp_path: Path):
 
 def test_help_documents_the_space_syntax():
     out = subprocess.run(
-        [sys.executable, "-m", "src.search", "--help"], env=env(), capture_output=True, text=True, cwd=ROOT
+        [sys.executable, "-m", "src.tools.search", "--help"],
+        env=env(),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     ).stdout
     for text in (
         "float(LOW,HIGH,log)",
@@ -380,7 +384,7 @@ def test_three_trial_search_end_to_end_with_a_pruned_trial(tmp_path: Path, cache
     assert (
         "| 1 | PRUNED |" in table
         and "pruned after epoch 0" in table
-        and "Command: `python -m src.search" in table
+        and "Command: `python -m src.tools.search" in table
     )
 
     best = yaml.safe_load((out / "best_config.yaml").read_text())

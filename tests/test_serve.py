@@ -1,4 +1,4 @@
-"""`python -m src.serve`: the real LitServe server in a subprocess, called over HTTP.
+"""`python -m src.tools.serve`: the real LitServe server in a subprocess, called over HTTP.
 
 Predictions equal ``python -m src.cli predict`` on the same inputs for every config; concurrent
 requests; bad requests answered with a 4xx JSON while the server keeps serving; SIGTERM/SIGINT
@@ -27,7 +27,7 @@ import pytest
 pytest.importorskip("litserve", reason="the serve extra (litserve) is not installed")
 httpx = pytest.importorskip("httpx", reason="the serve extra (httpx) is not installed")
 
-from src.inference import load_for_inference  # noqa: E402
+from src.tools.inference import load_for_inference  # noqa: E402
 from tests.helpers.cli import ROOT  # noqa: E402
 from tests.helpers.serving import CONFIG_NAMES, cli_predictions, run_module, tiny_checkpoint  # noqa: E402
 
@@ -62,14 +62,23 @@ def children_of(pid: int) -> set[int]:
 
 
 class Server:
-    """``python -m src.serve`` in a subprocess (output in a log file), ready when /health says ok."""
+    """``python -m src.tools.serve`` in a subprocess (output in a log file), ready when /health says ok."""
 
     def __init__(self, ckpt: Path, log: Path, *args: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         env = {**os.environ, "PYTHONPATH": str(ROOT), "BN_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-        cmd = [sys.executable, "-m", "src.serve", "--ckpt_path", str(ckpt), "--port", str(self.port), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "src.tools.serve",
+            "--ckpt_path",
+            str(ckpt),
+            "--port",
+            str(self.port),
+            *args,
+        ]
         with log.open("w") as out:
             self.proc = subprocess.Popen(cmd, cwd=log.parent, env=env, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
@@ -357,7 +366,7 @@ def test_sigterm_stops_the_server_and_its_workers(servers, runs_root: Path):
 def test_bad_checkpoint_or_busy_port_stop_before_serving(runs_root: Path, tmp_path: Path):
     junk = tmp_path / "junk.ckpt"
     junk.write_bytes(b"\x00" * 100)
-    proc = run_module("src.serve", "--ckpt_path", str(junk), check=False, timeout=60)
+    proc = run_module("src.tools.serve", "--ckpt_path", str(junk), check=False, timeout=60)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
 
     ckpt = tiny_checkpoint("mnist1d_resnet_bn", runs_root)
@@ -365,6 +374,8 @@ def test_bad_checkpoint_or_busy_port_stop_before_serving(runs_root: Path, tmp_pa
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        proc = run_module("src.serve", "--ckpt_path", str(ckpt), "--port", str(port), check=False, timeout=60)
+        proc = run_module(
+            "src.tools.serve", "--ckpt_path", str(ckpt), "--port", str(port), check=False, timeout=60
+        )
     assert proc.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr

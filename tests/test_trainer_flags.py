@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from src.checkpoints import CONFIG_KEY
+from src.runtime.checkpoints import CONFIG_KEY
 from tests.helpers.cli import ROOT, config, run_cli
 from tests.helpers.data import tiny_mnist1d
 from tests.helpers.tensorboard import scalars

@@ -8,8 +8,8 @@ from typing import Any
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
 
-from src.callbacks.fault_tolerance import RunInterrupted, stop_requested
-from src.options import NonNegativeInt
+from src.runtime.fault_tolerance import RunInterrupted, stop_requested
+from src.runtime.value_types import NonNegativeInt
 
 
 class LastCheckpoint(Checkpoint):

@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from src.errors import UserError
+from src.runtime.errors import UserError
 
 
 class PerClassReport(Callback):

@@ -12,8 +12,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from src.errors import UserError
-from src.options import NonNegativeInt, PositiveInt
+from src.runtime.errors import UserError
+from src.runtime.value_types import NonNegativeInt, PositiveInt
 
 
 class PredictionWriter(Callback):

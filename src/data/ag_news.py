@@ -20,7 +20,7 @@ from torch import Tensor
 from src.data.base import DataError, Split
 from src.data.hub import HubDataModule, check_labels
 from src.data.text import TOKENIZER_VERSION, Vocabulary, fingerprint, numericalize, text_to_tokens, trim_batch
-from src.options import PositiveInt
+from src.runtime.value_types import PositiveInt
 
 AG_NEWS_SCHEMA = "Pass data in the AG News schema (text, and label as a class index)."
 

@@ -21,8 +21,8 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from src.errors import UserError
-from src.options import NonNegativeInt, PositiveInt, to_plain
+from src.runtime.errors import UserError
+from src.runtime.value_types import NonNegativeInt, PositiveInt, to_plain
 
 Split = tuple[Tensor, ...]
 """One split: ``(inputs, labels)`` (text datasets may add more tensors, e.g. lengths)."""

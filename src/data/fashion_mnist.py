@@ -22,7 +22,7 @@ from torch import Tensor
 
 from src.data.base import Split, load_cache, save_cache
 from src.data.hub import DataSourceError, HubDataModule, check_labels
-from src.options import NonNegativeInt
+from src.runtime.value_types import NonNegativeInt
 
 IMAGE_SIZE = 28
 # The names of the Hub dataset card (its ClassLabel feature); used until the data says otherwise.

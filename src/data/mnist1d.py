@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from src.data.base import ClassificationDataModule, Split, load_cache, save_cache
-from src.options import NonNegativeInt, OpenUnitInterval, PositiveInt
+from src.runtime.value_types import NonNegativeInt, OpenUnitInterval, PositiveInt
 
 
 class MNIST1D(ClassificationDataModule):

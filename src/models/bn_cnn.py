@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from src.data.text import PAD_ID, UNK_ID
 from src.models.classifier import BNClassifier
 from src.models.layers import he_init
-from src.options import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Rate
+from src.runtime.value_types import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Rate
 
 
 def token_mask(ids: Tensor) -> Tensor:

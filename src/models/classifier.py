@@ -23,7 +23,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from src.models.layers import BNPosition, NormAct
 from src.models.metrics import ClassificationStats
-from src.options import OpenUnitInterval, PositiveFloat, Rate, to_plain
+from src.runtime.value_types import OpenUnitInterval, PositiveFloat, Rate, to_plain
 
 STAGES = ("train", "val", "test")
 # What a network reads: float feature vectors/signals/images, or integer token ids. The CLI
@@ -111,7 +111,7 @@ class ClassifierModule(LightningModule):
             self._compiled = True
 
     def __deepcopy__(self, memo: dict[int, Any]) -> ClassifierModule:
-        from src.workarounds import deepcopy_without_trainer
+        from src.runtime.workarounds import deepcopy_without_trainer
 
         return deepcopy_without_trainer(self, memo, shared=(self.optimizer, self.lr_scheduler))
 

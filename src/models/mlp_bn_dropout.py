@@ -12,7 +12,7 @@ from torch import nn
 
 from src.models.classifier import BNClassifier
 from src.models.layers import he_init
-from src.options import PositiveInt, Rate
+from src.runtime.value_types import PositiveInt, Rate
 
 
 class MLPBNDropout(BNClassifier):

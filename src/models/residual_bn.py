@@ -13,7 +13,7 @@ from torch import nn
 
 from src.models.classifier import BNClassifier
 from src.models.layers import Residual, Unsqueeze, he_init
-from src.options import PositiveInt, Rate
+from src.runtime.value_types import PositiveInt, Rate
 
 
 class ResidualBN(BNClassifier):

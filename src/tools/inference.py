@@ -1,6 +1,6 @@
 """Checkpoint → model ready for inference, and raw inputs → the tensor that model takes.
 
-Shared by the exporter (:mod:`src.export`) and the prediction server (:mod:`src.serve`):
+Shared by the exporter (:mod:`src.tools.export`) and the prediction server (:mod:`src.tools.serve`):
 
 - :func:`load_for_inference` rebuilds the eval-mode LightningModule and its DataModule (with the
   fitted state the checkpoint carries: class names, Fashion-MNIST mean/std, the AG News
@@ -13,7 +13,7 @@ Shared by the exporter (:mod:`src.export`) and the prediction server (:mod:`src.
   DataModule does for ``predict`` (:meth:`InputEncoder.encode`), and describes that for the
   export sidecar (:meth:`InputEncoder.describe`).
 
-    python -c "from src.inference import load_for_inference; print(load_for_inference('last.ckpt'))"
+    python -c "from src.tools.inference import load_for_inference; print(load_for_inference('last.ckpt'))"
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from src.checkpoints import CheckpointError, load_checkpoint
 from src.data.base import ClassificationDataModule
 from src.models.classifier import ClassifierModule
+from src.runtime.checkpoints import CheckpointError, load_checkpoint
 
 
 class InferenceError(RuntimeError):

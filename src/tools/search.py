@@ -1,6 +1,6 @@
 """Hyperparameter search with Optuna, where every trial is a normal CLI run.
 
-    python -m src.search --config configs/fashion_mnist_mlp_bn.yaml \\
+    python -m src.tools.search --config configs/fashion_mnist_mlp_bn.yaml \\
         --space 'model.init_args.dropout=float(0.0,0.5)' \\
         --space 'model.init_args.lr=float(1e-3,3e-2,log)' \\
         --space 'model.init_args.bn_position=choice(before_activation,after_activation)' \\
@@ -10,7 +10,7 @@
 Each trial is ``python -m src.cli fit --config ... <extra overrides> <the trial's values>`` in a
 subprocess, logging to ``OUTPUT/runs/trial_NNNN`` (its config.yaml, checkpoints, TensorBoard
 events and console output ``trial.log``), so ``tensorboard --logdir OUTPUT`` shows every trial
-side by side. A callback added to the run (``src.search_pruning.OptunaPruning``) reports the
+side by side. A callback added to the run (``src.tools.search_pruning.OptunaPruning``) reports the
 monitored metric every validation epoch to the study's storage and stops the run when the
 pruner says so. The objective is the best value of the metric over the trial's epochs.
 
@@ -23,7 +23,7 @@ and its trial budget.
 After every trial: ``OUTPUT/trials.md`` and ``trials.csv`` (values, state, metric, run folder,
 duration, CPU time) and ``OUTPUT/best_config.yaml`` (the best trial's config.yaml, ready for
 ``--config``); at the end ``OUTPUT/history.png`` and ``OUTPUT/importance.png``. ``--final-seeds K``
-then re-trains the best config over K seeds with ``src.ablate`` and tests it.
+then re-trains the best config over K seeds with ``src.tools.ablate`` and tests it.
 """
 
 from __future__ import annotations
@@ -53,14 +53,14 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from src.ablate import split_top_level
+from src.tools.ablate import split_top_level
 
 if TYPE_CHECKING:
     import optuna
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RUNS = "runs"  # trial run folders: OUTPUT/runs/trial_NNNN
-CALLBACK = "src.search_pruning.OptunaPruning"
+CALLBACK = "src.tools.search_pruning.OptunaPruning"
 PID_ENV = "BN_SEARCH_PID"  # the search's pid: a trial kills itself when its search is gone
 # How a trial gets the storage URL: in its environment, so credentials stay out of its config.yaml.
 STORAGE_ENV = "BN_SEARCH_STORAGE"
@@ -896,13 +896,13 @@ def _plural(n: int, word: str) -> str:
 
 # ---------------------------------------------------------------------- final step
 def final_retrain(setup: Setup, best_config: Path, best_number: int, seeds: int) -> tuple[Path, float, float]:
-    """Re-train the best config over ``seeds`` seeds with ``src.ablate`` (fit + test).
+    """Re-train the best config over ``seeds`` seeds with ``src.tools.ablate`` (fit + test).
 
     The runs go to ``OUTPUT/final/trial_NNNN`` (the best trial's number): run again, the step
     resumes its own runs, and a study whose best trial changed meanwhile gets new ones.
     Returns the folder and the mean and std of ``test_acc``.
     """
-    from src.ablate import sweep
+    from src.tools.ablate import sweep
 
     output = setup.output / "final" / f"trial_{best_number:04d}"
     results = sweep([str(best_config)], [], seeds, output, [], target=0.8, runs_dir=output / "runs")
@@ -913,7 +913,7 @@ def final_retrain(setup: Setup, best_config: Path, best_number: int, seeds: int)
 # ---------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m src.search",
+        prog="python -m src.tools.search",
         description=__doc__.split("\n\n", 1)[0],
         epilog=SPACE_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -971,7 +971,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = _mask(shlex.join(["python", "-m", "src.search", *argv]))
+    command = _mask(shlex.join(["python", "-m", "src.tools.search", *argv]))
     extra: list[str] = []
     if "--" in argv:
         cut = argv.index("--")

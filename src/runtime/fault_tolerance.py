@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from src.workarounds import restore_loader_position
+from src.runtime.workarounds import restore_loader_position
 
 _NONE = torch.iinfo(torch.long).max
 _EPOCHS = 2**24  # epochs representable in the packed (step, epoch) code

@@ -1,8 +1,8 @@
 """Export a trained checkpoint's model to ONNX or TorchScript, with a JSON sidecar and a parity check.
 
-    python -m src.export --ckpt_path lightning_logs/<run>/version_0/checkpoints/last.ckpt
-    python -m src.export --ckpt_path <ckpt> --format torchscript --output exported/fashion
-    python -m src.export --ckpt_path <ckpt> --output exported/ag_news --overwrite --samples 512
+    python -m src.tools.export --ckpt_path lightning_logs/<run>/version_0/checkpoints/last.ckpt
+    python -m src.tools.export --ckpt_path <ckpt> --format torchscript --output exported/fashion
+    python -m src.tools.export --ckpt_path <ckpt> --output exported/ag_news --overwrite --samples 512
 
 The output folder (default: ``<checkpoint folder>/<checkpoint name>-<format>/``) holds
 
@@ -48,8 +48,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from src.devices import cpu_threads
-from src.inference import InferenceError, InputEncoder, encoder_for, load_for_inference, sample_inputs
+from src.runtime.devices import cpu_threads
+from src.tools.inference import InferenceError, InputEncoder, encoder_for, load_for_inference, sample_inputs
 
 FORMAT_VERSION = 1
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
@@ -252,7 +252,7 @@ def sidecar(
     names = list(model.class_names)
     return {
         "format_version": FORMAT_VERSION,
-        "exported_by": "python -m src.export (bn-classifiers)",
+        "exported_by": "python -m src.tools.export (bn-classifiers)",
         "model": {
             "file": FORMATS[fmt],
             "format": fmt,
@@ -407,7 +407,7 @@ def _move_into_place(tmp: Path, target: Path) -> None:
 # ------------------------------------------------------------------------------ command line
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m src.export",
+        prog="python -m src.tools.export",
         description="Export a checkpoint's model to ONNX or TorchScript with a JSON sidecar, after a parity check.",
     )
     parser.add_argument("--ckpt_path", required=True, help="checkpoint written by `python -m src.cli fit`")

@@ -9,7 +9,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
-from src.checkpoints import CONFIG_KEY
+from src.runtime.checkpoints import CONFIG_KEY
 
 
 class RunConfig(SaveConfigCallback):

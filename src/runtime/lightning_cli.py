@@ -1,13 +1,13 @@
 """What the project adds to LightningCLI, through its public hooks only.
 
 - links: the data's ``num_classes``, ``input_size`` and ``class_names`` go into the model;
-- checks before anything is built (:mod:`src.checks`): pairing, devices, settings that train
+- checks before anything is built (:mod:`src.runtime.checks`): pairing, devices, settings that train
   nothing, a checkpoint of other data or model settings;
-- run folders (:mod:`src.runs`): each run claims and locks its own ``version_N``; ``--ckpt_path=last``
+- run folders (:mod:`src.runtime.runs`): each run claims and locks its own ``version_N``; ``--ckpt_path=last``
   resumes only a run whose saved config matches the command;
 - a checkpoint's fitted data state (vocabulary, normalisation) restored before the data → model links
   are read, so ``validate/test/predict --ckpt_path`` need no training data;
-- the Trainer's callbacks fitted to the switches and the run (:mod:`src.trainer_setup`).
+- the Trainer's callbacks fitted to the switches and the run (:mod:`src.runtime.trainer_callbacks`).
 """
 
 from __future__ import annotations
@@ -22,16 +22,16 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from src import checks, runs
-from src.checkpoints import read_metadata
 from src.data import ClassificationDataModule
-from src.devices import placement, sync_batchnorm_applies
-from src.errors import UserError
-from src.trainer_setup import checkpoint_plugins, fitting_callbacks
-from src.workarounds import instantiate_data_as_lightning_does
+from src.runtime import checks, runs
+from src.runtime.checkpoints import read_metadata
+from src.runtime.devices import placement, sync_batchnorm_applies
+from src.runtime.errors import UserError
+from src.runtime.trainer_callbacks import adapt_callbacks, checkpoint_plugins
+from src.runtime.workarounds import instantiate_data_as_lightning_does
 
 
-class ProjectCLI(LightningCLI):
+class ClassifierCLI(LightningCLI):
     """LightningCLI in subclass mode over :class:`ClassifierModule` and :class:`ClassificationDataModule`."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -98,7 +98,7 @@ class ProjectCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         cfg, given = self.settings(True)["trainer"], self.settings().trainer
         validates = getattr(self.datamodule, "has_validation", True) or self.subcommand != "fit"
-        kwargs.setdefault("callbacks", fitting_callbacks(list(cfg.get("callbacks") or []), cfg, validates))
+        kwargs.setdefault("callbacks", adapt_callbacks(list(cfg.get("callbacks") or []), cfg, validates))
         kwargs.setdefault("plugins", checkpoint_plugins(cfg.get("plugins")))
         if not cfg.get("fast_dev_run"):  # fast_dev_run logs nowhere: no run folder
             kwargs.setdefault("logger", self._versioned_loggers(cfg.get("logger"), given.get("logger")))

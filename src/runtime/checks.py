@@ -1,5 +1,5 @@
 """What the CLI checks before it builds anything, and once the model exists: each problem is a
-:class:`~src.errors.UserError` saying what to pass instead, so nothing starts that cannot finish."""
+:class:`~src.runtime.errors.UserError` saying what to pass instead, so nothing starts that cannot finish."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from src.checkpoints import read_metadata
-from src.errors import UserError
-from src.runs import config_differences
+from src.runtime.checkpoints import read_metadata
+from src.runtime.errors import UserError
+from src.runtime.runs import config_differences
 
 # Values the data knows and the model needs, linked at instantiation so they are never written twice.
 LINKED = ("num_classes", "input_size", "class_names")

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import (
 )
 from lightning.pytorch.utilities import rank_zero_info
 
-from src.checkpoints import SafeCheckpointIO
+from src.runtime.checkpoints import SafeCheckpointIO
 
 # A switch, the callbacks that cannot work without what it switches off, and the flag to name.
 _NEEDS = (
@@ -25,7 +25,7 @@ _NEEDS = (
 )
 
 
-def fitting_callbacks(callbacks: list[Any], trainer_cfg: dict[str, Any], validates: bool) -> list[Any]:
+def adapt_callbacks(callbacks: list[Any], trainer_cfg: dict[str, Any], validates: bool) -> list[Any]:
     """The configured callbacks, less those whose switch is off (one line names them), and adapted
     to a run without validation (``val_size=0``) when ``validates`` is false."""
     dropped = []
@@ -61,7 +61,7 @@ def _without_validation(callbacks: list[Any]) -> list[Any]:
 
 
 def checkpoint_plugins(plugins: Any) -> list[Any]:
-    """The configured plugins, with :class:`~src.checkpoints.SafeCheckpointIO` unless a CheckpointIO is set."""
+    """The configured plugins, with :class:`~src.runtime.checkpoints.SafeCheckpointIO` unless a CheckpointIO is set."""
     plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
     if not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(SafeCheckpointIO())

@@ -1,6 +1,6 @@
 """Run a config over a grid of overrides and seeds, then tabulate and plot what the runs logged.
 
-    python -m src.ablate --config configs/mnist1d_resnet_bn.yaml \\
+    python -m src.tools.ablate --config configs/mnist1d_resnet_bn.yaml \\
         --grid model.init_args.batch_norm=true,false --grid model.init_args.dropout=0.0,0.3 \\
         --seeds 3 --output docs/ablations/mnist1d --trainer.max_epochs=30
 
@@ -174,7 +174,7 @@ def _children_cpu_s() -> float:
 
 def _env() -> dict[str, str]:
     """The runs import ``src`` from this checkout wherever the sweep is started."""
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     path = os.environ.get("PYTHONPATH")
     return {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{path}" if path else root}
 
@@ -333,7 +333,7 @@ def plot_curves(results: list[RunResult], path: Path, title: str = "") -> None:
 # ---------------------------------------------------------------------- entry point
 def main(argv: list[str] | None = None) -> list[RunResult]:
     parser = argparse.ArgumentParser(
-        prog="python -m src.ablate",
+        prog="python -m src.tools.ablate",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # unknown flags go to the runs: never take them for abbreviations of ours

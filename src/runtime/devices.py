@@ -13,7 +13,7 @@ from typing import Any
 
 from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
 
-from src.errors import UserError
+from src.runtime.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Serve a trained checkpoint over HTTP with LitServe: raw inputs in, class names and probabilities out.
 
-    python -m src.serve --ckpt_path lightning_logs/<run>/version_0/checkpoints/last.ckpt
-    python -m src.serve --ckpt_path <ckpt> --port 8080 --workers 2 --max_batch_size 32 --batch_timeout 0.005
+    python -m src.tools.serve --ckpt_path lightning_logs/<run>/version_0/checkpoints/last.ckpt
+    python -m src.tools.serve --ckpt_path <ckpt> --port 8080 --workers 2 --max_batch_size 32 --batch_timeout 0.005
 
     curl -s localhost:8000/health                                   # "ok" once the model is loaded
     curl -s localhost:8000/predict -H 'Content-Type: application/json' \\
@@ -48,8 +48,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from src.devices import cpu_threads
-from src.inference import InferenceError, InputEncoder, InputError, encoder_for, load_for_inference
+from src.runtime.devices import cpu_threads
+from src.tools.inference import InferenceError, InputEncoder, InputError, encoder_for, load_for_inference
 
 try:
     import litserve as ls
@@ -81,7 +81,7 @@ class ClassifierAPI(_LitAPI):
     """LitServe API around a checkpoint: decode (validate + canonicalise), batch, predict, encode.
 
     Each inference worker loads the checkpoint in :meth:`setup` with
-    :func:`src.inference.load_for_inference` and encodes inputs with the DataModule's encoder, so it
+    :func:`src.tools.inference.load_for_inference` and encodes inputs with the DataModule's encoder, so it
     computes what ``python -m src.cli predict`` computes.
 
     Args:
@@ -250,7 +250,7 @@ class RequestGuard:
 # ------------------------------------------------------------------------------ command line
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m src.serve",
+        prog="python -m src.tools.serve",
         description='Serve a checkpoint with LitServe: POST /predict {"inputs": [...]}, GET /health.',
     )
     parser.add_argument("--ckpt_path", required=True, help="checkpoint written by `python -m src.cli fit`")
@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     # Run through the package module, so the API class pickled into LitServe's spawned inference
-    # workers is `src.serve.ClassifierAPI`, not `__main__.ClassifierAPI`.
-    from src.serve import main as _main
+    # workers is `src.tools.serve.ClassifierAPI`, not `__main__.ClassifierAPI`.
+    from src.tools.serve import main as _main
 
     _main()

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from src.errors import UserError
+from src.runtime.errors import UserError
 
 # Settings a resumed run may change: how long it runs, where and how fast, what it prints and
 # where data is read from. Everything else describes the experiment and must match.

@@ -26,7 +26,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 
-from src.errors import UserError
+from src.runtime.errors import UserError
 
 WHAT_TO_PASS = (
     "Pass a .ckpt written by this project, e.g. lightning_logs/<name>/version_N/checkpoints/last.ckpt."

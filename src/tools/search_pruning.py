@@ -1,8 +1,8 @@
-"""The callback that every trial of ``python -m src.search`` runs with: report and prune.
+"""The callback that every trial of ``python -m src.tools.search`` runs with: report and prune.
 
-The search adds it to each trial's command line (``--trainer.callbacks+=src.search_pruning.OptunaPruning``
+The search adds it to each trial's command line (``--trainer.callbacks+=src.tools.search_pruning.OptunaPruning``
 and its ``--trainer.callbacks.init_args.*``); nothing else uses it. It lives apart from
-``src.search`` so that the search process itself never imports torch or Lightning.
+``src.tools.search`` so that the search process itself never imports torch or Lightning.
 
 Each validation epoch, rank 0 reports the monitored metric to the trial in the study's storage
 (its intermediate values are also where the search reads the trial's result) and asks the
@@ -24,7 +24,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from optuna_integration import PyTorchLightningPruningCallback
 
-from src.search import PID_ENV, STORAGE_ENV, build_pruner, open_storage
+from src.tools.search import PID_ENV, STORAGE_ENV, build_pruner, open_storage
 
 # Decisions broadcast from rank 0 to every rank after each validation.
 _GO_ON, _PRUNE, _NO_METRIC = 0, 1, 2
