@@ -11,6 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 
 def scalars(run_dir: Path) -> dict[tuple[str, int], float]:
@@ -48,15 +49,33 @@ class TensorBoard:
              "--host", "127.0.0.1", "--load_fast=false", "--reload_interval=1"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
         )  # fmt: skip
+        # The server loads event files in the background: a run shows up before all of its points
+        # have been read, so wait until it serves every scalar point the files hold.
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             try:
-                if self.get("/data/runs"):
+                if self._serves_every_point():
                     return self
             except OSError:
-                time.sleep(0.5)
+                pass
+            time.sleep(0.5)
         self.proc.kill()
-        raise AssertionError("tensorboard did not start")
+        raise AssertionError("tensorboard did not start, or did not load every event file within 90 s")
+
+    def _serves_every_point(self) -> bool:
+        expected: dict[tuple[str, str], int] = {}
+        for run_dir in {events.parent for events in self.logdir.rglob("events.out.tfevents.*")}:
+            run = run_dir.relative_to(self.logdir).as_posix()
+            for tag, _ in scalars(run_dir):
+                expected[(run, tag)] = expected.get((run, tag), 0) + 1
+        served = self.get("/data/plugin/scalars/tags")
+        for run, tag in expected:
+            if tag not in served.get(run, {}):
+                return False
+        return all(
+            len(self.get(f"/data/plugin/scalars/scalars?{urlencode({'run': run, 'tag': tag})}")) >= count
+            for (run, tag), count in expected.items()
+        )
 
     def __exit__(self, *exc: Any) -> None:
         self.proc.terminate()
