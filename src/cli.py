@@ -8,8 +8,8 @@
 Any setting can be overridden on the command line (``--trainer.max_epochs=5``,
 ``--model.init_args.hidden_size=256``). LightningCLI in subclass mode over the project's model and
 data base classes; what the project adds to it is in :mod:`src.runtime.lightning_cli`. Expected failures
-end with ``error: <what to do>`` and an exit status (2: bad input, 1: a failure while running,
-143/130: stopped by SIGTERM/SIGINT after saving ``last.ckpt``), without a traceback.
+end with ``error: <what to do>`` and an exit status (:mod:`src.runtime.errors`: 2 bad input, 1 a
+failure while running, 143/130 stopped by SIGTERM/SIGINT), without a traceback.
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 import src.callbacks  # noqa: F401  (registers the callbacks' short names for YAML)
 from src.data import ClassificationDataModule
 from src.models import ClassifierModule
-from src.runtime import runs
-from src.runtime.checkpoints import CheckpointWriteError, with_stored_config
+from src.runtime.checkpoints import with_stored_config
 from src.runtime.devices import cpu_threads
-from src.runtime.errors import UserError
-from src.runtime.fault_tolerance import FaultTolerance, NonFiniteLossError, RunInterrupted
+from src.runtime.errors import UsageError, exit_on_error
+from src.runtime.fault_tolerance import FaultTolerance
 from src.runtime.hparams import HParamsTab
 from src.runtime.lightning_cli import ClassifierCLI
 from src.runtime.run_config import RunConfig
+from src.runtime.run_state import RunState
 from src.runtime.scaling import ScalingSetup
 
 
@@ -48,36 +48,35 @@ def main(args: list[str] | None = None, run: bool = True) -> ClassifierCLI:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdverts())
     # Lightning 2.6 calls a torch pytree API that torch deprecated: nothing a user can act on.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-    try:
-        argv = with_stored_config(list(sys.argv[1:] if args is None else args))
-        if args is None:
-            sys.argv[1:] = argv  # LightningCLI parses the command line itself
-        return ClassifierCLI(
-            ClassifierModule,
-            ClassificationDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            save_config_callback=RunConfig,
-            save_config_kwargs={"overwrite": True},
-            trainer_defaults={
-                "sync_batchnorm": True,
-                "enable_autolog_hparams": False,  # HParamsTab logs them, with the metrics
-                "callbacks": [FaultTolerance(), ScalingSetup(), HParamsTab()],
-            },
-            auto_configure_optimizers=False,
-            args=None if args is None else argv,
-            run=run,
-        )
-    except RunInterrupted as err:
-        print(err, file=sys.stderr)
-        sys.exit(err.exit_code)
-    except (CheckpointWriteError, NonFiniteLossError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-    except (UserError, MisconfigurationException) as err:
-        runs.discard_unused()
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    state = RunState()
+    with exit_on_error(cleanup=lambda _: state.discard_unused()):
+        try:
+            argv = with_stored_config(list(sys.argv[1:] if args is None else args))
+            if args is None:
+                sys.argv[1:] = argv  # LightningCLI parses the command line itself
+            cli = ClassifierCLI(
+                ClassifierModule,
+                ClassificationDataModule,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                save_config_callback=RunConfig,
+                save_config_kwargs={"overwrite": True},
+                trainer_defaults={
+                    "sync_batchnorm": True,
+                    "enable_autolog_hparams": False,  # HParamsTab logs them, with the metrics
+                    "callbacks": [FaultTolerance(), ScalingSetup(), HParamsTab()],
+                },
+                auto_configure_optimizers=False,
+                args=None if args is None else argv,
+                run=run,
+                run_state=state,
+            )
+        except MisconfigurationException as err:
+            raise UsageError(str(err)) from err
+        finally:
+            if run:
+                state.release()
+    return cli
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from src.runtime.devices import Placement, cpu_threads, placement, sync_batchnorm_applies
-from src.runtime.errors import UserError
+from src.runtime.errors import UsageError
 from src.runtime.scaling import effective_batch_report
 
 
@@ -17,13 +17,13 @@ def test_cpu_placement_counts_devices_and_refuses_more_than_the_machine_has(monk
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     assert placement("cpu", 2) == Placement("cpu", 2, 1)
     assert placement("cpu", "auto", 3).processes == 3
-    with pytest.raises(UserError, match=r"asks for 5 CPU device\(s\), but this machine has 2"):
+    with pytest.raises(UsageError, match=r"asks for 5 CPU device\(s\), but this machine has 2"):
         placement("cpu", 5)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_gpu_on_a_machine_without_one_says_so_and_what_to_pass():
-    with pytest.raises(UserError, match="no CUDA GPU.*--trainer.accelerator=cpu"):
+    with pytest.raises(UsageError, match="no CUDA GPU.*--trainer.accelerator=cpu"):
         placement("gpu", 1)
 
 

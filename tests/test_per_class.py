@@ -53,7 +53,7 @@ def test_report_holds_the_known_confusion_matrix_and_scores(tmp_path: Path):
 
 
 def test_output_must_be_json():
-    from src.runtime.errors import UserError
+    from src.runtime.errors import UsageError
 
-    with pytest.raises(UserError, match="json"):
+    with pytest.raises(UsageError, match="json"):
         PerClassReport(output="report.csv").setup(None, None, "test")

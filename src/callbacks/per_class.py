@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from src.runtime.errors import UserError
+from src.runtime.errors import UsageError
 
 
 class PerClassReport(Callback):
@@ -33,7 +33,7 @@ class PerClassReport(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "test" and self.output is not None and Path(self.output).suffix.lower() != ".json":
-            raise UserError(f"the per-class report output {self.output!r} must end in .json.")
+            raise UsageError(f"the per-class report output {self.output!r} must end in .json.")
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Before the module logs and resets its test figures (callbacks run first); a collective

@@ -12,7 +12,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from src.runtime.errors import UserError
+from src.runtime.errors import UsageError
 from src.runtime.value_types import NonNegativeInt, PositiveInt
 
 
@@ -54,13 +54,13 @@ class PredictionWriter(Callback):
             return
         path = Path(self.output)
         if path.is_dir():
-            raise UserError(
+            raise UsageError(
                 f"the predictions output {str(path)!r} is a folder. Pass a .csv or .json file name."
             )
         if path.suffix.lower() not in (".csv", ".json"):
-            raise UserError(f"the predictions output {str(path)!r} must end in .csv or .json.")
+            raise UsageError(f"the predictions output {str(path)!r} must end in .csv or .json.")
         if path.exists() and not self.overwrite:
-            raise UserError(
+            raise UsageError(
                 f"the predictions output {str(path)!r} already exists. Pass another file, or "
                 "--trainer.callbacks.overwrite=true to replace it."
             )

@@ -21,14 +21,14 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from src.runtime.errors import UserError
+from src.runtime.errors import UsageError
 from src.runtime.value_types import NonNegativeInt, PositiveInt, to_plain
 
 Split = tuple[Tensor, ...]
 """One split: ``(inputs, labels)`` (text datasets may add more tensors, e.g. lengths)."""
 
 
-class DataError(UserError, ValueError):
+class DataError(UsageError, ValueError):
     """The data cannot be used as configured; the message says what is wrong and what to pass."""
 
 

@@ -12,6 +12,7 @@ The CLI installs the plugin in every run (``trainer.plugins``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import pickle
@@ -26,7 +27,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 
-from src.runtime.errors import UserError
+from src.runtime.errors import RunFailure, UsageError
 
 WHAT_TO_PASS = (
     "Pass a .ckpt written by this project, e.g. lightning_logs/<name>/version_N/checkpoints/last.ckpt."
@@ -35,11 +36,11 @@ WHAT_TO_PASS = (
 CONFIG_KEY = "cli_config"
 
 
-class CheckpointError(UserError):
+class CheckpointError(UsageError):
     """A checkpoint that cannot be used: missing, not a Lightning checkpoint, or needing unpickling."""
 
 
-class CheckpointWriteError(UserError):
+class CheckpointWriteError(RunFailure):
     """A checkpoint could not be written (full disk, unwritable folder); the previous file is intact."""
 
 
@@ -89,16 +90,21 @@ def _not_a_checkpoint(path: str, err: BaseException) -> str:
     )
 
 
-_metadata: dict[Path, dict[str, Any]] = {}
-
-
 def read_metadata(path: _PATH) -> dict[str, Any]:
-    """A checkpoint's contents with its tensors memory-mapped, not read: cheap, and read once per
-    process however many checks ask for it (:func:`load_checkpoint`'s errors)."""
-    key = Path(path).resolve()
-    if key not in _metadata:
-        _metadata[key] = load_checkpoint(path, mmap=True)
-    return _metadata[key]
+    """A checkpoint's contents with its tensors memory-mapped, not read: cheap, and read once however
+    many checks ask for it while the file is unchanged (:func:`load_checkpoint`'s errors)."""
+    resolved = Path(path).resolve()
+    try:
+        stat = resolved.stat()
+    except OSError:
+        return load_checkpoint(path, mmap=True)  # its error says what is wrong
+    return _read_metadata(str(resolved), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_metadata(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
+    # The file's modification time and size are part of the key: a rewritten file is read again.
+    return load_checkpoint(path, mmap=True)
 
 
 def with_stored_config(argv: list[str]) -> list[str]:

@@ -1,5 +1,5 @@
 """What the CLI checks before it builds anything, and once the model exists: each problem is a
-:class:`~src.runtime.errors.UserError` saying what to pass instead, so nothing starts that cannot finish."""
+:class:`~src.runtime.errors.UsageError` saying what to pass instead, so nothing starts that cannot finish."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from src.runtime.checkpoints import read_metadata
-from src.runtime.errors import UserError
+from src.runtime.errors import UsageError
 from src.runtime.runs import config_differences
 
 # Values the data knows and the model needs, linked at instantiation so they are never written twice.
@@ -23,7 +23,7 @@ def check_given(cfg: Any) -> None:
     """A model and data are given."""
     for part in ("data", "model"):
         if cfg.get(part) is None:
-            raise UserError(
+            raise UsageError(
                 f"no {part} given. Pass a config (--config configs/<name>.yaml), or --ckpt_path <checkpoint> "
                 "for validate/test/predict."
             )
@@ -35,7 +35,7 @@ def check_command(subcommand: str | None, cfg: Any, given_model: dict[str, Any])
     model_cls, data_cls = import_class(cfg.model.class_path), import_class(cfg.data.class_path)
     model_kind, data_kind = getattr(model_cls, "input_kind", None), getattr(data_cls, "input_kind", None)
     if model_kind and data_kind and model_kind != data_kind:
-        raise UserError(
+        raise UsageError(
             f"{model_cls.__name__} reads {_KINDS[model_kind]}, but {data_cls.__name__} yields {_KINDS[data_kind]}. "
             "Pair the model with data of its kind (see configs/)."
         )
@@ -48,11 +48,11 @@ def check_command(subcommand: str | None, cfg: Any, given_model: dict[str, Any])
     if subcommand == "fit":
         for key in ("max_epochs", "max_steps", "limit_train_batches"):
             if cfg.trainer.get(key) == 0:
-                raise UserError(
+                raise UsageError(
                     f"--trainer.{key}=0 trains nothing. Pass a positive value, or run validate/test instead."
                 )
     elif cfg.get("ckpt_path") == "best":
-        raise UserError(
+        raise UsageError(
             f"--ckpt_path=best names the best checkpoint of a fit in the same command; {subcommand} runs on its "
             "own. Pass a checkpoint file (or last)."
         )
@@ -64,7 +64,7 @@ def check_checkpoint(subcommand: str | None, cfg: Any, checkpoint: Path, given_m
     and named otherwise, never dropped silently."""
     stored = (read_metadata(checkpoint).get("datamodule_hyper_parameters") or {}).get("_class_path", "")
     if stored and stored.rsplit(".", 1)[-1] != cfg.data.class_path.rsplit(".", 1)[-1]:
-        raise UserError(
+        raise UsageError(
             f"--ckpt_path {checkpoint} holds a {stored} data, but this run builds data {cfg.data.class_path}. "
             "Use a checkpoint of the same model and data, or leave out --config (validate/test/predict rebuild "
             "both from the checkpoint)."
@@ -76,7 +76,7 @@ def check_checkpoint(subcommand: str | None, cfg: Any, checkpoint: Path, given_m
         return
     shown = "; ".join(differences[:8]) + (" ..." if len(differences) > 8 else "")
     if subcommand == "fit":
-        raise UserError(
+        raise UsageError(
             f"--ckpt_path {checkpoint} was trained with other model settings than this command gives (command -> "
             f"checkpoint: {shown}). A resumed run keeps its model: drop these options, or start a new run without "
             "--ckpt_path."
@@ -98,7 +98,7 @@ def check_weights_fit(model: torch.nn.Module, checkpoint: Path) -> None:
         if k in stored and tuple(stored[k].shape) != tuple(v.shape)
     ]
     if problems:
-        raise UserError(
+        raise UsageError(
             f"the checkpoint {checkpoint} does not fit the model this run builds ("
             + "; ".join(problems[:4])
             + (" ..." if len(problems) > 4 else "")

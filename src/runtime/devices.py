@@ -13,7 +13,7 @@ from typing import Any
 
 from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
 
-from src.runtime.errors import UserError
+from src.runtime.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -30,14 +30,14 @@ class Placement:
 
 
 def placement(accelerator: Any, devices: Any, num_nodes: Any = 1) -> Placement:
-    """Resolve ``--trainer.accelerator/devices/num_nodes`` as Lightning will, or raise :class:`UserError`."""
+    """Resolve ``--trainer.accelerator/devices/num_nodes`` as Lightning will, or raise :class:`UsageError`."""
     kind = accelerator if isinstance(accelerator, str) else getattr(accelerator, "name", lambda: "other")()
     kind = {"gpu": "cuda"}.get(kind, kind)
     if kind == "auto":
         kind = "cuda" if CUDAAccelerator.is_available() else "mps" if MPSAccelerator.is_available() else "cpu"
     nodes = int(num_nodes or 1)
     if kind == "cuda" and not CUDAAccelerator.is_available():
-        raise UserError(
+        raise UsageError(
             f"--trainer.accelerator={accelerator} asks for a GPU, but this machine has no CUDA GPU (or "
             "this PyTorch build has no CUDA). Pass --trainer.accelerator=cpu (or auto)."
         )
@@ -55,9 +55,9 @@ def placement(accelerator: Any, devices: Any, num_nodes: Any = 1) -> Placement:
     else:  # MPS or a custom accelerator: Lightning checks it
         return Placement(kind, 1 if auto else _count(devices), nodes)
     if wanted < 1:
-        raise UserError(f"--trainer.devices={devices}: pass at least one device (or auto).")
+        raise UsageError(f"--trainer.devices={devices}: pass at least one device (or auto).")
     if wanted > available:
-        raise UserError(
+        raise UsageError(
             f"--trainer.devices={devices} asks for {wanted} {unit} device(s), but this machine has "
             f"{available}. Pass --trainer.devices={available} or fewer (or --trainer.devices=auto)."
         )
@@ -72,7 +72,9 @@ def _count(devices: Any) -> int:
     try:
         return int(devices)
     except (TypeError, ValueError):
-        raise UserError(f"--trainer.devices={devices!r}: pass a count, a list of GPU ids, or auto.") from None
+        raise UsageError(
+            f"--trainer.devices={devices!r}: pass a count, a list of GPU ids, or auto."
+        ) from None
 
 
 def sync_batchnorm_applies(where: Placement) -> bool:

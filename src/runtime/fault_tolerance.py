@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from src.runtime.errors import Interrupted, RunFailure
 from src.runtime.workarounds import restore_loader_position
 
 _NONE = torch.iinfo(torch.long).max
@@ -23,16 +24,14 @@ _MAX_UNCHECKED = 1024  # losses kept unread at most (a large check_every_n_steps
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunFailure):
     """The training loss became NaN or inf."""
 
 
-class RunInterrupted(Exception):
-    """The run was stopped by a signal; the process exits with ``128 + signal`` (143 SIGTERM, 130 SIGINT)."""
+class RunInterrupted(Interrupted):
+    """Training was stopped by a signal; the process exits with ``128 + signal`` (143 SIGTERM, 130 SIGINT)."""
 
     def __init__(self, signum: int, checkpoint: str | None, step: int) -> None:
-        self.signum = signum
-        self.exit_code = 128 + signum
         name = signal.Signals(signum).name
         if checkpoint:
             detail = (
@@ -41,7 +40,7 @@ class RunInterrupted(Exception):
             )
         else:
             detail = "No checkpoint was written (checkpointing is off); a new run starts from scratch."
-        super().__init__(f"Stopped by {name} at training step {step}. {detail}")
+        super().__init__(signum, f"Stopped by {name} at training step {step}. {detail}")
 
 
 _stop_requested: int | None = None  # the signal received, until the run acts on it

@@ -26,13 +26,22 @@ from src.data import ClassificationDataModule
 from src.runtime import checks, runs
 from src.runtime.checkpoints import read_metadata
 from src.runtime.devices import placement, sync_batchnorm_applies
-from src.runtime.errors import UserError
+from src.runtime.errors import UsageError
+from src.runtime.run_state import RunState
 from src.runtime.trainer_callbacks import adapt_callbacks, checkpoint_plugins
 from src.runtime.workarounds import instantiate_data_as_lightning_does
 
 
 class ClassifierCLI(LightningCLI):
-    """LightningCLI in subclass mode over :class:`ClassifierModule` and :class:`ClassificationDataModule`."""
+    """LightningCLI in subclass mode over :class:`ClassifierModule` and :class:`ClassificationDataModule`.
+
+    ``run_state`` is the command's :class:`~src.runtime.run_state.RunState` (run folders it claimed
+    and locked); the caller owns it and releases it when the command ends.
+    """
+
+    def __init__(self, *args: Any, run_state: RunState | None = None, **kwargs: Any) -> None:
+        self.run_state = run_state if run_state is not None else RunState()
+        super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for name in checks.LINKED:
@@ -85,7 +94,7 @@ class ClassifierCLI(LightningCLI):
         try:
             self.config_init = self.parser.instantiate(self.config, instantiators=instantiators)
         except (ValueError, MisconfigurationException) as err:
-            raise UserError(f"cannot build the run from these settings: {err}") from err
+            raise UsageError(f"cannot build the run from these settings: {err}") from err
         self.datamodule, self.model = self.settings(True).get("data"), self.settings(True).get("model")
         self.trainer = self.instantiate_trainer()
 
@@ -110,17 +119,16 @@ class ClassifierCLI(LightningCLI):
         claimed: dict[Path, Any] = {}
         if isinstance(logger, list):
             return [
-                runs.versioned(lg, _init_args(c), self.resume_dir, claimed)
+                runs.versioned(lg, _init_args(c), self.resume_dir, claimed, self.run_state)
                 for lg, c in zip(logger, config, strict=True)
             ]
-        return runs.versioned(logger, _init_args(config), self.resume_dir, claimed)
+        return runs.versioned(logger, _init_args(config), self.resume_dir, claimed, self.run_state)
 
-    @staticmethod
-    def _run_folder(logger: Any) -> str | None:
+    def _run_folder(self, logger: Any) -> str | None:
         for lg in logger if isinstance(logger, list) else [logger]:
             if getattr(lg, "log_dir", None) and getattr(lg, "version", None) is not None:
                 return lg.log_dir
-        return str(runs.folder_without_logger()) if logger is False else None
+        return str(runs.folder_without_logger(self.run_state)) if logger is False else None
 
     def after_instantiate_classes(self) -> None:
         if self.checkpoint is None:
@@ -136,7 +144,7 @@ class ClassifierCLI(LightningCLI):
 
     def before_validate(self) -> None:
         if not getattr(self.datamodule, "has_validation", True):
-            raise UserError(
+            raise UsageError(
                 "val_size=0 leaves no validation split to validate on. Pass a val_size, or run test."
             )
         _quiet_restore()

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from src.runtime.errors import UserError
+from src.runtime.errors import UsageError
+from src.runtime.run_state import RunState
 
 # Settings a resumed run may change: how long it runs, where and how fast, what it prints and
 # where data is read from. Everything else describes the experiment and must match.
@@ -51,8 +51,6 @@ RESUMABLE_CHANGES = (
     "data.init_args.predict_file",
     "model.init_args.compile_model",
 )
-_held_locks: list[int] = []  # open lock files: released when the process ends, however it ends
-_claimed: list[Path] = []  # run folders this process created
 
 
 def versions(root: Path) -> list[int]:
@@ -63,7 +61,7 @@ def versions(root: Path) -> list[int]:
     )
 
 
-def claim_version(root: Path) -> int:
+def claim_version(root: Path, state: RunState) -> int:
     """Create ``root/version_N`` for the next free N with ``os.mkdir``, which fails if it exists.
 
     Two runs that list the folder at the same moment would both pick the same N (Lightning's
@@ -74,29 +72,17 @@ def claim_version(root: Path) -> int:
     while True:
         try:
             os.mkdir(root / f"version_{v}")
-            _claimed.append(root / f"version_{v}")
+            state.claimed.append(root / f"version_{v}")
             return v
         except FileExistsError:
             v += 1
 
 
-def discard_unused() -> None:
-    """Remove the run folders this process claimed for a run that stopped on an error before it
-    started (before its ``config.yaml`` was written: at most an empty event file inside), so failed
-    commands leave no empty ``version_N`` behind."""
-    for folder in _claimed:
-        names = {p.name for p in folder.iterdir()} if folder.is_dir() else {"config.yaml"}
-        if "config.yaml" not in names and all(
-            n == ".lock" or n.startswith("events.out.tfevents") for n in names
-        ):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def lock(run_dir: Path) -> None:
-    """Hold an exclusive lock on ``run_dir`` for the life of this process.
+def lock(run_dir: Path, state: RunState) -> None:
+    """Hold an exclusive lock on ``run_dir`` for the life of the command (``state``).
 
     The lock is an ``flock`` on ``run_dir/.lock``: the kernel releases it when the process ends, also
-    on SIGKILL, so a killed run never leaves it stuck. A second process gets :class:`UserError`.
+    on SIGKILL, so a killed run never leaves it stuck. A second process gets :class:`UsageError`.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -105,13 +91,13 @@ def lock(run_dir: Path) -> None:
     except BlockingIOError:
         holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
         os.close(fd)
-        raise UserError(
+        raise UsageError(
             f"the run folder {run_dir} is in use by {holder}. Wait for it to finish (or stop it), or start "
             "a separate run without --ckpt_path."
         ) from None
     os.ftruncate(fd, 0)
     os.write(fd, f"process {os.getpid()}".encode())
-    _held_locks.append(fd)
+    state.locks.append(fd)
 
 
 @dataclass
@@ -191,7 +177,7 @@ def resolve_checkpoint(
     """
     if ckpt_path == "last":
         if root is None:
-            raise UserError(
+            raise UsageError(
                 "--ckpt_path=last needs a logger with a save_dir (it looks for the run's folder)."
             )
         candidates = resumable_runs(root, config, only_version=version)
@@ -204,13 +190,13 @@ def resolve_checkpoint(
                     f"--ckpt_path=last: no run under {root} has a last.ckpt yet; starting a new run."
                 )
                 return None, None
-            raise UserError(_no_matching_run(root, candidates, version))
+            raise UsageError(_no_matching_run(root, candidates, version))
         return match.checkpoint, match.checkpoint.parents[1] if subcommand == "fit" else None
     if ckpt_path in (None, "best", "hpc", "registry"):
         return None, None
     path = Path(ckpt_path)
     if not path.is_file():
-        raise UserError(f"--ckpt_path {ckpt_path!r} is not a file. Pass the path of a .ckpt file (or last).")
+        raise UsageError(f"--ckpt_path {ckpt_path!r} is not a file. Pass the path of a .ckpt file (or last).")
     own_run = (
         subcommand == "fit"
         and path.name == "last.ckpt"
@@ -243,7 +229,11 @@ def is_rank_zero() -> bool:
 
 
 def versioned(
-    logger: Any, init_args: dict[str, Any], resume_dir: Path | None, claimed: dict[Path, Any]
+    logger: Any,
+    init_args: dict[str, Any],
+    resume_dir: Path | None,
+    claimed: dict[Path, Any],
+    state: RunState,
 ) -> Any:
     """The logger of a TensorBoard/CSV config, built with its run folder fixed: the version the
     config names, the resumed run's, or a new ``version_N`` claimed atomically. Rank 0 locks the
@@ -260,9 +250,9 @@ def versioned(
             claimed[root] = int(resume_dir.name.removeprefix("version_"))
         elif is_rank_zero():
             try:
-                claimed[root] = claim_version(root)
+                claimed[root] = claim_version(root, state)
             except OSError as err:
-                raise UserError(
+                raise UsageError(
                     f"cannot write the log folder {root}: {err.strerror or err}. Pass a writable folder with "
                     "--trainer.logger.init_args.save_dir=<folder>."
                 ) from err
@@ -270,15 +260,15 @@ def versioned(
             return logger
         if is_rank_zero():
             version = claimed[root]
-            lock(root / (version if isinstance(version, str) else f"version_{version}"))
+            lock(root / (version if isinstance(version, str) else f"version_{version}"), state)
     return type(logger)(**{**init_args, "version": claimed[root]})
 
 
-def folder_without_logger() -> Path | None:
+def folder_without_logger(state: RunState) -> Path | None:
     """A run folder of its own for a run without a logger (checkpoints and tuner files go there)."""
     if not is_rank_zero():
         return None
     root = Path("lightning_logs")
-    version = claim_version(root)
-    lock(root / f"version_{version}")
+    version = claim_version(root, state)
+    lock(root / f"version_{version}", state)
     return root / f"version_{version}"
