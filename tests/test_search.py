@@ -6,8 +6,8 @@ epochs per trial, so each trial is a few seconds of training after a few seconds
 
 from __future__ import annotations
 
-import argparse
 import csv
+import json
 import multiprocessing
 import os
 import re
@@ -18,25 +18,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-import optuna
 import pytest
 import yaml
-from optuna.trial import TrialState
 
-from src.tools.search import (
-    Setup,
-    UsageError,
-    _open_study,
-    baseline_params,
-    build_pruner,
-    counted,
-    labels,
+optuna = pytest.importorskip("optuna", reason="the search extra (optuna) is not installed")
+
+from optuna.trial import TrialState  # noqa: E402
+
+from src.runtime.errors import UsageError  # noqa: E402
+from src.tools.ablate import split_top_level  # noqa: E402
+from src.tools.child_run import into_folder  # noqa: E402
+from src.tools.search.space import baseline_params, build_pruner, labels, parse_space  # noqa: E402
+from src.tools.search.study import (  # noqa: E402
+    contract_differences,
     open_storage,
-    parse_space,
-    retried_numbers,
-    split_top_level,
+    open_study,
+    rerun_of,
+    trial_config,
+    within_budget,
 )
-from tests.helpers.cli import ROOT
+from tests.helpers.cli import ROOT  # noqa: E402
 
 CONFIG = str(ROOT / "configs" / "mnist1d_resnet_bn.yaml")
 # One-cycle peak LR: 0.02 learns, 1e-6 stays at chance (a clearly bad trial for the pruner).
@@ -181,98 +182,94 @@ def test_baseline_takes_the_configs_own_values_when_inside_the_space():
 
 def test_pruner_specs():
     assert type(build_pruner("median")).__name__ == "MedianPruner"
-    pruner = build_pruner("median(n_startup_trials=2,n_warmup_steps=3)")
-    assert (pruner._n_startup_trials, pruner._n_warmup_steps) == (2, 3)
+    assert type(build_pruner("median(n_startup_trials=2,n_warmup_steps=3)")).__name__ == "MedianPruner"
     assert type(build_pruner("halving(min_resource=2)")).__name__ == "SuccessiveHalvingPruner"
     assert type(build_pruner("none")).__name__ == "NopPruner"
-    assert build_pruner("threshold(lower=0.5)")._lower == 0.5
+    assert type(build_pruner("threshold(lower=0.5)")).__name__ == "ThresholdPruner"
     for bad in ("medain", "median(n_startup_trials)", "median(bogus=1)", "median(n_startup_trials=-1"):
         with pytest.raises(UsageError, match="--pruner"):
             build_pruner(bad)
 
 
-def test_budget_counts_finished_and_running_trials_but_not_failures_run_again():
+def test_the_budget_is_the_first_trials_by_number_finished_or_running():
+    study = optuna.create_study()
     dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    states = [TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING, TrialState.PRUNED, TrialState.RUNNING]
+    for state in states:
+        study.add_trial(optuna.trial.create_trial(state=state, params={"x": 0.5}, distributions=dist,
+                                                  value=0.5 if state == TrialState.COMPLETE else None))  # fmt: skip
+    # counted: 0, 2 (running), 3, 4; the failed trial 1 uses no budget
+    assert [within_budget(study, n, 3) for n in range(5)] == [True, True, True, True, False]
+    assert within_budget(study, 4, 4)
+    # a failed trial run again: the re-run (enqueued with its retry history) replaces it in the table
+    study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, params={"x": 0.5}, distributions=dist,
+                                              system_attrs={"failed_trial": 1, "retry_history": [1]}))  # fmt: skip
+    assert rerun_of(study.get_trials()) == {1: 5}
 
-    def trial(number: int, state: TrialState, history: list[int] | None = None) -> optuna.trial.FrozenTrial:
-        t = optuna.trial.create_trial(
-            state=state,
-            value=0.5 if state == TrialState.COMPLETE else None,
-            params={"x": 0.5},
-            distributions=dist,
-            system_attrs={"retry_history": history} if history else {},
-        )
-        t.number = number
-        return t
 
-    trials = [
-        trial(0, TrialState.COMPLETE),
-        trial(1, TrialState.FAIL),  # killed with its search, run again as trial 3
-        trial(2, TrialState.FAIL),  # the run itself failed: counts, never retried
-        trial(3, TrialState.RUNNING, history=[1]),
-        trial(4, TrialState.FAIL),  # interrupted with its search; its values wait in trial 5
-        trial(5, TrialState.WAITING, history=[4]),  # enqueued, not started: not counted yet
-        trial(6, TrialState.PRUNED),
+def _contract(metric: str = "val_acc", space: list[str] | None = None, epochs: int = 2) -> dict[str, Any]:
+    config = {"trainer": {"max_epochs": epochs}, "data": {"init_args": {"data_dir": "/a", "batch_size": 32}}}
+    return {"config": trial_config(config, ["data_dir"]), "overrides": [f"--trainer.max_epochs={epochs}"],
+            "space": sorted(space or [DROPOUT]), "metric": metric, "direction": "maximize", "command": "c"}  # fmt: skip
+
+
+def test_a_study_contract_compares_what_defines_a_trial():
+    two = [DROPOUT, LR_CHOICE]
+    assert (
+        contract_differences(_contract(space=two), _contract(space=two[::-1])) == []
+    )  # a set: order is free
+    # where the data is read from (a DataModule's resumable option) does not define a trial
+    assert trial_config({"data": {"init_args": {"data_dir": "/b", "x": 1}}}, ["data_dir"]) == {
+        "data": {"init_args": {"x": 1}}
+    }
+    assert contract_differences(_contract(), _contract(epochs=3, metric="val_loss", space=two)) == [
+        f"--space: only in the study [], only here ['{LR_CHOICE}']",
+        "--metric: val_acc -> val_loss",
+        "trainer.max_epochs: 2 -> 3",
+        "overrides after `--`: --trainer.max_epochs=2 -> --trainer.max_epochs=3",
     ]
-    assert retried_numbers(trials) == {1: 3, 4: 5}
-    assert [t.number for t in counted(trials)] == [0, 2, 3, 6]
-    trials[5].system_attrs = {}  # had 4 not been enqueued again, it would use the budget
-    assert [t.number for t in counted(trials)] == [0, 2, 3, 4, 6]
 
 
-def _setup(db: Path, metric: str = "val/acc") -> Setup:
-    return Setup([CONFIG], [], [parse_space(DROPOUT)], db.parent, "race", f"sqlite:///{db}", metric, "none")
-
-
-def _open_after(barrier: Any, db: Path, metric: str, direction: str) -> str:
+def _open_after(barrier: Any, db: Path, metric: str) -> str:
     barrier.wait()
     try:
-        _open_study(
-            optuna,
-            open_storage(f"sqlite:///{db}"),
-            _setup(db, metric),
-            direction,
-            argparse.Namespace(seed=0, sampler="random"),
-        )
+        open_study(open_storage(f"sqlite:///{db}"), f"sqlite:///{db}", "race", _contract(metric))
     except UsageError as err:
-        return str(err)
+        return str(err).splitlines()[0]
     return "ok"
 
 
-def test_workers_starting_together_agree_on_the_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Several workers open one new study at the same instant: none may see it half-described."""
-    set_user_attr = optuna.Study.set_user_attr
-
-    def slow_set_user_attr(self: optuna.Study, key: str, value: Any) -> None:
-        set_user_attr(self, key, value)
-        time.sleep(0.3)  # widen the window between two writes, were there two
-
-    monkeypatch.setattr(optuna.Study, "set_user_attr", slow_set_user_attr)  # the forked workers inherit it
+def test_workers_starting_together_agree_on_the_study(tmp_path: Path):
+    """Several workers open one new study at the same instant: one creates it, all agree on it."""
     db = tmp_path / "study.db"
     ctx = multiprocessing.get_context("fork")
-    for _ in range(3):
+    for _ in range(2):
         db.unlink(missing_ok=True)
         barrier = ctx.Manager().Barrier(4)
         with ctx.Pool(4) as pool:
-            outcomes = pool.starmap(_open_after, [(barrier, db, "val/acc", "maximize")] * 4)
+            outcomes = pool.starmap(_open_after, [(barrier, db, "val_acc")] * 4)
         assert outcomes == ["ok"] * 4
-    assert _open_after(ctx.Manager().Barrier(1), db, "val/acc", "maximize") == "ok"
+    refused = _open_after(ctx.Manager().Barrier(1), db, "val_loss")
+    assert (
+        refused
+        == f"study 'race' in sqlite:///{db} holds trials of another experiment; this command differs in:"
+    )
 
 
-@pytest.mark.slow
-def test_a_study_made_for_another_metric_is_refused_on_the_command_line(tmp_path: Path):
-    db = tmp_path / "search" / "study.db"
-    db.parent.mkdir()
-    _open_study(optuna, open_storage(f"sqlite:///{db}"), _setup(db, "val_acc"), "maximize",
-                argparse.Namespace(seed=0, sampler="random"))  # fmt: skip
-    proc = search("--space", DROPOUT, "--trials", "1", "--study", "race", "--output", str(db.parent),
-                  "--metric", "val_loss", cwd=tmp_path)  # fmt: skip
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert proc.stderr.strip().splitlines() == [
-        f"error: study 'race' in sqlite:///{db} was made for val_acc (maximize) over ['{DROPOUT}']; "
-        "pass the same --space/--metric/--direction, or another --study or --output"
-    ]
-    assert trials_of(db.parent, "race") == [] and sorted(p.name for p in db.parent.iterdir()) == ["study.db"]
+def test_each_logger_with_a_save_dir_writes_into_the_runs_folder(tmp_path: Path):
+    tb = {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "logs", "name": "n"},
+    }
+    other = {"class_path": "some.Logger", "init_args": {"api_key": "k"}}
+    assert into_folder({"logger": False}, tmp_path) == [f"--trainer.default_root_dir={tmp_path}"]
+    single = into_folder({"logger": tb}, tmp_path)[1]
+    assert json.loads(single.removeprefix("--trainer.logger="))["init_args"] == {
+        "save_dir": str(tmp_path),
+        "name": "n",
+    }
+    both = json.loads(into_folder({"logger": [tb, other]}, tmp_path)[1].removeprefix("--trainer.logger="))
+    assert [lg["init_args"].get("save_dir") for lg in both] == [str(tmp_path), None] and both[1] == other
 
 
 def test_bad_input_exits_2_with_one_line_and_no_trial(tmp_path: Path):
@@ -342,12 +339,29 @@ def test_specs_the_cli_refuses_stop_before_any_trial(
     assert not out.exists()  # no storage, no trial
 
 
+# Two loggers, TensorBoard and CSV: the search puts both into each trial's folder and reads its
+# results from the study's storage, not from either logger's files.
+TWO_LOGGERS = "--trainer.logger=" + json.dumps(
+    [{"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"name": "tb"}},
+     {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"name": "tb"}}]
+)  # fmt: skip
+
+
+def e2e_args(out: Path, cache: Path, trials: int = 3, epochs: int = 2) -> list[str]:
+    return ["--space", LR_CHOICE, "--space", DROPOUT, "--trials", str(trials), "--study", "e2e",
+            "--output", str(out), *PRUNING, *tiny(cache, epochs), TWO_LOGGERS]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> tuple[Path, str]:
+    """A three-trial study (one trial pruned) and what its search printed."""
+    out = tmp_path_factory.mktemp("e2e") / "search"
+    return out, ok(search(*e2e_args(out, cache), cwd=out.parent))
+
+
 @pytest.mark.slow
-def test_three_trial_search_end_to_end_with_a_pruned_trial(tmp_path: Path, cache: Path):
-    out = tmp_path / "search"
-    proc = search("--space", LR_CHOICE, "--space", DROPOUT, "--trials", "3", "--study", "e2e",
-                  "--output", str(out), *PRUNING, *tiny(cache), cwd=tmp_path)  # fmt: skip
-    stdout = ok(proc)
+def test_three_trial_search_end_to_end_with_a_pruned_trial(e2e: tuple[Path, str]):
+    out, stdout = e2e
     progress = [line for line in stdout.splitlines() if line.startswith("[")]
     assert len(progress) == 3 and all("best" in line and "lr=" in line for line in progress)
 
@@ -365,7 +379,7 @@ def test_three_trial_search_end_to_end_with_a_pruned_trial(tmp_path: Path, cache
 
     rows = list(csv.DictReader((out / "trials.csv").open()))
     assert [r["state"] for r in rows[:2]] == ["COMPLETE", "PRUNED"]
-    assert set(rows[0]) >= {
+    assert list(rows[0]) == [
         "trial",
         "state",
         "value",
@@ -375,85 +389,137 @@ def test_three_trial_search_end_to_end_with_a_pruned_trial(tmp_path: Path, cache
         "duration_s",
         "cpu_s",
         "run_dir",
-    }
-    assert rows[0]["run_dir"] == "runs/trial_0000" and float(rows[0]["value"]) == pytest.approx(
-        trials[0].value
-    )
+        "note",
+    ]
+    assert rows[0]["run_dir"] == "runs/trial_0000/tb/version_0"
+    assert float(rows[0]["value"]) == pytest.approx(trials[0].value)
     assert float(rows[0]["duration_s"]) > 0 and float(rows[0]["cpu_s"]) > 0
     table = (out / "trials.md").read_text()
-    assert (
-        "| 1 | PRUNED |" in table
-        and "pruned after epoch 0" in table
-        and "Command: `python -m src.tools.search" in table
-    )
+    assert "| 1 | PRUNED |" in table and "pruned after epoch 0" in table
+    assert f"Command: `python -m src.tools.search --config {CONFIG} --space '{LR_CHOICE}'" in table
 
     best = yaml.safe_load((out / "best_config.yaml").read_text())
     assert best["model"]["init_args"]["dropout"] == pytest.approx(trials[0].params["model.init_args.dropout"])
     assert best["model"]["init_args"]["lr"] == 0.02
     assert best["data"]["init_args"]["num_samples"] == 600  # the overrides after `--` are part of it
     assert not any("search" in c["class_path"] for c in best["trainer"]["callbacks"])
-    assert best["trainer"]["logger"]["init_args"]["save_dir"] == "lightning_logs" and best["test_after_fit"]
+    # logging as the command's own config says (not into the trial's folder); testing as configs/ do
+    assert [lg["init_args"]["save_dir"] for lg in best["trainer"]["logger"]] == ["lightning_logs"] * 2
+    assert best["test_after_fit"] is True
     assert (out / "history.png").stat().st_size > 0
     if sum(t.state == TrialState.COMPLETE for t in trials) == 2:
         assert (out / "importance.png").stat().st_size > 0
     else:  # trial 2 pruned too: one complete trial has no importances, and the search says so
         assert "info: parameter importance needs 2 complete trials" in stdout
 
-    # every trial is a normal run folder under one TensorBoard root, its searched values in HPARAMS
+    # every trial is a normal run folder with both loggers' files, its searched values in HPARAMS
     for t in trials:
-        run = out / t.user_attrs["run_dir"]
+        run = Path(t.user_attrs["run_dir"])
+        assert run.parent.parent == out / "runs" / f"trial_{t.number:04d}"
         assert (run / "config.yaml").is_file() and list((run / "checkpoints").glob("*.ckpt"))
-        keys = hparams_keys(run)
-        assert {"dropout", "lr", "optimizer", "data/batch_size"} <= keys  # HParamsTab logs them
+        assert (run / "metrics.csv").is_file()  # CSVLogger's
+        assert {"dropout", "lr", "optimizer", "data/batch_size"} <= hparams_keys(run)  # HParamsTab's
 
 
 @pytest.mark.slow
-def test_killed_search_resumes_with_the_same_command(tmp_path: Path, cache: Path):
+def test_a_resume_must_be_the_same_experiment(e2e: tuple[Path, str], cache: Path):
+    """Another config, or other overrides after `--`, would add trials of another experiment to the
+    study: refused, listing the differences, with nothing written. The same space in another order
+    is the same study."""
+    out, _ = e2e
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    other_config = [
+        a if a != CONFIG else str(ROOT / "configs" / "mnist1d_resconv_bn.yaml")
+        for a in command(*e2e_args(out, cache))
+    ]
+    for argv, difference in [
+        (other_config[3:], "model.init_args.block: 'linear' -> 'conv'"),
+        (["--config", CONFIG, *e2e_args(out, cache, epochs=3)], "trainer.max_epochs: 2 -> 3"),
+    ]:
+        proc = subprocess.run([sys.executable, "-m", "src.tools.search", *argv], cwd=out.parent, env=env(),
+                              capture_output=True, text=True, timeout=400)  # fmt: skip
+        said = proc.stderr
+        assert proc.returncode == 2 and "Traceback" not in said, said[-3000:]
+        assert said.startswith(
+            f"error: study 'e2e' in sqlite:///{out / 'study.db'} holds trials of another experiment"
+        )
+        assert f"  {difference}\n" in said and "Resume it with the study's settings" in said
+        assert (
+            f"The study's command: python -m src.tools.search --config {CONFIG} --space '{LR_CHOICE}'" in said
+        )
+        assert len(trials_of(out, "e2e")) == 3
+        assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before  # nothing written
+
+    # the same space in another order, and a larger budget: one more trial in the same study
+    space_swapped = ["--space", DROPOUT, "--space", LR_CHOICE, *e2e_args(out, cache, trials=4)[4:]]
+    stdout = ok(search(*space_swapped, cwd=out.parent))
+    assert "3 of 4 trials counted" in stdout and len(trials_of(out, "e2e")) == 4
+    # trials.md shows the command that made the study
+    assert (
+        f"Command: `python -m src.tools.search --config {CONFIG} --space '{LR_CHOICE}'"
+        in (out / "trials.md").read_text()
+    )
+
+
+@pytest.mark.slow
+def test_interrupted_and_killed_searches_resume_with_the_same_command(tmp_path: Path, cache: Path):
     out = tmp_path / "search"
+    args = [
+        "--space",
+        DROPOUT,
+        "--trials",
+        "1",
+        "--study",
+        "resume",
+        "--output",
+        str(out),
+        *tiny(cache, epochs=5),
+    ]
 
-    def args(trials: int) -> list[str]:
-        return ["--space", DROPOUT, "--space", "model.init_args.bn_position=choice(before_activation,after_activation)",
-                "--trials", str(trials),
-                "--study", "resume", "--output", str(out), "--seed", "0", *tiny(cache, epochs=5)]  # fmt: skip
+    # SIGTERM while trial 0 trains: the search stops it, marks it FAIL and enqueues it again
+    proc = start(*args, cwd=tmp_path)
+    _wait_for_training(proc, out / "runs" / "trial_0000" / "trial.log")
+    proc.send_signal(signal.SIGTERM)
+    _stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == "interrupted: trial 0 stopped; the same command runs it again"
+    assert [t.state for t in trials_of(out, "resume")] == [TrialState.FAIL, TrialState.WAITING]
 
-    proc = start(*args(2), cwd=tmp_path)
-    log = out / "runs" / "trial_0001" / "trial.log"
-    deadline = time.monotonic() + 300
-    try:  # SIGKILL the search while trial 1 trains (after trial 0 finished)
-        while "Effective batch size" not in (log.read_text() if log.is_file() else ""):
-            assert proc.poll() is None, f"the search ended first:\n{proc.communicate()[1][-3000:]}"
-            assert time.monotonic() < deadline, "trial 1 never started training"
-            time.sleep(0.05)
+    # the same command runs it again; SIGKILL meanwhile: the orphaned trial kills its own process group
+    proc = start(*args, cwd=tmp_path)
+    try:
+        _wait_for_training(proc, out / "runs" / "trial_0001" / "trial.log")
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
         proc.communicate()
-    # the orphaned trial notices its search is gone and kills its own process group
     deadline = time.monotonic() + 30
     while _processes_mentioning(str(out)):
         assert time.monotonic() < deadline, "the killed search's trial kept running"
         time.sleep(0.2)
-    before = trials_of(out, "resume")
-    assert [t.state for t in before] == [TrialState.COMPLETE, TrialState.RUNNING]
+    assert [t.state for t in trials_of(out, "resume")] == [TrialState.FAIL, TrialState.RUNNING]
 
-    stdout = ok(search(*args(2), cwd=tmp_path))
+    stdout = ok(search(*args, cwd=tmp_path))
     assert "trials [1] were left running by a search that stopped: marked FAIL, run again" in stdout
     trials = trials_of(out, "resume")
-    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
-    assert trials[0].value == before[0].value  # kept, not run again
-    assert trials[2].params == trials[1].params  # the killed trial, run again with its values
-    assert trials[2].system_attrs["retry_history"] == [1]
-    rows = list(csv.DictReader((out / "trials.csv").open()))
-    assert rows[1]["note"] == "its search process died while it ran; run again as trial 2"
-    assert rows[2]["note"] == "runs trial 1 again"
-    assert "2 trials counted" in (out / "trials.md").read_text()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[2].params == trials[1].params == trials[0].params  # the same values each time
+    assert trials[2].system_attrs["retry_history"] == [0, 1]
+    notes = [r["note"] for r in csv.DictReader((out / "trials.csv").open())]
+    assert notes == [
+        "stopped with the interrupted search; run again as trial 1",
+        "its search process died while it ran; run again as trial 2",
+        "runs trial 1 again",
+    ]
+    assert "1 trials counted" in (out / "trials.md").read_text()
 
-    # the same command with a larger --trials adds trials to the study
-    assert "2 of 3 trials counted" in ok(search(*args(3), cwd=tmp_path))
-    trials = trials_of(out, "resume")
-    assert [t.state for t in trials_of(out, "resume")] == [TrialState.COMPLETE, TrialState.FAIL] + [
-        TrialState.COMPLETE
-    ] * 2
+
+def _wait_for_training(proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 300
+    while "Effective batch size" not in (log.read_text() if log.is_file() else ""):
+        assert proc.poll() is None, f"the search ended first:\n{proc.communicate()[1][-3000:]}"
+        assert time.monotonic() < deadline, f"{log.parent.name} never started training"
+        time.sleep(0.05)
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -468,36 +534,22 @@ def _processes_mentioning(text: str) -> list[int]:
 
 
 @pytest.mark.slow
-def test_two_workers_share_one_study_and_its_budget(tmp_path: Path, cache: Path):
-    out = tmp_path / "search"
-    args = ["--space", DROPOUT, "--trials", "4", "--study", "shared", "--output", str(out), *tiny(cache)]
-    workers = [start(*args, cwd=tmp_path) for _ in range(2)]
-    results = [w.communicate(timeout=400) for w in workers]
-    for w, (_stdout, stderr) in zip(workers, results, strict=True):
-        assert w.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]
-    trials = trials_of(out, "shared")
-    # Each worker checks the budget right before it asks for a trial: the total exceeds it only
-    # if both asked within the same few milliseconds (then by one trial per extra worker).
-    assert len(trials) in (4, 5), [t.state for t in trials]
-    assert all(t.state == TrialState.COMPLETE for t in trials)
-    assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2  # both workers ran trials
-    assert len({t.user_attrs["run_dir"] for t in trials}) == len(trials)
-
-
-@pytest.mark.slow
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two CPU processes")
-def test_ddp_trial_reports_from_rank_0_and_all_ranks_stop_together(tmp_path: Path, cache: Path):
+def test_ddp_trial_without_a_logger_reports_from_rank_0_and_all_ranks_stop_together(
+    tmp_path: Path, cache: Path
+):
     out = tmp_path / "search"
     # One trial at a peak LR of 1e-6 (chance accuracy): the threshold pruner stops it after epoch 0.
     proc = search("--space", DROPOUT, "--trials", "1", "--study", "ddp", "--output", str(out),
                   "--pruner", "threshold(lower=0.5)", *tiny(cache), "--model.init_args.lr=1e-6",
-                  "--trainer.devices=2", "--trainer.strategy=ddp", cwd=tmp_path)  # fmt: skip
+                  "--trainer.logger=false", "--trainer.devices=2", "--trainer.strategy=ddp", cwd=tmp_path)  # fmt: skip
     # its only trial pruned, the study has no complete trial: exit 1, saying so
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip() == "error: no trial completed; see trials.md and the trials' trial.log"
     (trial,) = trials_of(out, "ddp")
     assert trial.state == TrialState.PRUNED and trial.user_attrs["exit_code"] == 0
     assert list(trial.intermediate_values) == [0]  # one report per epoch, from rank 0 only
+    assert trial.user_attrs["run_dir"] == str(out / "runs" / "trial_0000")  # no logger: the trial's folder
     log = (out / "runs" / "trial_0000" / "trial.log").read_text()
     assert "Starting with 2 processes" in log and "Traceback" not in log
     assert log.count("Optuna pruned this trial") == 1

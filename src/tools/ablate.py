@@ -1,22 +1,25 @@
-"""Run a config over a grid of overrides and seeds, then tabulate and plot what the runs logged.
+"""Run a config over a grid of overrides and seeds, then tabulate and plot what the runs recorded.
 
     python -m src.tools.ablate --config configs/mnist1d_resnet_bn.yaml \\
         --grid model.init_args.batch_norm=true,false --grid model.init_args.dropout=0.0,0.3 \\
         --seeds 3 --output docs/ablations/mnist1d --trainer.max_epochs=30
 
 Every combination of ``--grid`` values is a variant; each variant runs once per seed, one after
-the other, as a normal ``python -m src.cli fit --test_after_fit=true`` run whose TensorBoard log
-folder is ``RUNS_DIR/<variant>/seed_<n>`` (its console output beside it in ``seed_<n>.txt``);
-``RUNS_DIR`` defaults to ``lightning_logs/ablations/<name of OUTPUT>``, so the summary can go to a
-folder kept in git while checkpoints stay in the ignored ``lightning_logs``. Any argument this script does not know
-(``--trainer.max_epochs=3``, ``--data.init_args.data_dir=...``) is passed to every run.
+the other, as a normal ``python -m src.cli fit --test_after_fit=true`` run with its files under
+``RUNS_DIR/<variant>/seed_<n>/`` (its console output ``console.log`` and the run folder its loggers
+make there, whichever loggers the config lists); ``RUNS_DIR`` defaults to
+``lightning_logs/ablations/<name of OUTPUT>``, so the summary can go to a folder kept in git while
+checkpoints stay in the ignored ``lightning_logs``. Any argument this script does not know
+(``--trainer.max_epochs=3``, ``--data.init_args.data_dir=...``) is passed to every run. Before any
+run starts, the CLI's own parser checks every variant's command line.
 
-Results are read back from the runs' own TensorBoard event files: best ``val_acc``, ``test_acc``,
-the first epoch whose ``val_acc`` reaches ``--target``, and the wall time between the run's first
-and last logged event (training and testing, without process start-up and data loading). The sweep writes ``OUTPUT/summary.md``, ``OUTPUT/summary.csv`` (mean ± std
-per variant), ``OUTPUT/runs.csv`` (one row per run, with the CPU time of its process) and ``OUTPUT/val_acc.png`` (validation
-accuracy per epoch, mean over seeds with a ±1 std band). Running the same command again resumes:
-runs whose folder already holds a ``test_acc`` are skipped, unfinished ones are started afresh.
+Results are read back from each run folder's ``summary.json`` (best ``val_acc``, ``test_acc``, the
+first epoch whose ``val_acc`` reaches ``--target``) and from ``process.json`` beside it (wall and
+CPU time of the run's process, start-up and data loading included). The sweep writes
+``OUTPUT/summary.md``, ``OUTPUT/summary.csv`` (mean ± std per variant), ``OUTPUT/runs.csv`` (one row
+per run) and ``OUTPUT/val_acc.png`` (validation accuracy per epoch, mean over seeds with a ±1 std
+band). Running the same command again resumes: runs whose summary holds a test result are
+skipped, unfinished ones are started afresh.
 """
 
 from __future__ import annotations
@@ -24,21 +27,29 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
+import json
 import math
-import os
 import re
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from src.runtime.errors import RunFailure, UsageError, exit_on_error
+from src.tools.child_run import (
+    Children,
+    child_env,
+    cli_command,
+    into_folder,
+    log_tail,
+    print_configs,
+    run_folder,
+)
+
 Grid = list[tuple[str, list[str]]]
-CPU_FILE = "cpu_seconds.txt"  # written beside the event files: CPU time of the run's process
+PROCESS_FILE = "process.json"  # beside the run folder: exit code, wall and CPU time of the run's process
 
 
 # ---------------------------------------------------------------------- grid
@@ -81,7 +92,7 @@ def variants(grid: Grid) -> list[tuple[str, list[str]]]:
     """Every combination of the grid values: ``(folder-safe name, CLI overrides)``."""
     keys = [k for k, _ in grid]
     if len(set(keys)) != len(keys):
-        raise ValueError(f"a --grid key is given twice: {keys}")
+        raise UsageError(f"a --grid key is given twice: {keys}")
     short = [k.rsplit(".", 1)[-1] for k in keys]
     labels = short if len(set(short)) == len(short) else keys
     out = []
@@ -96,7 +107,7 @@ def variants(grid: Grid) -> list[tuple[str, list[str]]]:
     return out
 
 
-# ---------------------------------------------------------------------- reading a run's logs
+# ---------------------------------------------------------------------- reading a run's results
 @dataclass
 class RunResult:
     variant: str
@@ -104,7 +115,7 @@ class RunResult:
     val_acc: list[tuple[int, float]] = field(default_factory=list)  # (epoch, value), epoch from 1
     test_acc: float = math.nan
     wall_s: float = math.nan
-    cpu_s: float = math.nan  # CPU time of the whole run process (NaN for runs made before it was recorded)
+    cpu_s: float = math.nan
 
     @property
     def best_val_acc(self) -> float:
@@ -114,69 +125,58 @@ class RunResult:
         return next((float(e) for e, v in self.val_acc if v >= target), math.nan)
 
 
-def read_run(run_dir: Path, variant: str = "", seed: int = 0) -> RunResult | None:
-    """Results of one run from its TensorBoard event files, or ``None`` if it logged no ``test_acc``."""
-    if not run_dir.is_dir() or not list(run_dir.glob("events.out.tfevents.*")):
+def read_run(folder: Path, variant: str = "", seed: int = 0) -> RunResult | None:
+    """One run's results from its run folder's ``summary.json`` (under ``folder``), or ``None``
+    while it holds no test result (the run has not finished)."""
+    run = run_folder(folder)
+    try:
+        summary = json.loads((run / "summary.json").read_text()) if run else {}
+    except (OSError, json.JSONDecodeError):
         return None
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    tags = set(events.Tags()["scalars"])
-    if "test_acc" not in tags:
+    test_acc = (summary.get("test") or {}).get("test_acc")
+    if test_acc is None:
         return None
-    result = RunResult(variant, seed, test_acc=events.Scalars("test_acc")[-1].value)
-    step_epoch = {e.step: int(e.value) for e in events.Scalars("epoch")} if "epoch" in tags else {}
-    if "val_acc" in tags:
-        for i, e in enumerate(events.Scalars("val_acc")):
-            result.val_acc.append((step_epoch.get(e.step, i) + 1, e.value))
-    times = [e.wall_time for tag in tags for e in events.Scalars(tag)]
-    result.wall_s = max(times) - min(times)
-    cpu_file = run_dir / CPU_FILE
-    if cpu_file.is_file():
-        result.cpu_s = float(cpu_file.read_text())
+    result = RunResult(variant, seed, test_acc=test_acc)
+    for entry in summary.get("epochs") or []:
+        if entry.get("val_acc") is not None:
+            result.val_acc.append((entry["epoch"] + 1, entry["val_acc"]))
+    process = folder / PROCESS_FILE
+    if process.is_file():
+        times = json.loads(process.read_text())
+        result.wall_s, result.cpu_s = times["wall_s"], times["cpu_s"]
     return result
 
 
 # ---------------------------------------------------------------------- running
-def run_one(configs: list[str], overrides: list[str], run_dir: Path, seed: int, log_file: Path) -> None:
-    """One normal CLI run with its own log folder; raise with the log's tail if it fails."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "src.cli",
-        "fit",
-        *(a for c in configs for a in ("--config", c)),
-        *overrides,
-        f"--seed_everything={seed}",
-        "--test_after_fit=true",
-        "--trainer.enable_progress_bar=false",
-        f"--trainer.logger.init_args.save_dir={run_dir.parent.parent.resolve()}",
-        f"--trainer.logger.init_args.name={run_dir.parent.name}",
-        f"--trainer.logger.init_args.version={run_dir.name}",
-    ]
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with log_file.open("w") as log:
-        log.write(" ".join(cmd) + "\n\n")
-        log.flush()
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env())
-    if proc.returncode != 0:
-        tail = "".join(log_file.read_text().splitlines(keepends=True)[-30:])
-        raise SystemExit(
-            f"run {run_dir} failed (exit {proc.returncode}); its output is in {log_file}:\n{tail}"
+def check_variants(configs: list[str], extra: list[str], grid: Grid) -> dict[str, dict[str, Any]]:
+    """Each variant's resolved config, from the CLI's own parser (nothing trains).
+
+    Raises:
+        UsageError: the CLI's message for the first variant it refuses.
+    """
+    named = variants(grid)
+    argvs = [cli_command(configs, *extra, *overrides)[3:] for _, overrides in named]
+    parsed = print_configs(argvs)
+    for (name, _), result in zip(named, parsed, strict=False):
+        if result.code != 0:
+            raise UsageError(f"the CLI refused variant {name}: {result.message()}")
+    return {name: result.config or {} for (name, _), result in zip(named, parsed, strict=True)}
+
+
+def run_one(cmd: list[str], folder: Path, children: Children) -> None:
+    """One normal CLI run with its files under ``folder``; raise with the log's tail if it fails."""
+    log = folder / "console.log"
+    done = children.run(cmd, log, child_env())
+    children.check(
+        f"interrupted: run {folder} stopped; the same command runs it again (finished runs are kept)"
+    )
+    if done.code != 0:
+        raise RunFailure(
+            f"run {folder} failed (exit {done.code}); its output is in {log}:\n{log_tail(log, 30)}"
         )
-
-
-def _children_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _env() -> dict[str, str]:
-    """The runs import ``src`` from this checkout wherever the sweep is started."""
-    root = str(Path(__file__).resolve().parents[2])
-    path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{path}" if path else root}
+    (folder / PROCESS_FILE).write_text(
+        json.dumps({"exit_code": done.code, "wall_s": done.wall_s, "cpu_s": done.cpu_s}) + "\n"
+    )
 
 
 def sweep(
@@ -186,32 +186,38 @@ def sweep(
     output: Path,
     extra: list[str],
     target: float,
-    runs_dir: Path | None = None,
+    runs_dir: Path | None,
+    children: Children,
 ) -> list[RunResult]:
     """Run (or skip, when finished) every variant × seed, then write the summary and the plot."""
-    runs_dir = runs_dir or Path("lightning_logs/ablations") / output.resolve().name
+    runs_dir = (runs_dir or Path("lightning_logs/ablations") / output.resolve().name).resolve()
+    resolved = check_variants(configs, extra, grid)
     results = []
     todo = [(name, ovr, s) for name, ovr in variants(grid) for s in range(seeds)]
     for i, (name, overrides, seed) in enumerate(todo, 1):
-        run_dir = runs_dir / name / f"seed_{seed}"
-        done = read_run(run_dir, name, seed)
+        folder = runs_dir / name / f"seed_{seed}"
+        done = read_run(folder, name, seed)
         if done is None:
-            if run_dir.exists():  # interrupted: start it again from scratch
-                shutil.rmtree(run_dir)
+            if folder.exists():  # interrupted: start it again from scratch
+                shutil.rmtree(folder)
             print(f"[{i}/{len(todo)}] {name} seed {seed}: running", flush=True)
-            start, cpu = time.perf_counter(), _children_cpu_s()
-            run_one(configs, [*extra, *overrides], run_dir, seed, run_dir.with_suffix(".txt"))
-            # CPU time (user + system, all threads) including start-up and data loading: on a
-            # shared machine it is the honest cost of a run, where wall time also counts others' load.
-            (run_dir / CPU_FILE).write_text(f"{_children_cpu_s() - cpu:.2f}\n")
-            done = read_run(run_dir, name, seed)
+            settings = [
+                f"--seed_everything={seed}",
+                "--test_after_fit=true",
+                "--trainer.enable_progress_bar=false",
+            ]
+            run_one(
+                cli_command(
+                    configs, *extra, *overrides, *settings, *into_folder(resolved[name]["trainer"], folder)
+                ),
+                folder,
+                children,
+            )
+            done = read_run(folder, name, seed)
             if done is None:
-                raise SystemExit(
-                    f"run {run_dir} finished but logged no test_acc; is test_after_fit possible?"
-                )
+                raise RunFailure(f"run {folder} finished without a test result in its summary.json")
             print(
-                f"    test_acc {done.test_acc:.4f}  ({time.perf_counter() - start:.0f} s wall, "
-                f"{done.cpu_s:.0f} s CPU)",
+                f"    test_acc {done.test_acc:.4f}  ({done.wall_s:.0f} s wall, {done.cpu_s:.0f} s CPU)",
                 flush=True,
             )
         else:
@@ -331,29 +337,20 @@ def plot_curves(results: list[RunResult], path: Path, title: str = "") -> None:
 
 
 # ---------------------------------------------------------------------- entry point
-def main(argv: list[str] | None = None) -> list[RunResult]:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m src.tools.ablate",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # unknown flags go to the runs: never take them for abbreviations of ours
     )
-    parser.add_argument(
-        "--config", action="append", required=True, help="base config (repeat to stack overlays)"
-    )
-    parser.add_argument(
-        "--grid", action="append", default=[], type=_grid_type, help="KEY=V1,V2,... (repeat for more axes)"
-    )
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per variant")
-    parser.add_argument(
-        "--output", type=Path, default=None, help="default: lightning_logs/ablations/<config name>"
-    )
-    parser.add_argument(
-        "--runs_dir", type=Path, default=None, help="default: lightning_logs/ablations/<name of OUTPUT>"
-    )
-    parser.add_argument(
-        "--target", type=float, default=0.8, help="val accuracy for the epochs-to-target column"
-    )
+    add = parser.add_argument
+    add("--config", action="append", required=True, help="base config (repeat to stack overlays)")
+    add("--grid", action="append", default=[], type=_grid_type, help="KEY=V1,V2,... (repeat for more axes)")
+    add("--seeds", type=int, default=3, help="seeds 0..N-1 per variant")
+    add("--output", type=Path, default=None, help="default: lightning_logs/ablations/<config name>")
+    add("--runs_dir", type=Path, default=None, help="default: lightning_logs/ablations/<name of OUTPUT>")
+    add("--target", type=float, default=0.8, help="val accuracy for the epochs-to-target column")
     args, extra = parser.parse_known_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
@@ -361,7 +358,8 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
         if not Path(c).is_file():
             parser.error(f"--config {c}: no such file")
     output = args.output or Path("lightning_logs/ablations") / Path(args.config[0]).stem
-    return sweep(args.config, args.grid, args.seeds, output, extra, args.target, args.runs_dir)
+    with exit_on_error(), Children() as children:
+        sweep(args.config, args.grid, args.seeds, output, extra, args.target, args.runs_dir, children)
 
 
 def _grid_type(text: str) -> tuple[str, list[str]]:
@@ -372,4 +370,4 @@ def _grid_type(text: str) -> tuple[str, list[str]]:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

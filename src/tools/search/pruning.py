@@ -1,0 +1,116 @@
+"""The callback that every trial of ``python -m src.tools.search`` runs with: report and prune.
+
+The search appends it to each trial's command line (``--trainer.callbacks+=src.tools.search.pruning.OptunaPruning``
+and its ``init_args``). After every validation epoch, rank 0 reports the monitored metric to the
+trial in the study's storage (the trial's results are these reports, whatever the run's loggers)
+and asks the study's pruner whether to stop; the decision goes to every rank, which stop after
+the same epoch. A pruned run ends like an early-stopped one (checkpoints and logs closed, exit 0),
+the decision recorded in the trial's ``pruned_epoch`` attribute for the search to read.
+
+Not optuna-integration's ``PyTorchLightningPruningCallback``: it raises ``TrialPruned`` inside the
+Trainer (a traceback and a failed exit for a CLI run) and, under DDP, needs ``check_pruned()``
+called in the process that runs the study; here the study runs in the search's process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import optuna
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+from src.tools.search.space import build_pruner
+from src.tools.search.study import open_storage
+
+PID_ENV = "BN_SEARCH_PID"  # the search's pid: a trial kills itself when its search is gone
+# How a trial gets the storage URL: in its environment, so credentials stay out of its config.yaml.
+STORAGE_ENV = "BN_SEARCH_STORAGE"
+_GO_ON, _STOP = 0, 1
+
+
+class OptunaPruning(Callback):
+    """Report ``monitor`` to an Optuna trial after each validation epoch; stop when it is pruned.
+
+    Args:
+        study_name: the Optuna study.
+        trial_number: the trial's number in the study.
+        monitor: the metric reported every validation epoch (e.g. ``val_acc``).
+        pruner: the search's ``--pruner`` spec (a study's pruner is not kept in its storage).
+        watch_parent: kill this run's process group as soon as the search process (its pid in
+            ``BN_SEARCH_PID``) is gone, so a killed search leaves no trial training.
+    """
+
+    def __init__(
+        self,
+        study_name: str,
+        trial_number: int,
+        monitor: str = "val_acc",
+        pruner: str = "median",
+        watch_parent: bool = False,
+    ) -> None:
+        self.study_name, self.trial_number, self.monitor, self.pruner = (
+            study_name,
+            trial_number,
+            monitor,
+            pruner,
+        )
+        self._trial: optuna.trial.Trial | None = None
+        if watch_parent:
+            start_parent_watchdog()
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if trainer.is_global_zero and self._trial is None:  # the other ranks never touch the storage
+            storage = open_storage(os.environ[STORAGE_ENV])
+            study = optuna.load_study(
+                study_name=self.study_name, storage=storage, pruner=build_pruner(self.pruner)
+            )
+            study_id = storage.get_study_id_from_name(self.study_name)
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, self.trial_number)
+            self._trial = optuna.trial.Trial(study, trial_id)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:  # the sanity check is not an epoch of the trial
+            return
+        decision = self._decide(trainer) if trainer.is_global_zero else _GO_ON
+        # All ranks must stop together, or the ones still training wait forever in a collective.
+        if trainer.strategy.broadcast(decision, src=0) == _STOP:
+            trainer.should_stop = True
+
+    def _decide(self, trainer: Trainer) -> int:
+        assert self._trial is not None
+        value, epoch = trainer.callback_metrics.get(self.monitor), trainer.current_epoch
+        if value is None:  # every trial would fail the same way: tell the search what is logged
+            logged = sorted(k for k in trainer.callback_metrics if not k.startswith("hp/"))
+            self._trial.set_user_attr("missing_metric", logged)
+            rank_zero_info(f"'{self.monitor}' is not logged; stopping this trial.")
+            return _STOP
+        self._trial.report(float(value), step=epoch)
+        if not self._trial.should_prune():
+            return _GO_ON
+        self._trial.set_user_attr("pruned_epoch", epoch)
+        rank_zero_info(f"Optuna pruned this trial after epoch {epoch} ({self.monitor}={float(value):.4f}).")
+        return _STOP
+
+
+def start_parent_watchdog(interval_s: float = 1.0) -> None:
+    """Kill this process group as soon as the search that started it is gone.
+
+    Only in the process the search started (it leads its own process group: the search starts
+    each trial in a new session), and only then is the group exactly the trial, DDP ranks
+    included (Lightning starts the other ranks from rank 0, in the same group). A dead parent
+    shows as a changed parent pid: the orphan is re-parented at once, even before it is reaped.
+    """
+    search_pid = int(os.environ.get(PID_ENV) or 0)
+    if not search_pid or os.getpgrp() != os.getpid():
+        return
+
+    def watch() -> None:
+        while os.getppid() == search_pid:
+            time.sleep(interval_s)
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="search-parent-watchdog", daemon=True).start()

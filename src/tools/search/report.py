@@ -1,0 +1,189 @@
+"""What a search writes under ``--output``: the trials table (``Study.trials_dataframe``), the best
+trial's config ready for ``--config``, Optuna's plots, and the progress line of each trial."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import yaml
+from optuna.trial import FrozenTrial, TrialState
+
+from src.tools.search.space import format_value, labels
+from src.tools.search.study import counted, rerun_of
+from src.tools.search.trial import CALLBACK, Search
+
+
+def trial_table(study: optuna.Study, search: Search) -> pd.DataFrame:
+    """One row per trial: number, state, value, the searched values, epochs, times, run folder, note."""
+    names = labels(search.space)
+    df = study.trials_dataframe(attrs=("number", "state", "value", "duration", "params", "user_attrs"))
+    columns = ["trial", "state", "value", *names.values(), "epochs", "duration_s", "cpu_s", "run_dir", "note"]
+    if df.empty:
+        return pd.DataFrame(columns=columns)
+
+    def col(name: str) -> pd.Series:
+        return df[name] if name in df else pd.Series([None] * len(df), index=df.index, dtype=object)
+
+    again = rerun_of(study.get_trials(deepcopy=False))
+    notes = []
+    rows = zip(df["number"], df["state"], col("user_attrs_note"), col("user_attrs_exit_code"), strict=True)
+    for number, state, note, code in rows:
+        note = note if isinstance(note, str) else ""
+        if state == "FAIL" and pd.isna(code) and not note.startswith("not run"):  # its worker died first
+            note = "its search process died while it ran"
+        if state == "WAITING":
+            note = "waits to run again" if number in again.values() else "enqueued"
+        notes.append(
+            "; ".join(
+                n for n in (note, f"run again as trial {again[number]}" if number in again else "") if n
+            )
+        )
+    out = pd.DataFrame({"trial": df["number"], "state": df["state"], "value": col("value")})
+    for p in search.space:
+        out[names[p.key]] = col(f"params_{p.key}")
+    out["epochs"] = col("user_attrs_epochs")
+    out["duration_s"] = pd.to_timedelta(col("duration")).dt.total_seconds().round(1)
+    out["cpu_s"] = col("user_attrs_cpu_s")
+    out["run_dir"] = [_shown(r, search.output) for r in col("user_attrs_run_dir")]
+    out["note"] = notes
+    return out[columns]
+
+
+def _shown(run_dir: Any, output: Path) -> str:
+    if not isinstance(run_dir, str):
+        return ""
+    return str(Path(run_dir).relative_to(output)) if Path(run_dir).is_relative_to(output) else run_dir
+
+
+def write_tables(study: optuna.Study, search: Search, command: str) -> None:
+    """``trials.csv`` (every digit) and ``trials.md`` (rounded, with a header) in the output folder."""
+    table = trial_table(study, search)
+    table.to_csv(search.output / "trials.csv", index=False)
+
+    def cell(column: str, v: Any) -> str:
+        if v is None or (isinstance(v, float) and pd.isna(v)) or v == "":
+            return "" if column in ("note", "run_dir") else "—"
+        if isinstance(v, float):
+            return (
+                f"{v:.0f}"
+                if column in ("duration_s", "cpu_s")
+                else f"{v:.4f}"
+                if column == "value"
+                else f"{v:.4g}"
+            )
+        return str(v).replace("|", "\\|")
+
+    states = table["state"].value_counts().sort_index()
+    best = _best(study)
+    best_line = (
+        f"best: trial {best.number}, {search.metric} = {best.value:.4f}"
+        if best
+        else "best: no complete trial yet"
+    )
+    lines = [
+        f"# Study `{search.study_name}`: {search.metric} ({study.direction.name.lower()}), "
+        f"{len(counted(study))} trials counted",
+        "",
+        f"States: {', '.join(f'{k} {v}' for k, v in states.items())}; {best_line}. "
+        f"`value` is the best {search.metric} over the trial's epochs (the last reported one for PRUNED).",
+        "",
+        f"Command: `{command}`",
+        "",
+        "| " + " | ".join(table.columns) + " |",
+        "|" + "---|" * len(table.columns),
+        *("| " + " | ".join(cell(c, row[c]) for c in table.columns) + " |" for _, row in table.iterrows()),
+    ]
+    (search.output / "trials.md").write_text("\n".join(lines) + "\n")
+
+
+def _best(study: optuna.Study) -> FrozenTrial | None:
+    try:
+        return study.best_trial
+    except ValueError:
+        return None
+
+
+def write_best_config(study: optuna.Study, search: Search) -> Path | None:
+    """The best trial's ``config.yaml`` as the command would run it: without the search's callback,
+    its loggers, progress bar and testing as in the command's own config. ``None`` when no trial
+    completed, or the best one ran on another machine (its run folder is there)."""
+    best = _best(study)
+    source = Path(best.user_attrs.get("run_dir") or "/nonexistent") / "config.yaml" if best else None
+    if best is None or not source.is_file():
+        return None
+    config = yaml.safe_load(source.read_text())
+    trainer, own = config["trainer"], search.base["trainer"]
+    trainer["callbacks"] = [
+        c
+        for c in trainer.get("callbacks") or []
+        if not (isinstance(c, dict) and c.get("class_path") == CALLBACK)
+    ]
+    for key in ("logger", "default_root_dir", "enable_progress_bar"):
+        trainer[key] = own.get(key)
+    config["test_after_fit"] = search.base.get("test_after_fit")
+    values = ", ".join(f"{k}={format_value(v)}" for k, v in best.params.items())
+    path = search.output / "best_config.yaml"
+    path.write_text(
+        f"# Best trial of study {search.study_name!r}: trial {best.number}, {search.metric}={best.value:.4f}\n"
+        f"# ({values}), from {source}\n"
+        f"#   python -m src.cli fit --config {path}\n" + yaml.safe_dump(config, sort_keys=False)
+    )
+    return path
+
+
+def write_plots(study: optuna.Study, search: Search) -> list[str]:
+    """Optuna's optimisation history and parameter importances (matplotlib) as PNGs; info lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    varying = [p.key for p in search.space if len({format_value(t.params.get(p.key)) for t in complete}) > 1]
+    if not complete:
+        return ["info: no complete trial, so no history.png"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+        plots = [
+            ("history.png", (7, 4.2), lambda: ovm.plot_optimization_history(study, target_name=search.metric))
+        ]
+        if len(complete) >= 2 and varying:
+            size = (9, 1.6 + 0.45 * len(varying))
+            plots.append(
+                (
+                    "importance.png",
+                    size,
+                    lambda: ovm.plot_param_importances(study, params=varying, target_name=search.metric),
+                )
+            )
+        for name, size, plot in plots:
+            ax = plot()
+            ax.figure.set_size_inches(*size)
+            ax.figure.tight_layout()
+            ax.figure.savefig(search.output / name, dpi=100)
+            plt.close(ax.figure)
+    if len(plots) == 1:
+        return ["info: parameter importance needs 2 complete trials with different values; no importance.png"]
+    return []
+
+
+def progress_line(study: optuna.Study, search: Search, trial: FrozenTrial) -> str:
+    names = labels(search.space)
+    shown = ", ".join(
+        f"{names[k]}={v:.4g}" if isinstance(v, float) else f"{names[k]}={v}" for k, v in trial.params.items()
+    )
+    best = _best(study)
+    value = "" if trial.value is None else f" {search.metric}={trial.value:.4f}"
+    note = f" ({trial.user_attrs['note']})" if trial.user_attrs.get("note") else ""
+    done = sum(t.state != TrialState.RUNNING for t in counted(study))
+    epochs = trial.user_attrs.get("epochs") or 0
+    return (
+        f"[{done}/{search.budget}] trial {trial.number} {trial.state.name}{value}{note} | "
+        f"{f'best {best.value:.4f} (trial {best.number})' if best else 'best —'} | {shown} | "
+        f"{epochs} epoch{'' if epochs == 1 else 's'}, {trial.user_attrs.get('cpu_s') or 0:.0f} s CPU"
+    )
