@@ -48,7 +48,7 @@ def trial_table(study: optuna.Study, search: Search) -> pd.DataFrame:
     out["epochs"] = col("user_attrs_epochs")
     out["duration_s"] = pd.to_timedelta(col("duration")).dt.total_seconds().round(1)
     out["cpu_s"] = col("user_attrs_cpu_s")
-    out["run_dir"] = [_shown(r, search.output) for r in col("user_attrs_run_dir")]
+    out["run_dir"] = [_shown(r, search.args.output) for r in col("user_attrs_run_dir")]
     out["note"] = notes
     return out[columns]
 
@@ -62,7 +62,7 @@ def _shown(run_dir: Any, output: Path) -> str:
 def write_tables(study: optuna.Study, search: Search, command: str) -> None:
     """``trials.csv`` (every digit) and ``trials.md`` (rounded, with a header) in the output folder."""
     table = trial_table(study, search)
-    table.to_csv(search.output / "trials.csv", index=False)
+    table.to_csv(search.args.output / "trials.csv", index=False)
 
     def cell(column: str, v: Any) -> str:
         if v is None or (isinstance(v, float) and pd.isna(v)) or v == "":
@@ -80,16 +80,16 @@ def write_tables(study: optuna.Study, search: Search, command: str) -> None:
     states = table["state"].value_counts().sort_index()
     best = _best(study)
     best_line = (
-        f"best: trial {best.number}, {search.metric} = {best.value:.4f}"
+        f"best: trial {best.number}, {search.args.metric} = {best.value:.4f}"
         if best
         else "best: no complete trial yet"
     )
     lines = [
-        f"# Study `{search.study_name}`: {search.metric} ({study.direction.name.lower()}), "
+        f"# Study `{search.args.study}`: {search.args.metric} ({study.direction.name.lower()}), "
         f"{len(counted(study))} trials counted",
         "",
         f"States: {', '.join(f'{k} {v}' for k, v in states.items())}; {best_line}. "
-        f"`value` is the best {search.metric} over the trial's epochs (the last reported one for PRUNED).",
+        f"`value` is the best {search.args.metric} over the trial's epochs (the last reported one for PRUNED).",
         "",
         f"Command: `{command}`",
         "",
@@ -97,7 +97,7 @@ def write_tables(study: optuna.Study, search: Search, command: str) -> None:
         "|" + "---|" * len(table.columns),
         *("| " + " | ".join(cell(c, row[c]) for c in table.columns) + " |" for _, row in table.iterrows()),
     ]
-    (search.output / "trials.md").write_text("\n".join(lines) + "\n")
+    (search.args.output / "trials.md").write_text("\n".join(lines) + "\n")
 
 
 def _best(study: optuna.Study) -> FrozenTrial | None:
@@ -126,9 +126,9 @@ def write_best_config(study: optuna.Study, search: Search) -> Path | None:
         trainer[key] = own.get(key)
     config["test_after_fit"] = search.base.get("test_after_fit")
     values = ", ".join(f"{k}={format_value(v)}" for k, v in best.params.items())
-    path = search.output / "best_config.yaml"
+    path = search.args.output / "best_config.yaml"
     path.write_text(
-        f"# Best trial of study {search.study_name!r}: trial {best.number}, {search.metric}={best.value:.4f}\n"
+        f"# Best trial of study {search.args.study!r}: trial {best.number}, {search.args.metric}={best.value:.4f}\n"
         f"# ({values}), from {source}\n"
         f"#   python -m src.cli fit --config {path}\n" + yaml.safe_dump(config, sort_keys=False)
     )
@@ -150,7 +150,11 @@ def write_plots(study: optuna.Study, search: Search) -> list[str]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
         plots = [
-            ("history.png", (7, 4.2), lambda: ovm.plot_optimization_history(study, target_name=search.metric))
+            (
+                "history.png",
+                (7, 4.2),
+                lambda: ovm.plot_optimization_history(study, target_name=search.args.metric),
+            )
         ]
         if len(complete) >= 2 and varying:
             size = (9, 1.6 + 0.45 * len(varying))
@@ -158,14 +162,14 @@ def write_plots(study: optuna.Study, search: Search) -> list[str]:
                 (
                     "importance.png",
                     size,
-                    lambda: ovm.plot_param_importances(study, params=varying, target_name=search.metric),
+                    lambda: ovm.plot_param_importances(study, params=varying, target_name=search.args.metric),
                 )
             )
         for name, size, plot in plots:
             ax = plot()
             ax.figure.set_size_inches(*size)
             ax.figure.tight_layout()
-            ax.figure.savefig(search.output / name, dpi=100)
+            ax.figure.savefig(search.args.output / name, dpi=100)
             plt.close(ax.figure)
     if len(plots) == 1:
         return ["info: parameter importance needs 2 complete trials with different values; no importance.png"]
@@ -178,12 +182,12 @@ def progress_line(study: optuna.Study, search: Search, trial: FrozenTrial) -> st
         f"{names[k]}={v:.4g}" if isinstance(v, float) else f"{names[k]}={v}" for k, v in trial.params.items()
     )
     best = _best(study)
-    value = "" if trial.value is None else f" {search.metric}={trial.value:.4f}"
+    value = "" if trial.value is None else f" {search.args.metric}={trial.value:.4f}"
     note = f" ({trial.user_attrs['note']})" if trial.user_attrs.get("note") else ""
     done = sum(t.state != TrialState.RUNNING for t in counted(study))
     epochs = trial.user_attrs.get("epochs") or 0
     return (
-        f"[{done}/{search.budget}] trial {trial.number} {trial.state.name}{value}{note} | "
+        f"[{done}/{search.args.trials}] trial {trial.number} {trial.state.name}{value}{note} | "
         f"{f'best {best.value:.4f} (trial {best.number})' if best else 'best —'} | {shown} | "
         f"{epochs} epoch{'' if epochs == 1 else 's'}, {trial.user_attrs.get('cpu_s') or 0:.0f} s CPU"
     )

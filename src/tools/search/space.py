@@ -61,11 +61,8 @@ _TYPES = "float(LOW,HIGH[,log]), int(LOW,HIGH[,log]) or choice(A,B,...)"
 
 
 def parse_space(text: str) -> Param:
-    """``KEY=float(lo,hi[,log])`` | ``KEY=int(lo,hi[,log])`` | ``KEY=choice(a,b,...)`` → :class:`Param`.
-
-    Raises:
-        UsageError: naming the spec and what is wrong with it.
-    """
+    """``KEY=float(lo,hi[,log])`` | ``KEY=int(lo,hi[,log])`` | ``KEY=choice(a,b,...)`` → :class:`Param`;
+    a :class:`UsageError` naming the spec and what is wrong with it."""
     where = f"--space {text!r}"
     key, sep, dist = text.partition("=")
     key, dist = key.strip().removeprefix("--"), dist.strip()
@@ -111,9 +108,7 @@ def parse_space(text: str) -> Param:
 
 def _parse_int(text: str) -> int:
     value = float(text)
-    if not value.is_integer():
-        raise ValueError(text)
-    return int(value)
+    return int(value) if value.is_integer() else int(text)  # int("1.5") raises the ValueError
 
 
 def format_value(value: Any) -> str:
@@ -130,9 +125,7 @@ def labels(space: list[Param]) -> dict[str, str]:
 
 def baseline_params(config: dict[str, Any], space: list[Param]) -> tuple[dict[str, Any], list[str]]:
     """The config's own value of every searched key, as a trial's params; and the keys that cannot be.
-
-    A choice matches when its text reads (as YAML) to the config's value (``[512,256]``, ``true``).
-    """
+    A choice matches when its text reads (as YAML) to the config's value (``[512,256]``, ``true``)."""
     params, outside = {}, []
     for p in space:
         node: Any = config
@@ -157,13 +150,8 @@ def _yaml_value(text: str) -> Any:
         return text
 
 
-PRUNERS = {
-    "median": "MedianPruner",
-    "halving": "SuccessiveHalvingPruner",
-    "hyperband": "HyperbandPruner",
-    "threshold": "ThresholdPruner",
-    "none": "NopPruner",
-}
+PRUNERS = dict(median="MedianPruner", halving="SuccessiveHalvingPruner", hyperband="HyperbandPruner",
+               threshold="ThresholdPruner", none="NopPruner")  # fmt: skip
 
 
 def build_pruner(spec: str) -> optuna.pruners.BasePruner:

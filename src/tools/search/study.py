@@ -3,6 +3,7 @@ budget shared by its workers, and trials whose worker died."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -48,16 +49,13 @@ def open_storage(url: str, heartbeat: bool = False) -> optuna.storages.RDBStorag
         kwargs.update(
             heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, heartbeat_stale_trial_callback=retry
         )
-    for attempt in range(5):
-        try:
+    # Workers started together all create the schema of a new database; the losers of that race
+    # fail on a unique constraint and find the schema made on a later try.
+    for _ in range(4):
+        with contextlib.suppress(SQLAlchemyError):
             return optuna.storages.RDBStorage(url, **kwargs)
-        except SQLAlchemyError:
-            # Workers started together all create the schema of a new database; the losers of
-            # that race fail on a unique constraint and find the schema made on a second try.
-            if attempt == 4:
-                raise
-            time.sleep(0.5 + random.random())
-    raise AssertionError  # the loop returns or raises
+        time.sleep(0.5 + random.random())
+    return optuna.storages.RDBStorage(url, **kwargs)
 
 
 def open_study(storage: Any, url: str, name: str, contract: dict[str, Any], **kwargs: Any) -> optuna.Study:

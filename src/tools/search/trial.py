@@ -3,6 +3,7 @@ in a child process and reads its result back from the study's storage."""
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 from dataclasses import dataclass
@@ -32,16 +33,9 @@ class TrialFailed(Exception):
 class Search:
     """What every trial is made of, and the objective that runs one (``study.optimize(search)``)."""
 
-    configs: list[str]
+    args: argparse.Namespace  # the command line, its defaults filled in (study, output, storage, direction)
     extra: list[str]  # the overrides after `--`
     space: list[Param]
-    output: Path
-    study_name: str
-    url: str
-    metric: str
-    pruner: str
-    budget: int
-    max_failures: int
     base: dict[str, Any]  # the command's resolved config, without any searched value
     children: Children
     failures: int = 0  # failed trials in a row
@@ -49,12 +43,12 @@ class Search:
     current: int | None = None  # the trial this worker runs
 
     def folder(self, number: int) -> Path:
-        return self.output / RUNS / f"trial_{number:04d}"
+        return self.args.output / RUNS / f"trial_{number:04d}"
 
     def command(self, values: dict[str, Any], number: int) -> list[str]:
         by_key = {p.key: p for p in self.space}
         return cli_command(
-            self.configs,
+            self.args.config,
             "--trainer.enable_progress_bar=false",  # the console goes to a file
             *self.extra,
             *(by_key[k].override(v) for k, v in values.items()),
@@ -63,16 +57,16 @@ class Search:
             # Appended last, so that `--trainer.callbacks.init_args.*` among the overrides after `--`
             # still address the config's own last callback.
             f"--trainer.callbacks+={CALLBACK}",
-            f"--trainer.callbacks.init_args.study_name={self.study_name}",
+            f"--trainer.callbacks.init_args.study_name={self.args.study}",
             f"--trainer.callbacks.init_args.trial_number={number}",
-            f"--trainer.callbacks.init_args.monitor={self.metric}",
-            f"--trainer.callbacks.init_args.pruner={self.pruner}",
+            f"--trainer.callbacks.init_args.monitor={self.args.metric}",
+            f"--trainer.callbacks.init_args.pruner={self.args.pruner}",
             "--trainer.callbacks.init_args.watch_parent=true",
         )
 
     def __call__(self, trial: optuna.trial.Trial) -> float:
         study = trial.study
-        if not within_budget(study, trial.number, self.budget):
+        if not within_budget(study, trial.number, self.args.trials):
             trial.set_user_attr("note", "not run: the study's last trials were taken by other workers")
             study.stop()
             raise TrialFailed("over the budget")
@@ -87,7 +81,7 @@ class Search:
             trial.set_user_attr(key, value)
         self.current = trial.number
         log = self.folder(trial.number) / "trial.log"
-        env = child_env(**{STORAGE_ENV: self.url, PID_ENV: str(os.getpid())})
+        env = child_env(**{STORAGE_ENV: self.args.storage, PID_ENV: str(os.getpid())})
         done = self.children.run(self.command(values, trial.number), log, env)
         return self._result(trial, done, log)
 
@@ -117,7 +111,7 @@ class Search:
         attrs = stored.user_attrs
         if attrs.get("missing_metric") is not None:
             raise UsageError(
-                f"the runs do not log '{self.metric}' (they log: {', '.join(attrs['missing_metric'])}); "
+                f"the runs do not log '{self.args.metric}' (they log: {', '.join(attrs['missing_metric'])}); "
                 "pass one of those with --metric"
             )
         finite = [v for v in reported.values() if not math.isnan(v)]
@@ -126,14 +120,14 @@ class Search:
             trial.set_user_attr("note", f"pruned after epoch {attrs['pruned_epoch']}")
             raise optuna.TrialPruned()  # Optuna keeps the last reported value
         if not finite:
-            self._failed(trial, f"the run reported no finite '{self.metric}'")
+            self._failed(trial, f"the run reported no finite '{self.args.metric}'")
         self.failures = 0
         return max(finite) if trial.study.direction == optuna.study.StudyDirection.MAXIMIZE else min(finite)
 
     def _failed(self, trial: optuna.trial.Trial, note: str) -> None:
         trial.set_user_attr("note", note)
         self.failures += 1
-        if self.max_failures and self.failures >= self.max_failures:
+        if self.args.max_failures and self.failures >= self.args.max_failures:
             log = self.folder(trial.number) / "trial.log"
             self.stop_reason = f"{self.failures} trials in a row failed; the last: {note} (its output: {log})"
             trial.study.stop()
