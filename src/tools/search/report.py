@@ -3,7 +3,6 @@ trial's config ready for ``--config``, Optuna's plots, and the progress line of 
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,8 @@ from optuna.trial import FrozenTrial, TrialState
 from src.tools.search.space import format_value, labels
 from src.tools.search.study import counted, rerun_of
 from src.tools.search.trial import CALLBACK, Search
+
+DIGITS = {"value": "{:.4f}", "duration_s": "{:.0f}", "cpu_s": "{:.0f}"}  # trials.md; other floats: 4 digits
 
 
 def trial_table(study: optuna.Study, search: Search) -> pd.DataFrame:
@@ -28,29 +29,26 @@ def trial_table(study: optuna.Study, search: Search) -> pd.DataFrame:
     def col(name: str) -> pd.Series:
         return df[name] if name in df else pd.Series([None] * len(df), index=df.index, dtype=object)
 
-    again = rerun_of(study.get_trials(deepcopy=False))
-    notes = []
-    rows = zip(df["number"], df["state"], col("user_attrs_note"), col("user_attrs_exit_code"), strict=True)
-    for number, state, note, code in rows:
-        note = note if isinstance(note, str) else ""
-        if state == "FAIL" and pd.isna(code) and not note.startswith("not run"):  # its worker died first
-            note = "its search process died while it ran"
-        if state == "WAITING":
-            note = "waits to run again" if number in again.values() else "enqueued"
-        notes.append(
-            "; ".join(
-                n for n in (note, f"run again as trial {again[number]}" if number in again else "") if n
-            )
-        )
     out = pd.DataFrame({"trial": df["number"], "state": df["state"], "value": col("value")})
     for p in search.space:
         out[names[p.key]] = col(f"params_{p.key}")
-    out["epochs"] = col("user_attrs_epochs")
+    out["epochs"], out["cpu_s"] = col("user_attrs_epochs"), col("user_attrs_cpu_s")
     out["duration_s"] = pd.to_timedelta(col("duration")).dt.total_seconds().round(1)
-    out["cpu_s"] = col("user_attrs_cpu_s")
     out["run_dir"] = [_shown(r, search.args.output) for r in col("user_attrs_run_dir")]
-    out["note"] = notes
+    again = rerun_of(study.get_trials(deepcopy=False))
+    rows = zip(df["number"], df["state"], col("user_attrs_note"), col("user_attrs_exit_code"), strict=True)
+    out["note"] = [_note(*row, again) for row in rows]
     return out[columns]
+
+
+def _note(number: int, state: str, note: Any, code: Any, again: dict[int, int]) -> str:
+    note = note if isinstance(note, str) else ""
+    if state == "FAIL" and pd.isna(code) and not note.startswith("not run"):  # its worker died first
+        note = "its search process died while it ran"
+    elif state == "WAITING":
+        note = "waits to run again" if number in again.values() else "enqueued"
+    later = f"run again as trial {again[number]}" if number in again else ""
+    return "; ".join(n for n in (note, later) if n)
 
 
 def _shown(run_dir: Any, output: Path) -> str:
@@ -61,35 +59,23 @@ def _shown(run_dir: Any, output: Path) -> str:
 
 def write_tables(study: optuna.Study, search: Search, command: str) -> None:
     """``trials.csv`` (every digit) and ``trials.md`` (rounded, with a header) in the output folder."""
-    table = trial_table(study, search)
+    table, metric, best = trial_table(study, search), search.args.metric, _best(study)
     table.to_csv(search.args.output / "trials.csv", index=False)
 
     def cell(column: str, v: Any) -> str:
-        if v is None or (isinstance(v, float) and pd.isna(v)) or v == "":
+        if v is None or v == "" or (isinstance(v, float) and pd.isna(v)):
             return "" if column in ("note", "run_dir") else "—"
-        if isinstance(v, float):
-            return (
-                f"{v:.0f}"
-                if column in ("duration_s", "cpu_s")
-                else f"{v:.4f}"
-                if column == "value"
-                else f"{v:.4g}"
-            )
-        return str(v).replace("|", "\\|")
+        return DIGITS.get(column, "{:.4g}").format(v) if isinstance(v, float) else str(v).replace("|", "\\|")
 
-    states = table["state"].value_counts().sort_index()
-    best = _best(study)
+    states = ", ".join(f"{k} {v}" for k, v in table["state"].value_counts().sort_index().items())
     best_line = (
-        f"best: trial {best.number}, {search.args.metric} = {best.value:.4f}"
-        if best
-        else "best: no complete trial yet"
+        f"best: trial {best.number}, {metric} = {best.value:.4f}" if best else "best: no complete trial yet"
     )
     lines = [
-        f"# Study `{search.args.study}`: {search.args.metric} ({study.direction.name.lower()}), "
-        f"{len(counted(study))} trials counted",
+        f"# Study `{search.args.study}`: {metric} ({search.args.direction}), {len(counted(study))} trials counted",
         "",
-        f"States: {', '.join(f'{k} {v}' for k, v in states.items())}; {best_line}. "
-        f"`value` is the best {search.args.metric} over the trial's epochs (the last reported one for PRUNED).",
+        f"States: {states}; {best_line}. `value` is the best {metric} over the trial's epochs "
+        "(the last reported one for PRUNED).",
         "",
         f"Command: `{command}`",
         "",
@@ -112,18 +98,16 @@ def write_best_config(study: optuna.Study, search: Search) -> Path | None:
     its loggers, progress bar and testing as in the command's own config. ``None`` when no trial
     completed, or the best one ran on another machine (its run folder is there)."""
     best = _best(study)
-    source = Path(best.user_attrs.get("run_dir") or "/nonexistent") / "config.yaml" if best else None
+    source = Path(best.user_attrs.get("run_dir") or "/nonexistent", "config.yaml") if best else None
     if best is None or not source.is_file():
         return None
     config = yaml.safe_load(source.read_text())
     trainer, own = config["trainer"], search.base["trainer"]
-    trainer["callbacks"] = [
-        c
-        for c in trainer.get("callbacks") or []
-        if not (isinstance(c, dict) and c.get("class_path") == CALLBACK)
+    ours = [
+        c for c in trainer.get("callbacks") or [] if isinstance(c, dict) and c.get("class_path") == CALLBACK
     ]
-    for key in ("logger", "default_root_dir", "enable_progress_bar"):
-        trainer[key] = own.get(key)
+    trainer["callbacks"] = [c for c in trainer.get("callbacks") or [] if c not in ours]
+    trainer.update({key: own.get(key) for key in ("logger", "default_root_dir", "enable_progress_bar")})
     config["test_after_fit"] = search.base.get("test_after_fit")
     values = ", ".join(f"{k}={format_value(v)}" for k, v in best.params.items())
     path = search.args.output / "best_config.yaml"
@@ -144,44 +128,29 @@ def write_plots(study: optuna.Study, search: Search) -> list[str]:
     from optuna.visualization import matplotlib as ovm
 
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    varying = [p.key for p in search.space if len({format_value(t.params.get(p.key)) for t in complete}) > 1]
     if not complete:
         return ["info: no complete trial, so no history.png"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
-        plots = [
-            (
-                "history.png",
-                (7, 4.2),
-                lambda: ovm.plot_optimization_history(study, target_name=search.args.metric),
-            )
-        ]
-        if len(complete) >= 2 and varying:
-            size = (9, 1.6 + 0.45 * len(varying))
-            plots.append(
-                (
-                    "importance.png",
-                    size,
-                    lambda: ovm.plot_param_importances(study, params=varying, target_name=search.args.metric),
-                )
-            )
-        for name, size, plot in plots:
-            ax = plot()
-            ax.figure.set_size_inches(*size)
-            ax.figure.tight_layout()
-            ax.figure.savefig(search.args.output / name, dpi=100)
-            plt.close(ax.figure)
+    varying = [p.key for p in search.space if len({format_value(t.params.get(p.key)) for t in complete}) > 1]
+    metric = search.args.metric
+    plots = {"history.png": (ovm.plot_optimization_history(study, target_name=metric), 4.2)}
+    if len(complete) >= 2 and varying:
+        ax = ovm.plot_param_importances(study, params=varying, target_name=metric)
+        plots["importance.png"] = (ax, 1.6 + 0.45 * len(varying))
+    for name, (ax, height) in plots.items():
+        ax.figure.set_size_inches(7 if name == "history.png" else 9, height)
+        ax.figure.tight_layout()
+        ax.figure.savefig(search.args.output / name, dpi=100)
+        plt.close(ax.figure)
     if len(plots) == 1:
         return ["info: parameter importance needs 2 complete trials with different values; no importance.png"]
     return []
 
 
 def progress_line(study: optuna.Study, search: Search, trial: FrozenTrial) -> str:
-    names = labels(search.space)
+    names, best = labels(search.space), _best(study)
     shown = ", ".join(
         f"{names[k]}={v:.4g}" if isinstance(v, float) else f"{names[k]}={v}" for k, v in trial.params.items()
     )
-    best = _best(study)
     value = "" if trial.value is None else f" {search.args.metric}={trial.value:.4f}"
     note = f" ({trial.user_attrs['note']})" if trial.user_attrs.get("note") else ""
     done = sum(t.state != TrialState.RUNNING for t in counted(study))
