@@ -92,9 +92,6 @@ def test_a_run_is_read_from_its_summary(tmp_path: Path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not (ROOT / "src" / "runtime" / "summary.py").is_file(), reason="needs the runtime's summary.json writer"
-)
 def test_sweep_tabulates_recorded_results_and_resumes(tmp_path: Path):
     out, runs = tmp_path / "sweep", tmp_path / "runs"
     args = [
