@@ -3,7 +3,8 @@
 The server programs come from the ``pgserver`` package (PostgreSQL built into a wheel, in the
 ``dev`` extra: no root, no system package) or, without it, from a PostgreSQL on this machine
 (``initdb`` on ``PATH`` or under ``/usr/lib/postgresql``). PostgreSQL refuses to run as root: as
-root, the server runs as the user ``nobody`` in a folder of its own. The driver is psycopg (3).
+root, the server runs as the user ``nobody`` in a folder of its own under the temporary folder.
+The driver is psycopg (3).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import importlib.util
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -58,6 +60,14 @@ def postgres_server() -> Iterator[str]:
     data, port = folder / "data", _free_port()
     server = None
     try:
+        if user and not all(p.stat().st_mode & 0o001 for p in programs.parents):
+            # `nobody` cannot reach pgserver's programs (a virtualenv under /root, say): a copy it
+            # can reach, with the libraries they load from beside the package (pgserver.libs)
+            site = programs.parents[2]
+            for name in ("pgserver", "pgserver.libs"):
+                if (site / name).is_dir():
+                    shutil.copytree(site / name, folder / "site" / name)
+            programs = folder / "site" / programs.relative_to(site)
         init = subprocess.run(
             [str(programs / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "utf8"],
             user=user, cwd=folder, capture_output=True, text=True,
@@ -74,7 +84,7 @@ def postgres_server() -> Iterator[str]:
         yield url
     finally:
         if server is not None:
-            server.terminate()  # SIGTERM: PostgreSQL's "smart" shutdown, after the clients left
+            server.send_signal(signal.SIGINT)  # PostgreSQL's "fast" shutdown: clients still connected are cut
             try:
                 server.wait(30)
             except subprocess.TimeoutExpired:
