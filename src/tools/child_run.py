@@ -129,11 +129,10 @@ def into_folder(trainer: dict[str, Any], folder: Path) -> list[str]:
             return {**lg, "init_args": {**lg["init_args"], "save_dir": str(folder)}}
         return lg
 
+    new = [moved(lg) for lg in items]
     out = [f"--trainer.default_root_dir={folder}"]
-    if any(moved(lg) is not lg for lg in items):
-        out.append(
-            f"--trainer.logger={json.dumps([moved(lg) for lg in items] if isinstance(loggers, list) else moved(loggers))}"
-        )
+    if new != items:
+        out.append("--trainer.logger=" + json.dumps(new if isinstance(loggers, list) else new[0]))
     return out
 
 

@@ -21,24 +21,20 @@ DIGITS = {"value": "{:.4f}", "duration_s": "{:.0f}", "cpu_s": "{:.0f}"}  # trial
 def trial_table(study: optuna.Study, search: Search) -> pd.DataFrame:
     """One row per trial: number, state, value, the searched values, epochs, times, run folder, note."""
     names = labels(search.space)
-    df = study.trials_dataframe(attrs=("number", "state", "value", "duration", "params", "user_attrs"))
     columns = ["trial", "state", "value", *names.values(), "epochs", "duration_s", "cpu_s", "run_dir", "note"]
+    renamed = {"number": "trial", **{f"params_{k}": v for k, v in names.items()}}
+    renamed.update({f"user_attrs_{k}": k for k in ("epochs", "cpu_s", "run_dir", "note", "exit_code")})
+    df = study.trials_dataframe(attrs=("number", "state", "value", "duration", "params", "user_attrs"))
     if df.empty:
         return pd.DataFrame(columns=columns)
-
-    def col(name: str) -> pd.Series:
-        return df[name] if name in df else pd.Series([None] * len(df), index=df.index, dtype=object)
-
-    out = pd.DataFrame({"trial": df["number"], "state": df["state"], "value": col("value")})
-    for p in search.space:
-        out[names[p.key]] = col(f"params_{p.key}")
-    out["epochs"], out["cpu_s"] = col("user_attrs_epochs"), col("user_attrs_cpu_s")
-    out["duration_s"] = pd.to_timedelta(col("duration")).dt.total_seconds().round(1)
-    out["run_dir"] = [_shown(r, search.args.output) for r in col("user_attrs_run_dir")]
+    df = df.rename(columns=renamed).reindex(columns=[*columns, "duration", "exit_code"])
+    df["duration_s"] = pd.to_timedelta(df["duration"]).dt.total_seconds().round(1)
+    df["run_dir"] = [_shown(r, search.args.output) for r in df["run_dir"]]
     again = rerun_of(study.get_trials(deepcopy=False))
-    rows = zip(df["number"], df["state"], col("user_attrs_note"), col("user_attrs_exit_code"), strict=True)
-    out["note"] = [_note(*row, again) for row in rows]
-    return out[columns]
+    df["note"] = [
+        _note(*row, again) for row in zip(df["trial"], df["state"], df["note"], df["exit_code"], strict=True)
+    ]
+    return df[columns]
 
 
 def _note(number: int, state: str, note: Any, code: Any, again: dict[int, int]) -> str:

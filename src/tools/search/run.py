@@ -51,9 +51,7 @@ def run(search: Search, resumable: list[str], command: str) -> int:
     best_config = write_best_config(study, search)
     for line in write_plots(study, search):
         print(line)
-    written = [f for f in ("trials.md", "trials.csv", "best_config.yaml", "history.png", "importance.png")
-               if (args.output / f).is_file()]  # fmt: skip
-    print(f"wrote {', '.join(written)} in {args.output}")
+    print(f"wrote the trials' tables{', best_config.yaml' if best_config else ''} and plots in {args.output}")
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         raise RunFailure("no trial completed; see trials.md and the trials' trial.log")
     best = study.best_trial
@@ -61,11 +59,10 @@ def run(search: Search, resumable: list[str], command: str) -> int:
     if best_config is None:
         print(f"info: trial {best.number} ran on {best.user_attrs['worker']['host']}: its run folder "
               f"{best.user_attrs.get('run_dir')} is there, and best_config.yaml is written there")  # fmt: skip
-    elif args.final_seeds > 0:
-        print(f"best config: {best_config}")
+        return 0
+    print(f"best config: {best_config}")
+    if args.final_seeds > 0:
         _final_step(search, best_config, best.number)
-    else:
-        print(f"best config: {best_config}")
     return 0
 
 
