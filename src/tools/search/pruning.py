@@ -1,15 +1,9 @@
-"""The callback that every trial of ``python -m src.tools.search`` runs with: report and prune.
-
-The search appends it to each trial's command line (``--trainer.callbacks+=src.tools.search.pruning.OptunaPruning``
-and its ``init_args``). After every validation epoch, rank 0 reports the monitored metric to the
-trial in the study's storage (the trial's results are these reports, whatever the run's loggers)
-and asks the study's pruner whether to stop; the decision goes to every rank, which stop after
-the same epoch. A pruned run ends like an early-stopped one (checkpoints and logs closed, exit 0),
-the decision recorded in the trial's ``pruned_epoch`` attribute for the search to read.
-
-Not optuna-integration's ``PyTorchLightningPruningCallback``: it raises ``TrialPruned`` inside the
-Trainer (a traceback and a failed exit for a CLI run) and, under DDP, needs ``check_pruned()``
-called in the process that runs the study; here the study runs in the search's process.
+"""The callback every trial of ``python -m src.tools.search`` runs with: after each validation
+epoch, rank 0 reports the metric to the trial in the study's storage (the trial's results are these
+reports, whatever the run's loggers) and asks the study's pruner; every rank stops after the same
+epoch when it says so, and the run ends like an early-stopped one (exit 0). Not optuna-integration's
+``PyTorchLightningPruningCallback``: that one raises ``TrialPruned`` inside the Trainer and, under
+DDP, needs ``check_pruned()`` in the process that runs the study (docs/search.md).
 """
 
 from __future__ import annotations
