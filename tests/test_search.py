@@ -534,6 +534,26 @@ def _processes_mentioning(text: str) -> list[int]:
 
 
 @pytest.mark.slow
+def test_failed_trials_are_recorded_and_max_failures_in_a_row_stop_the_search(tmp_path: Path):
+    out = tmp_path / "search"
+    # The parser takes any folder; each run then refuses to write its data cache there (exit 2).
+    space = "data.init_args.cache_dir=choice(/proc/nowhere/a,/proc/nowhere/b)"
+    proc = search("--space", space, "--trials", "3", "--max_failures", "2", "--output", str(out), "--",
+                  "--data.init_args.num_samples=400", "--trainer.max_epochs=1", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (error,) = proc.stderr.strip().splitlines()
+    assert error.startswith(
+        "error: 2 trials in a row failed; the last: exit 2: error: cannot write the data cache"
+    )
+    assert error.endswith(f"(its output: {out / 'runs' / 'trial_0001' / 'trial.log'})")
+    trials = trials_of(out, "mnist1d_resnet_bn")
+    assert [t.state for t in trials] == [TrialState.FAIL] * 2  # failures use no budget: the limit stopped it
+    assert all(t.user_attrs["exit_code"] == 2 and "cannot write" in t.user_attrs["error"] for t in trials)
+    notes = [r["note"] for r in csv.DictReader((out / "trials.csv").open())]
+    assert all(n.startswith("exit 2: error: cannot write the data cache") for n in notes)
+
+
+@pytest.mark.slow
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two CPU processes")
 def test_ddp_trial_without_a_logger_reports_from_rank_0_and_all_ranks_stop_together(
     tmp_path: Path, cache: Path
