@@ -192,6 +192,7 @@ def sweep(
     """Run (or skip, when finished) every variant × seed, then write the summary and the plot."""
     runs_dir = (runs_dir or Path("lightning_logs/ablations") / output.resolve().name).resolve()
     resolved = check_variants(configs, extra, grid)
+    children.check("interrupted: no run was started")
     results = []
     todo = [(name, ovr, s) for name, ovr in variants(grid) for s in range(seeds)]
     for i, (name, overrides, seed) in enumerate(todo, 1):

@@ -75,6 +75,7 @@ def print_configs(argvs: list[list[str]]) -> list[Parsed]:
         capture_output=True,
         text=True,
         env=child_env(),
+        start_new_session=True,  # a Ctrl-C reaches the tool, which stops once the parser has answered
     )
     try:
         results = json.loads(proc.stdout.strip().splitlines()[-1])
