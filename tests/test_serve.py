@@ -35,6 +35,7 @@ from src.tools.inference import load_for_inference  # noqa: E402
 from tests.helpers.cli import ROOT  # noqa: E402
 from tests.helpers.serving import (  # noqa: E402
     CONFIG_NAMES,
+    FAULT,
     HOLD,
     cli_predictions,
     held_checkpoint,
@@ -445,6 +446,16 @@ def test_a_small_request_is_answered_while_a_large_one_is_read(servers, tmp_path
         release.touch()
         thread.join(timeout=60)
     assert held["response"].status_code == 200 and len(held["response"].json()["predictions"]) == 2
+
+
+def test_a_fault_in_the_datamodule_gets_a_500_json_answer_and_the_server_keeps_serving(servers):
+    server = servers("held")  # its DataModule raises ZeroDivisionError on the input "fault"
+    r = server.client.post("/predict", json={"inputs": [[0.0] * 40, FAULT]})
+    assert (
+        r.status_code == 500 and "ZeroDivisionError: a bug in parse_raw_input" in r.json()["detail"]["error"]
+    )
+    after = server.client.post("/predict", json={"inputs": [[0.0] * 40]})
+    assert after.status_code == 200 and connection_of(after) == connection_of(r)
 
 
 def test_health_and_info(servers):

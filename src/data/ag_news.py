@@ -284,7 +284,10 @@ class AGNews(HubDataModule):
 
     def check_fitted(self) -> None:
         if self.vocab is None:
-            raise DataError("it carries no AG News vocabulary (the AGNews state is missing).")
+            raise DataError(
+                "no AG News vocabulary (AGNews vocab): it is fitted on the training part and travels in the "
+                "checkpoints fit writes."
+            )
 
     def parse_raw_input(self, value: Any) -> np.ndarray:
         """A text (a JSON string) → the ids of its first ``max_length`` tokens."""

@@ -182,7 +182,8 @@ class FashionMNIST(HubDataModule):
     def check_fitted(self) -> None:
         if self.mean is None or self.std is None:
             raise DataError(
-                "it carries no Fashion-MNIST normalisation (the FashionMNIST mean/std are missing)."
+                "no Fashion-MNIST normalisation (FashionMNIST mean/std): it is fitted on the training part in "
+                "setup() and travels in the checkpoints fit writes."
             )
 
     def parse_raw_input(self, value: Any) -> np.ndarray:

@@ -291,8 +291,8 @@ class RequestGuard:
             return
         except Exception as err:  # a fault in the DataModule's parse_raw_input: say so, keep serving
             log.exception("reading a request failed")
-            fault = InputError(f"the server failed to read the inputs: {type(err).__name__}: {err}", 500)
-            await _reject(scope, receive, send, fault)
+            detail = {"error": f"the server failed to read the inputs: {type(err).__name__}: {err}"}
+            await JSONResponse({"detail": detail}, status_code=500)(scope, receive, send)
             return
         replayed = False
 

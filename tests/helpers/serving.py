@@ -109,13 +109,17 @@ def cli_predictions(ckpt: Path, workdir: Path, *extra: str) -> list[dict[str, ob
 
 
 HOLD = "hold until "
+FAULT = "fault"
 
 
 class HeldSignals(MNIST1D):
     """MNIST-1D whose raw input ``"hold until <path>"`` is read only once ``<path>`` exists (an all-zero
-    signal then); while it waits, ``<path>.waiting`` exists. Other inputs are read as MNIST1D reads them."""
+    signal then); while it waits, ``<path>.waiting`` exists. The input ``"fault"`` raises an error no
+    DataModule should (a bug). Other inputs are read as MNIST1D reads them."""
 
     def parse_raw_input(self, value: Any) -> np.ndarray:
+        if value == FAULT:
+            raise ZeroDivisionError("a bug in parse_raw_input")
         if isinstance(value, str) and value.startswith(HOLD):
             release = Path(value[len(HOLD) :])
             release.with_name(release.name + ".waiting").touch()
@@ -138,4 +142,12 @@ def held_checkpoint(root: Path) -> Path:
     return path
 
 
-__all__ = ["CONFIG_NAMES", "HOLD", "cli_predictions", "held_checkpoint", "run_module", "tiny_checkpoint"]
+__all__ = [
+    "CONFIG_NAMES",
+    "FAULT",
+    "HOLD",
+    "cli_predictions",
+    "held_checkpoint",
+    "run_module",
+    "tiny_checkpoint",
+]
