@@ -30,6 +30,7 @@ import yaml
 
 from tests.helpers.cli import ROOT, env, refused, run_cli, run_module, warnings_in
 from tests.helpers.data import blob_center, tiny_toy_blobs
+from tests.helpers.faults import assert_same_state
 from tests.helpers.serving import cli_predictions
 from tests.pair import CONFIG
 from tests.pair.toy_data import CLASS_NAMES
@@ -76,18 +77,6 @@ def last_ckpt(save_dir: Path) -> Path:
     found = sorted(save_dir.rglob("last.ckpt"))
     assert len(found) == 1, f"expected one run with a last.ckpt under {save_dir}: {found}"
     return found[0]
-
-
-def assert_same_weights(reference: Path, resumed: Path) -> None:
-    """The same step, epoch, weights and optimiser moments (1e-6)."""
-    a, b = (torch.load(p, weights_only=True) for p in (reference, resumed))
-    assert (a["global_step"], a["epoch"]) == (b["global_step"], b["epoch"])
-    for key, value in a["state_dict"].items():
-        assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-6, rtol=0), key
-    for sa, sb in zip(
-        a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values(), strict=True
-    ):
-        assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-6, rtol=0) for k in sa)
 
 
 @dataclass
@@ -143,7 +132,7 @@ def test_a_sigkill_mid_epoch_resumes_to_the_uninterrupted_run(fitted: Fitted, tm
     assert torch.load(last_ckpt(tmp_path / "logs"), weights_only=True)["global_step"] == 7
     out = run_cli(*args, "--ckpt_path=last", cwd=tmp_path)
     assert "Restored all states" in out.stdout + out.stderr
-    assert_same_weights(fitted.ckpt, last_ckpt(tmp_path / "logs"))
+    assert_same_state(fitted.ckpt, last_ckpt(tmp_path / "logs"))
 
 
 @pytest.mark.xfail(
@@ -166,7 +155,7 @@ def test_a_run_resumes_after_its_data_folder_moved(fitted: Fitted, tmp_path: Pat
     before.rename(after)
     out = run_cli(*args, f"--data.init_args.data_root={after}", "--ckpt_path=last", cwd=tmp_path)
     assert "Restored all states" in out.stdout + out.stderr
-    assert_same_weights(fitted.ckpt, last_ckpt(tmp_path / "logs"))
+    assert_same_state(fitted.ckpt, last_ckpt(tmp_path / "logs"))
 
 
 # ---------------------------------------------------------------------------------- from the checkpoint alone
