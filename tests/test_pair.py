@@ -45,8 +45,6 @@ RAW = CENTERS + [
 ]
 PROB_ATOL = 2e-6  # predictions.csv rounds probabilities to 6 decimals
 
-SERVE_XFAIL = pytest.mark.xfail(strict=True, reason="issue 22: serve helper does not support a new pair yet")
-
 
 def fit_args(root: Path, save_dir: Path, *extra: str) -> list[str]:
     """A deterministic fit of the pair on the tiny blobs under ``root`` (``extra`` overrides them)."""
@@ -195,7 +193,6 @@ def test_checkpoint_only_predict_classifies_raw_vectors_without_the_data(
 
 
 # ---------------------------------------------------------------------------------- export and serve
-@SERVE_XFAIL
 def test_onnx_export_passes_parity_and_gives_predicts_probabilities(
     fitted: Fitted, predicted: list[dict], tmp_path: Path
 ):
@@ -255,7 +252,6 @@ def serving(ckpt: Path, log: Path) -> Iterator[str]:
             proc.wait()
 
 
-@SERVE_XFAIL
 def test_serve_answers_raw_vectors_with_the_probabilities_predict_gives(
     fitted: Fitted, predicted: list[dict], tmp_path: Path
 ):
