@@ -365,8 +365,9 @@ class ClassificationDataModule(LightningDataModule):
         """One raw JSON value → one sample as a NumPy array, ready for :meth:`raw_inputs_to_batch`.
 
         Runs in the server's HTTP process, in threads, for every input before it is queued for the
-        model: no torch, no side effects, and cheap. Raise :class:`~src.data.raw_inputs.RawInputError` saying what is
-        wrong. Default: a nested list of finite numbers of shape :attr:`input_shape`, as float32.
+        model: no torch, no side effects, and cheap. Raise
+        :class:`~src.data.raw_inputs.RawInputError` saying what is wrong. Default: a nested list of
+        finite numbers of shape :attr:`input_shape`, as float32.
         """
         return float_array(value, self.input_shape)
 
@@ -376,7 +377,9 @@ class ClassificationDataModule(LightningDataModule):
         return self._eval_transform(torch.from_numpy(np.stack(samples)))
 
     def example_inputs(self, n: int, generator: torch.Generator) -> Tensor:
-        """``n`` synthetic model inputs (the export's parity check, when the test data is gone)."""
+        """``n`` synthetic model inputs (the export's parity check, when the test data is gone).
+        Default: standard-normal features through :meth:`transform_batch`; a DataModule with a
+        variable axis in :attr:`input_shape` overrides it."""
         return self._eval_transform(torch.randn(n, *self.input_shape, generator=generator))
 
     def _eval_transform(self, x: Tensor) -> Tensor:
