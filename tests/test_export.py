@@ -1,4 +1,5 @@
-"""`python -m src.tools.export`: ONNX/TorchScript export with a sidecar, parity with the checkpoint, clean failures.
+"""`python -m src.tools.export`: ONNX and torch.export (.pt2) export with a sidecar, parity with the
+checkpoint, clean failures.
 
 Needs the serve extra (onnx, onnxscript, onnxruntime); skipped without it. The tiny checkpoints come
 from tests/helpers/serving.py (fitted once per session, ~40 s for the four configs).
@@ -21,8 +22,9 @@ ort = pytest.importorskip("onnxruntime", reason="the serve extra (onnxruntime) i
 onnx = pytest.importorskip("onnx", reason="the serve extra (onnx) is not installed")
 pytest.importorskip("onnxscript", reason="the serve extra (onnxscript, for torch.onnx) is not installed")
 
+from src.runtime.errors import UsageError  # noqa: E402
 from src.tools import export as ex  # noqa: E402
-from src.tools.inference import encoder_for, load_for_inference, sample_inputs  # noqa: E402
+from src.tools.inference import load_for_inference  # noqa: E402
 from tests.helpers.serving import CONFIG_NAMES, run_module, tiny_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.slow  # each test trains or serves a model in a subprocess
@@ -44,10 +46,11 @@ def test_onnx_export_matches_the_checkpoint_through_onnxruntime(name: str, runs_
 
     meta = json.loads((out / "model.json").read_text(encoding="utf-8"))
     model, datamodule = load_for_inference(ckpt)
-    encoder = encoder_for(datamodule)
+    spec = datamodule.model_input_spec()
     assert meta["format_version"] == ex.FORMAT_VERSION
     assert meta["class_names"] == list(model.class_names)
-    assert meta["inputs"] == [encoder.input_spec()] and meta["inputs"][0]["shape"][0] == "batch"
+    assert meta["inputs"] == [spec] and spec["shape"][0] == "batch"
+    assert meta["preprocessing"]["self_contained"]  # every shipped DataModule describes its steps
     assert meta["parity"]["passed"] and meta["parity"]["samples"] > 1
 
     # BatchNorm and dropout in inference form: no Dropout node, no BatchNormalization in training mode
@@ -57,16 +60,14 @@ def test_onnx_export_matches_the_checkpoint_through_onnxruntime(name: str, runs_
         if node.op_type == "BatchNormalization":
             assert all(not (a.name == "training_mode" and a.i) for a in node.attribute)
     dims = graph.input[0].type.tensor_type.shape.dim
-    assert dims[0].dim_param == "batch"
-    if encoder.kind == "text":
-        assert dims[1].dim_param == "sequence"
+    assert [d.dim_param or d.dim_value for d in dims] == spec["shape"]  # "batch" (and "sequence") dynamic
 
     # The same check here, on real samples in batches of several sizes (and text lengths).
-    x, _, real = sample_inputs(datamodule, encoder, 64)
+    batches, _, real = ex.parity_batches(datamodule, 64)
     assert real
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    for batch in ex.parity_batches(x, encoder):
-        got = session.run(None, {encoder.input_name: batch.numpy()})[0]
+    for batch in batches:
+        got = session.run(None, {spec["name"]: batch.numpy()})[0]
         with torch.inference_mode():
             want = model(batch).numpy()
         assert got.shape == want.shape
@@ -123,45 +124,46 @@ def test_text_sidecar_encodes_raw_text_without_project_code(runs_root: Path, tmp
         "Ünïcödé 東京 ☃ — “quoted” ‘single’",
     ]
     model, datamodule = load_for_inference(ckpt)
-    encoder = encoder_for(datamodule)
     ids = _sidecar_encode(texts, meta)
-    np.testing.assert_array_equal(ids, encoder.encode(texts).numpy())
+    served = datamodule.raw_inputs_to_batch([datamodule.parse_raw_input(t) for t in texts])
+    np.testing.assert_array_equal(ids, served.numpy())  # as the server encodes them ...
+    predict_ids, _ = datamodule.encode_texts(texts)
+    np.testing.assert_array_equal(ids, predict_ids.numpy())  # ... and `predict` does
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     logits = session.run(None, {"token_ids": ids})[0]
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
     with torch.inference_mode():
-        want = torch.softmax(model(encoder.encode(texts)), -1).numpy()
+        want = torch.softmax(model(served), -1).numpy()
     np.testing.assert_allclose(probs, want, atol=1e-5)
 
 
 def test_image_sidecar_normalisation_is_the_datamodules(runs_root: Path, tmp_path: Path):
     ckpt = tiny_checkpoint("fashion_mnist_mlp_bn", runs_root)
     _, datamodule = load_for_inference(ckpt)
-    encoder = encoder_for(datamodule)
-    norm = encoder.describe()["normalisation"]
+    norm = datamodule.describe_raw_inputs()["normalisation"]
     assert (norm["mean"], norm["std"]) == (datamodule.mean, datamodule.std)
     pixels = torch.randint(0, 256, (3, 28, 28), dtype=torch.uint8)
     from_json = (pixels.numpy().astype(np.float32) * norm["scale"] - norm["mean"]) / norm["std"]
     expected = datamodule.transform_batch((pixels,), training=False)[0]
     np.testing.assert_allclose(from_json, expected.numpy(), rtol=0, atol=1e-6)
-    assert torch.equal(encoder.encode(list(pixels.numpy())), expected)
+    served = datamodule.raw_inputs_to_batch([datamodule.parse_raw_input(p.tolist()) for p in pixels])
+    assert torch.equal(served, expected)
 
 
-# ---------------------------------------------------------------------- TorchScript
-def test_torchscript_export_matches_the_checkpoint(runs_root: Path, tmp_path: Path):
+# ---------------------------------------------------------------------- torch.export (.pt2)
+def test_pt2_export_round_trips_with_parity(runs_root: Path, tmp_path: Path):
     ckpt = tiny_checkpoint("ag_news_cnn_bn", runs_root)  # dynamic batch and sequence axes
-    out = tmp_path / "ts"
-    proc = run_module(
-        "src.tools.export", "--ckpt_path", str(ckpt), "--format", "torchscript", "--output", str(out)
-    )
-    assert "parity (torch.jit.load vs PyTorch)" in proc.stdout and ": PASS" in proc.stdout
-    assert json.loads((out / "model.json").read_text())["model"]["file"] == "model.pt"
-    module = torch.jit.load(str(out / "model.pt"))
+    out = tmp_path / "pt2"
+    proc = run_module("src.tools.export", "--ckpt_path", str(ckpt), "--format", "pt2", "--output", str(out))
+    assert "parity (torch.export.load vs PyTorch)" in proc.stdout and ": PASS" in proc.stdout, proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.pt2"]
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["model"]["file"] == "model.pt2" and meta["parity"]["passed"]
+    module = torch.export.load(str(out / "model.pt2")).module()
     model, datamodule = load_for_inference(ckpt)
-    encoder = encoder_for(datamodule)
-    for texts in (["one"], ["Stocks rise on oil", "", "coach league " * 20]):
-        x = encoder.encode(texts)
+    for texts in (["one"], ["Stocks rise on oil", "", "coach league " * 20]):  # other batch sizes and lengths
+        x = datamodule.raw_inputs_to_batch([datamodule.parse_raw_input(t) for t in texts])
         with torch.inference_mode():
             torch.testing.assert_close(module(x), model(x), rtol=0, atol=ex.DEFAULT_TOLERANCE)
 
@@ -196,9 +198,9 @@ def test_bad_or_mismatched_checkpoints_stop_with_a_message_and_write_nothing(run
         "no normalisation": "no Fashion-MNIST normalisation",
     }
     for case, path in _bad_checkpoints(good, tmp_path).items():  # in-process: fast
-        with pytest.raises(ex.ExportError, match=re.escape(messages[case])) as info:
+        with pytest.raises(UsageError, match=re.escape(messages[case])) as info:
             ex.export(path, "onnx", tmp_path / "out" / case, log=lambda _: None)
-        assert info.value.status == 2, case
+        assert info.value.exit_code == 2, case
         assert not (tmp_path / "out").exists(), case
     for case in ("truncated", "mismatched"):  # as a user runs it: one message, exit status 2
         path = _bad_checkpoints(good, tmp_path)[case]
@@ -228,14 +230,14 @@ def test_unwritable_or_existing_output_folders(runs_root: Path, tmp_path: Path):
     if os.geteuid() != 0:  # root writes anywhere
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
-        with pytest.raises(ex.ExportError, match="cannot write the output folder"):
+        with pytest.raises(UsageError, match="cannot write the output folder"):
             ex.export(ckpt, "onnx", locked / "out", log=lambda _: None)
         assert list(locked.iterdir()) == []
 
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
-    with pytest.raises(ex.ExportError, match="--overwrite"):
+    with pytest.raises(UsageError, match="--overwrite"):
         ex.export(ckpt, "onnx", existing, log=lambda _: None)
     assert [p.name for p in existing.iterdir()] == ["keep.txt"]
     ex.export(ckpt, "onnx", existing, overwrite=True, samples=8, log=lambda _: None)
@@ -257,6 +259,7 @@ def test_a_failed_parity_check_writes_nothing(runs_root: Path, tmp_path: Path, m
         ex.export(ckpt, "onnx", out, samples=16, log=lambda _: None)
     # the figure itself, not its printed digits (other CPUs round the last one differently)
     assert float(re.search(r"difference\| (\S+)", str(caught.value)).group(1)) > 0.1
+    assert caught.value.exit_code == 1
     assert not (tmp_path / "parent").exists()
 
 
@@ -265,6 +268,7 @@ def test_parity_falls_back_to_synthetic_inputs_without_the_data(runs_root: Path,
     _, datamodule = load_for_inference(ckpt)
     datamodule.data_dir = str(tmp_path / "moved")  # the data and its decoded cache are gone
     datamodule.cache_dir = tmp_path / "no_cache"
-    x, source, real = sample_inputs(datamodule, encoder_for(datamodule), 10)
-    assert not real and x.shape == (10, 28, 28) and "synthetic" in source and "not available" in source
+    batches, source, real = ex.parity_batches(datamodule, 10)
+    assert not real and "synthetic" in source and "not available" in source
+    assert [tuple(b.shape) for b in batches] == [(1, 28, 28), (2, 28, 28), (7, 28, 28)]
     shutil.rmtree(tmp_path / "no_cache", ignore_errors=True)

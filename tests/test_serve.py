@@ -1,9 +1,11 @@
 """`python -m src.tools.serve`: the real LitServe server in a subprocess, called over HTTP.
 
 Predictions equal ``python -m src.cli predict`` on the same inputs for every config; concurrent
-requests; bad requests answered with a 4xx JSON while the server keeps serving; SIGTERM/SIGINT
-shutdown; bad checkpoint and busy port. Needs the serve extra (litserve, httpx); skipped without it.
-A server takes ~10 s to start on a 2-core machine; each is started once for the module.
+requests; bad requests answered with a 4xx JSON saying what was wrong, on the same keep-alive
+connection, while the server keeps serving; a small request answered while a large one is still
+being read; SIGTERM/SIGINT shutdown; bad checkpoint and busy port. Needs the serve extra (litserve,
+httpx); skipped without it. A server takes ~10 s to start on a 2-core machine; each is started
+once for the module.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +33,15 @@ httpx = pytest.importorskip("httpx", reason="the serve extra (httpx) is not inst
 
 from src.tools.inference import load_for_inference  # noqa: E402
 from tests.helpers.cli import ROOT  # noqa: E402
-from tests.helpers.serving import CONFIG_NAMES, cli_predictions, run_module, tiny_checkpoint  # noqa: E402
+from tests.helpers.serving import (  # noqa: E402
+    CONFIG_NAMES,
+    FAULT,
+    HOLD,
+    cli_predictions,
+    held_checkpoint,
+    run_module,
+    tiny_checkpoint,
+)
 
 pytestmark = pytest.mark.slow  # each test trains or serves a model in a subprocess
 
@@ -135,13 +147,15 @@ def servers(runs_root: Path, tmp_path_factory: pytest.TempPathFactory):
     logs = tmp_path_factory.mktemp("server_logs")
 
     def get(name: str) -> Server:
+        """The server of config ``name``'s tiny checkpoint, or of :func:`held_checkpoint` (``"held"``)."""
         if name not in started:
             args = ("--max_request_bytes", str(MAX_BYTES), "--max_inputs", str(MAX_INPUTS))
             if (
                 name == "ag_news_cnn_bn"
             ):  # two inference workers (and HTTP processes) for the concurrency test
                 args += ("--workers", "2")
-            started[name] = Server(tiny_checkpoint(name, runs_root), logs / f"{name}.log", *args)
+            ckpt = held_checkpoint(runs_root) if name == "held" else tiny_checkpoint(name, runs_root)
+            started[name] = Server(ckpt, logs / f"{name}.log", *args)
         return started[name]
 
     yield get
@@ -262,51 +276,110 @@ def _chunks(data: bytes, size: int = 65536):
         yield data[i : i + size]
 
 
+def png_bomb(width: int, height: int) -> str:
+    """A valid base64 PNG of ``width``x``height`` black 1-bit pixels: a few dozen KB that PIL's
+    decompression-bomb guard refuses to open when it is large."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\0" * (1 + (width + 7) // 8)  # filter byte, then the packed bits
+    packer = zlib.compressobj(9)
+    data = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+    return base64.b64encode(png).decode()
+
+
+def connection_of(response: httpx.Response) -> tuple[str, int]:
+    """The client end (address, port) of the connection that carried ``response``."""
+    return response.extensions["network_stream"].get_extra_info("client_addr")
+
+
 def test_bad_requests_get_a_4xx_json_answer_and_the_server_keeps_serving(servers, runs_root: Path):
     server = servers("fashion_mnist_mlp_bn")
     good = [[[0] * 28] * 28]
     client = server.client
     json_type = {"Content-Type": "application/json"}
+    bomb = png_bomb(20000, 20000)
+    assert len(bomb) < MAX_BYTES // 2  # under the size limit: PIL's guard is what refuses it
+    # case: (response, status, words of the message)
     cases = {
-        "wrong shape": (client.post("/predict", json={"inputs": [[[0] * 28] * 27]}), 422),
-        "pixel out of range": (client.post("/predict", json={"inputs": [[[300] * 28] * 28]}), 422),
-        "0-1 float pixels": (client.post("/predict", json={"inputs": [[[0.5] * 28] * 28]}), 422),
+        "wrong shape": (client.post("/predict", json={"inputs": [[[0] * 28] * 27]}), 422, "shape 27x28"),
+        "pixel out of range": (
+            client.post("/predict", json={"inputs": [[[300] * 28] * 28]}),
+            422,
+            "0 to 255",
+        ),
+        "0-1 float pixels": (client.post("/predict", json={"inputs": [[[0.5] * 28] * 28]}), 422, "integers"),
         "NaN pixels": (
             client.post(
                 "/predict", content=b'{"inputs": [[' + b",".join([b"NaN"] * 784) + b"]]}", headers=json_type
             ),
             422,
+            "integers",
         ),
         "not an image": (
             client.post("/predict", json={"inputs": [base64.b64encode(b"GIF89a nope").decode()]}),
             422,
+            "not a readable 28x28 image",
         ),
-        "wrong image size": (client.post("/predict", json={"inputs": [png_base64(np.zeros((32, 32)))]}), 422),
-        "a text": (client.post("/predict", json={"inputs": ["a shirt"]}), 422),
-        "empty body": (client.post("/predict", content=b"", headers=json_type), 400),
+        "wrong image size": (
+            client.post("/predict", json={"inputs": [png_base64(np.zeros((32, 32)))]}),
+            422,
+            "the image is 32x32, expected 28x28",
+        ),
+        "decompression bomb": (client.post("/predict", json={"inputs": [bomb]}), 422, "decompression bomb"),
+        "a text": (client.post("/predict", json={"inputs": ["a shirt"]}), 422, "base64"),
+        "empty body": (client.post("/predict", content=b"", headers=json_type), 400, "empty"),
         "non-UTF-8 body": (
             client.post("/predict", content=b'{"inputs": ["\xff\xfe"]}', headers=json_type),
             400,
+            "not UTF-8",
         ),
-        "not JSON": (client.post("/predict", content=b"{inputs: [1, 2", headers=json_type), 400),
-        "no inputs key": (client.post("/predict", json={"input": good}), 400),
-        "inputs not a list": (client.post("/predict", json={"inputs": good[0][0][0]}), 400),
-        "no inputs": (client.post("/predict", json={"inputs": []}), 400),
-        "too many inputs": (client.post("/predict", json={"inputs": good * (MAX_INPUTS + 1)}), 413),
-        "too large": (client.post("/predict", content=b" " * (MAX_BYTES + 1), headers=json_type), 413),
+        "not JSON": (client.post("/predict", content=b"{inputs: [1, 2", headers=json_type), 400, "not JSON"),
+        "nested 2,000 deep": (
+            client.post(
+                "/predict", content=b'{"inputs": ' + b"[" * 2000 + b"]" * 2000 + b"}", headers=json_type
+            ),
+            400,
+            "nested too deeply",
+        ),
+        "an integer of 5,000 digits": (
+            client.post("/predict", content=b'{"inputs": [' + b"9" * 5000 + b"]}", headers=json_type),
+            400,
+            "digits",
+        ),
+        "no inputs key": (client.post("/predict", json={"input": good}), 400, '{"inputs"'),
+        "inputs not a list": (client.post("/predict", json={"inputs": good[0][0][0]}), 400, "a list"),
+        "no inputs": (client.post("/predict", json={"inputs": []}), 400, "empty"),
+        "too many inputs": (
+            client.post("/predict", json={"inputs": good * (MAX_INPUTS + 1)}),
+            413,
+            f"at most {MAX_INPUTS}",
+        ),
+        "too large": (
+            client.post("/predict", content=b" " * (MAX_BYTES + 1), headers=json_type),
+            413,
+            f"at most {MAX_BYTES} are accepted",
+        ),
         "too large, streamed": (
             client.post(
                 "/predict", content=_chunks(b'{"inputs": [' + b"0," * MAX_BYTES + b"0]}"), headers=json_type
             ),
             413,
+            f"at most {MAX_BYTES} are accepted",
         ),
     }
-    for case, (response, status) in cases.items():
+    for case, (response, status, words) in cases.items():
         assert response.status_code == status, (case, response.status_code, response.text)
         detail = response.json()["detail"]
-        assert isinstance(detail["error"], str) and detail["error"], case
-        assert len(server.predict(good)) == 1, case  # still serving
+        assert words in detail["error"], (case, detail)
+        after = client.post("/predict", json={"inputs": good})  # still serving ...
+        assert after.status_code == 200 and len(after.json()["predictions"]) == 1, case
+        assert connection_of(after) == connection_of(response), case  # ... on the same keep-alive connection
     assert cases["wrong shape"][0].json()["detail"]["input_index"] == 0
+    assert "Traceback" not in server.log.read_text()
 
     # A bad request arriving among good ones fails alone (not its whole server batch).
     statuses: list[int] = []
@@ -324,28 +397,69 @@ def test_bad_requests_get_a_4xx_json_answer_and_the_server_keeps_serving(servers
     assert sorted(statuses) == [200] * 12 + [422]
 
 
-def test_text_that_is_not_utf8_is_refused(servers, runs_root: Path):
+def test_bad_texts_are_refused(servers, runs_root: Path):
     server = servers("ag_news_cnn_bn")
     lone_surrogate = b'{"inputs": ["fine", "\\ud800 broken"]}'  # valid JSON, not valid UTF-8 text
     r = server.client.post("/predict", content=lone_surrogate, headers={"Content-Type": "application/json"})
-    assert r.status_code == 400 and r.json()["detail"]["input_index"] == 1, r.text
+    assert r.status_code == 422 and r.json()["detail"]["input_index"] == 1, r.text
+    assert "not valid UTF-8" in r.json()["detail"]["error"]
     r = server.client.post("/predict", json={"inputs": ["fine", 42]})
-    assert r.status_code == 422 and "text" in r.json()["detail"]["error"]
+    assert r.status_code == 422 and "expected a text" in r.json()["detail"]["error"]
     r = server.client.post(
         "/predict", content=b'{"inputs": [Infinity]}', headers={"Content-Type": "application/json"}
     )
-    assert r.status_code == 422 and "text" in r.json()["detail"]["error"]
+    assert r.status_code == 422 and "expected a text" in r.json()["detail"]["error"]
+    # the tiny model reads 30 tokens: a text of more than 100 characters per token is refused
+    r = server.client.post("/predict", json={"inputs": ["fine", "word " * 700]})
+    assert r.status_code == 422 and r.json()["detail"]["input_index"] == 1, r.text
+    assert "the text has 3,500 characters; at most 3,000" in r.json()["detail"]["error"]
     # curl -d sends a form content type: the body is read as JSON all the same
     r = server.client.post(
         "/predict",
-        content=json.dumps({"inputs": ["oil"]}),
+        content=json.dumps({"inputs": ["oil", "word " * 600]}),
         headers={"Content-Type": "application/x-www-form-urlencoded"},
     )
-    assert r.status_code == 200 and len(r.json()["predictions"]) == 1
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 2
+
+
+def test_a_small_request_is_answered_while_a_large_one_is_read(servers, tmp_path: Path):
+    server = servers("held")  # its DataModule reads the input "hold until <file>" once <file> exists
+    release = tmp_path / "release"
+    waiting = tmp_path / "release.waiting"
+    held: dict[str, httpx.Response] = {}
+
+    def post_held() -> None:
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            held["response"] = client.post("/predict", json={"inputs": [[0.5] * 40, f"{HOLD}{release}"]})
+
+    thread = threading.Thread(target=post_held)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not waiting.exists():  # the server is reading the held request now
+            assert time.monotonic() < deadline and thread.is_alive(), held
+            time.sleep(0.02)
+        answers = [server.client.post("/predict", json={"inputs": [[float(i)] * 40]}) for i in range(3)]
+        assert [r.status_code for r in answers] == [200] * 3
+        assert thread.is_alive() and not held  # answered while the held request was still being read
+    finally:
+        release.touch()
+        thread.join(timeout=60)
+    assert held["response"].status_code == 200 and len(held["response"].json()["predictions"]) == 2
+
+
+def test_a_fault_in_the_datamodule_gets_a_500_json_answer_and_the_server_keeps_serving(servers):
+    server = servers("held")  # its DataModule raises ZeroDivisionError on the input "fault"
+    r = server.client.post("/predict", json={"inputs": [[0.0] * 40, FAULT]})
+    assert (
+        r.status_code == 500 and "ZeroDivisionError: a bug in parse_raw_input" in r.json()["detail"]["error"]
+    )
+    after = server.client.post("/predict", json={"inputs": [[0.0] * 40]})
+    assert after.status_code == 200 and connection_of(after) == connection_of(r)
 
 
 def test_health_and_info(servers):
-    server = servers("mnist1d_resnet_bn")
+    server = servers("held")
     assert server.client.get("/health").text == "ok"
     info = server.client.get("/info").json()["model"]
     assert info["class_names"] == [str(i) for i in range(10)] and info["request"].startswith('{"inputs"')

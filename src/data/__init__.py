@@ -5,6 +5,7 @@ from src.data.base import ClassificationDataModule, DataError, TensorBatches
 from src.data.fashion_mnist import FashionMNIST
 from src.data.hub import DataSourceError, HubDataModule
 from src.data.mnist1d import MNIST1D
+from src.data.raw_inputs import RawInputError
 
 __all__ = [
     "AGNews",
@@ -14,5 +15,6 @@ __all__ = [
     "FashionMNIST",
     "HubDataModule",
     "MNIST1D",
+    "RawInputError",
     "TensorBatches",
 ]

@@ -11,20 +11,38 @@ part only and travels in the checkpoint, so ``test``/``predict --ckpt_path`` nee
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from src.data.base import DataError, Split
 from src.data.hub import HubDataModule, check_labels
-from src.data.text import TOKENIZER_VERSION, Vocabulary, fingerprint, numericalize, text_to_tokens, trim_batch
+from src.data.raw_inputs import RawInputError, type_name
+from src.data.text import (
+    PAD_ID,
+    TOKENIZER_VERSION,
+    UNK_ID,
+    Vocabulary,
+    fingerprint,
+    numericalize,
+    pad_ids,
+    text_ids,
+    text_to_tokens,
+    tokenizer_description,
+    trim_batch,
+)
 from src.runtime.value_types import PositiveInt
 
 AG_NEWS_SCHEMA = "Pass data in the AG News schema (text, and label as a class index)."
 
 AG_NEWS_CLASSES = ["World", "Sports", "Business", "Sci/Tech"]
+# A raw text sent to the server may hold this many characters per token the model reads: far more
+# than the kept tokens take, while bounding the tokenizer's work on one input.
+CHARS_PER_KEPT_TOKEN = 100
 
 
 class AGNews(HubDataModule):
@@ -253,6 +271,67 @@ class AGNews(HubDataModule):
     def collate(self, batch: Split) -> Split:
         ids, labels, lengths = batch
         return trim_batch(ids, lengths, self.min_batch_length), labels, lengths
+
+    # ------------------------------------------------------------------ raw inputs (export, serve)
+    @property
+    def input_shape(self) -> tuple[str]:
+        return ("sequence",)
+
+    @property
+    def max_raw_chars(self) -> int:
+        """The longest raw text the server accepts (:data:`CHARS_PER_KEPT_TOKEN` per kept token)."""
+        return CHARS_PER_KEPT_TOKEN * self.max_length
+
+    def check_fitted(self) -> None:
+        if self.vocab is None:
+            raise DataError(
+                "no AG News vocabulary (AGNews vocab): it is fitted on the training part and travels in the "
+                "checkpoints fit writes."
+            )
+
+    def parse_raw_input(self, value: Any) -> np.ndarray:
+        """A text (a JSON string) → the ids of its first ``max_length`` tokens."""
+        if not isinstance(value, str):
+            raise RawInputError(f"expected a text (a JSON string), got {type_name(value)}.")
+        if len(value) > self.max_raw_chars:
+            raise RawInputError(
+                f"the text has {len(value):,} characters; at most {self.max_raw_chars:,} are accepted (the "
+                f"model reads its first {self.max_length} tokens). Send the start of the text."
+            )
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:  # a lone surrogate ("\ud800") decodes from JSON but is not text
+            raise RawInputError(f"not valid UTF-8 text ({err.reason}).") from None
+        return np.asarray(text_ids(value, self.get_vocab(), self.max_length), dtype=np.int64)
+
+    def raw_inputs_to_batch(self, samples: Sequence[np.ndarray]) -> Tensor:
+        """Right-padded to the longest text (at least ``min_batch_length``), as ``predict`` batches them."""
+        return pad_ids(samples, self.min_batch_length)[0]
+
+    def example_inputs(self, n: int, generator: torch.Generator) -> Tensor:
+        width = max(self.min_batch_length, 12)
+        ids = torch.randint(2, len(self.get_vocab()), (n, width), generator=generator)
+        lengths = torch.randint(0, width + 1, (n,), generator=generator)
+        return ids.masked_fill(torch.arange(width) >= lengths.unsqueeze(1), PAD_ID)
+
+    def describe_raw_inputs(self) -> dict[str, Any]:
+        return {
+            "kind": "text",
+            "raw_input": f"a UTF-8 text of at most {self.max_raw_chars} characters",
+            "normalisation": None,
+            "tokenizer": tokenizer_description(),
+            "vocabulary": list(self.get_vocab().itos),
+            "pad_id": PAD_ID,
+            "unk_id": UNK_ID,
+            "max_length": self.max_length,
+            "min_length": self.min_batch_length,
+            "steps": [
+                "tokens = tokenize(preprocess(text))[:max_length]",
+                "ids = [vocabulary.index(token) if token in vocabulary else unk_id for token in tokens]",
+                "right-pad every text's ids with pad_id to the longest in the batch, but at least min_length",
+            ],
+            "self_contained": True,
+        }
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:

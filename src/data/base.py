@@ -4,6 +4,10 @@ Every dataset here fits in memory, so the default path keeps each split as tenso
 training device and slices mini-batches from them (:class:`TensorBatches`): no per-sample
 ``__getitem__``, no worker processes, no per-batch host-to-device copies. ``loader="dataloader"``
 switches to a plain ``torch.utils.data.DataLoader`` for comparison or for data that does not fit.
+
+The base also says how one raw input (a JSON value sent to the server, or described in an export's
+sidecar) becomes a model input: by default a nested list of numbers with one sample's shape, put
+through the same eval-time :meth:`~ClassificationDataModule.transform_batch` as ``predict``.
 """
 
 from __future__ import annotations
@@ -11,16 +15,18 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from src.data.raw_inputs import float_array
 from src.runtime.errors import UsageError
 from src.runtime.value_types import NonNegativeInt, PositiveInt, to_plain
 
@@ -342,6 +348,75 @@ class ClassificationDataModule(LightningDataModule):
         trainer = getattr(self, "trainer", None)
         training = bool(trainer is not None and trainer.training)
         return self.transform_batch(tuple(batch), training=training)
+
+    # ------------------------------------------------------------------ raw inputs (export, serve)
+    # The default is for fixed-shape float features; image and text DataModules override it.
+    @property
+    def input_shape(self) -> tuple[int | str, ...]:
+        """One sample's shape as the model reads it; a string names a variable axis (``"sequence"``)."""
+        return (self.input_size,)
+
+    def check_fitted(self) -> None:
+        """Raise :class:`DataError` naming what is missing when state fitted on the training data
+        (a normalisation, a vocabulary) is absent: a DataModule rebuilt from a checkpoint must not
+        go looking for its data. Nothing is fitted by default."""
+
+    def parse_raw_input(self, value: Any) -> np.ndarray:
+        """One raw JSON value → one sample as a NumPy array, ready for :meth:`raw_inputs_to_batch`.
+
+        Runs in the server's HTTP process, in threads, for every input before it is queued for the
+        model: no torch, no side effects, and cheap. Raise
+        :class:`~src.data.raw_inputs.RawInputError` saying what is wrong. Default: a nested list of
+        finite numbers of shape :attr:`input_shape`, as float32.
+        """
+        return float_array(value, self.input_shape)
+
+    def raw_inputs_to_batch(self, samples: Sequence[np.ndarray]) -> Tensor:
+        """Samples from :meth:`parse_raw_input` → the model's input batch, as ``predict`` feeds it:
+        stacked, then :meth:`transform_batch` at eval time."""
+        return self._eval_transform(torch.from_numpy(np.stack(samples)))
+
+    def example_inputs(self, n: int, generator: torch.Generator) -> Tensor:
+        """``n`` synthetic model inputs (the export's parity check, when the test data is gone).
+        Default: standard-normal features through :meth:`transform_batch`; a DataModule with a
+        variable axis in :attr:`input_shape` overrides it."""
+        return self._eval_transform(torch.randn(n, *self.input_shape, generator=generator))
+
+    def _eval_transform(self, x: Tensor) -> Tensor:
+        # with placeholder labels: a transform may unpack (inputs, labels)
+        return self.transform_batch((x, torch.zeros(len(x), dtype=torch.long)), training=False)[0]
+
+    def model_input_spec(self) -> dict[str, Any]:
+        """Name, dtype and shape of the model's input tensor (variable axes named: ``"batch"``, ...)."""
+        tokens = self.input_kind == "tokens"
+        return {
+            "name": "token_ids" if tokens else "input",
+            "dtype": "int64" if tokens else "float32",
+            "shape": ["batch", *self.input_shape],
+        }
+
+    def describe_raw_inputs(self) -> dict[str, Any]:
+        """How a raw input becomes a model input, for an export's sidecar and the server's ``/info``.
+
+        ``self_contained`` says whether the steps are complete without this project's code: the
+        default cannot describe an overridden :meth:`transform_batch`, so a DataModule that
+        normalises at eval time overrides this to state its statistics.
+        """
+        shape = [d for d in self.input_shape if isinstance(d, int)]
+        identity = type(self).transform_batch is ClassificationDataModule.transform_batch
+        where = f"{type(self).__module__}.{type(self).__qualname__}.transform_batch"
+        return {
+            "kind": "features",
+            "raw_input": f"a list of {shape[0]} numbers"
+            if len(shape) == 1
+            else f"a nested list of numbers of shape {shape}",
+            "normalisation": None,
+            "steps": [
+                f"stack the inputs into a float32 (batch, {', '.join(map(str, shape))}) array",
+                "nothing else" if identity else f"then {where}(batch, training=False): this project's code",
+            ],
+            "self_contained": identity,
+        }
 
 
 # ---------------------------------------------------------------------------------- tensor caches

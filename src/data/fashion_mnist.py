@@ -6,11 +6,14 @@
 
 The PNGs are decoded once into a uint8 tensor cache (60,000×28×28 is 47 MB); batches are
 normalised on the device with the mean/std of the training part, so no per-sample PIL decoding
-happens while training.
+happens while training. A raw input (export, serve) is a PNG or a pixel array, decoded by the same
+:func:`open_image` and normalised by the same :meth:`FashionMNIST.transform_batch`.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import warnings
 from pathlib import Path
@@ -20,8 +23,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from src.data.base import Split, load_cache, save_cache
+from src.data.base import DataError, Split, load_cache, save_cache
 from src.data.hub import DataSourceError, HubDataModule, check_labels
+from src.data.raw_inputs import RawInputError, number_array, type_name
 from src.runtime.value_types import NonNegativeInt
 
 IMAGE_SIZE = 28
@@ -170,6 +174,76 @@ class FashionMNIST(HubDataModule):
             x = torch.where(flip, x.flip(-1), x)
         return ((x.float() - self.mean) / self.std, *rest)
 
+    # ------------------------------------------------------------------ raw inputs (export, serve)
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        return (IMAGE_SIZE, IMAGE_SIZE)
+
+    def check_fitted(self) -> None:
+        if self.mean is None or self.std is None:
+            raise DataError(
+                "no Fashion-MNIST normalisation (FashionMNIST mean/std): it is fitted on the training part in "
+                "setup() and travels in the checkpoints fit writes."
+            )
+
+    def parse_raw_input(self, value: Any) -> np.ndarray:
+        """A base64 PNG (or ``{"png": "<base64>"}``), or a 28×28 array (or 784 values) of integer
+        pixels 0-255 → a (28, 28) uint8 image."""
+        if isinstance(value, dict) and set(value) == {"png"}:
+            value = value["png"]
+        if isinstance(value, str):
+            try:
+                raw = base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError) as err:
+                raise RawInputError(f"not valid base64 ({err}).") from None
+            try:
+                return open_image(raw)
+            except ImageError as err:
+                if err.size is not None:
+                    w, h = err.size
+                    raise RawInputError(
+                        f"the image is {w}x{h}, expected {IMAGE_SIZE}x{IMAGE_SIZE}."
+                    ) from None
+                raise RawInputError(f"not a readable {IMAGE_SIZE}x{IMAGE_SIZE} image ({err}).") from None
+        if not isinstance(value, list):
+            raise RawInputError(
+                f"expected a base64 PNG string or a {IMAGE_SIZE}x{IMAGE_SIZE} array of pixels 0-255, got "
+                f"{type_name(value)}."
+            )
+        what = f"a {IMAGE_SIZE}x{IMAGE_SIZE} array (or {IMAGE_SIZE * IMAGE_SIZE} values) of pixels 0-255"
+        pixels = number_array(value, what)
+        if pixels.shape == (IMAGE_SIZE * IMAGE_SIZE,):
+            pixels = pixels.reshape(IMAGE_SIZE, IMAGE_SIZE)
+        if pixels.shape != (IMAGE_SIZE, IMAGE_SIZE):
+            raise RawInputError(f"expected {what}, got shape {'x'.join(map(str, pixels.shape))}.")
+        # Integers 0-255 only: the model was trained on uint8 pixels (a 0-1 float image would be
+        # silently misread as almost black).
+        with np.errstate(invalid="ignore"):
+            integral = pixels.dtype.kind in "iu" or bool((np.mod(pixels, 1) == 0).all())
+        if not (integral and pixels.min() >= 0 and pixels.max() <= 255):
+            raise RawInputError("pixel values must be integers from 0 to 255.")
+        return pixels.astype(np.uint8)
+
+    def example_inputs(self, n: int, generator: torch.Generator) -> Tensor:
+        pixels = torch.randint(0, 256, (n, IMAGE_SIZE, IMAGE_SIZE), generator=generator, dtype=torch.uint8)
+        return self._eval_transform(pixels)
+
+    def describe_raw_inputs(self) -> dict[str, Any]:
+        return {
+            "kind": "image",
+            "raw_input": f"a {IMAGE_SIZE}x{IMAGE_SIZE} grayscale image: PNG, or pixel values 0-255",
+            "normalisation": {"mean": self.mean, "std": self.std, "scale": 1.0},
+            "steps": [
+                "decode the image and convert it to 8-bit grayscale (PIL mode 'L') if it is not",
+                f"pixels as float32 on the 0-255 scale (scale 1.0: not divided by 255), shape ({IMAGE_SIZE}, "
+                f"{IMAGE_SIZE})",
+                "x = (pixel * scale - mean) / std",
+                f"stack into a (batch, {IMAGE_SIZE}, {IMAGE_SIZE}) float32 array",
+            ],
+            "self_contained": True,
+        }
+
+    # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         if self.mean is not None and self.std is not None:
@@ -185,11 +259,38 @@ class FashionMNIST(HubDataModule):
         self._source_key = state_dict.get("source_key", self._source_key)
 
 
+class ImageError(Exception):
+    """An image that cannot be used: unreadable, or (``size`` set) not 28×28."""
+
+    def __init__(self, reason: str, size: tuple[int, int] | None = None) -> None:
+        super().__init__(reason)
+        self.size = size
+
+
+def open_image(source: bytes | str) -> np.ndarray:
+    """One encoded image (bytes, or a file path) → a ``(28, 28)`` uint8 array, converted to 8-bit
+    grayscale (PIL mode ``L``) if it is not. Its size is checked before any pixel is decoded.
+
+    Raises:
+        ImageError: the image is unreadable, too large for PIL to open safely, or not 28×28.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            if img.size != (IMAGE_SIZE, IMAGE_SIZE):
+                raise ImageError(f"{img.size[0]}x{img.size[1]}", size=img.size)
+            return np.asarray(img if img.mode == "L" else img.convert("L"), dtype=np.uint8)
+    except Image.DecompressionBombError as err:  # PIL refuses to open it: its size is all we know
+        raise ImageError(f"too large to open safely: {err}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ImageError(f"{type(err).__name__}: {err}") from None
+
+
 def decode_images(part: Any, split: str) -> Tensor:
     """Decode a split's PNG column once into a ``(N, 28, 28)`` uint8 tensor; a missing, undecodable or
     wrongly sized image is a :class:`DataSourceError` naming the split and the row."""
     import datasets
-    from PIL import Image, UnidentifiedImageError
 
     hint = "Pass Fashion-MNIST parquet files (image: a 28×28 grayscale PNG per row)."
     raw = part.cast_column("image", datasets.Image(decode=False))["image"]
@@ -199,17 +300,16 @@ def decode_images(part: Any, split: str) -> Tensor:
         if not source:
             raise DataSourceError(f"Image {i} of the {split} split is empty (null). {hint}")
         try:
-            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
-                if img.size != (IMAGE_SIZE, IMAGE_SIZE):
-                    raise DataSourceError(
-                        f"Image {i} of the {split} split is {img.size[0]}×{img.size[1]}, not "
-                        f"{IMAGE_SIZE}×{IMAGE_SIZE}. {hint}"
-                    )
-                out[i] = np.asarray(img if img.mode == "L" else img.convert("L"))
-        except (UnidentifiedImageError, OSError) as err:
+            out[i] = open_image(source)
+        except ImageError as err:
+            if err.size is not None:
+                w, h = err.size
+                raise DataSourceError(
+                    f"Image {i} of the {split} split is {w}×{h}, not {IMAGE_SIZE}×{IMAGE_SIZE}. {hint}"
+                ) from None
             raise DataSourceError(
                 f"Image {i} of the {split} split is not a readable image ({err}). {hint}"
-            ) from err
+            ) from None
     return torch.from_numpy(out)
 
 

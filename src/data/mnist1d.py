@@ -100,6 +100,16 @@ class MNIST1D(ClassificationDataModule):
         x, *rest = batch
         return (random_circular_shift(x, self.shift_augment), *rest)
 
+    def describe_raw_inputs(self) -> dict[str, Any]:
+        # transform_batch only augments in training: a raw signal is the model's input as it is
+        return {
+            **super().describe_raw_inputs(),
+            "kind": "signal",
+            "raw_input": f"a list of {self.input_size} numbers (an MNIST-1D signal)",
+            "steps": ["stack the signals into a float32 (batch, length) array; no normalisation"],
+            "self_contained": True,
+        }
+
 
 def random_circular_shift(x: Tensor, max_shift: int) -> Tensor:
     """Roll each signal in ``x`` (batch, length) by its own random offset in [-max_shift, max_shift]."""

@@ -40,6 +40,8 @@ _URL = re.compile(r"(?:https?://|www\.)\S+")
 # A word (letters/digits of any script), an English clitic ('s, 't, 're, ...), or one
 # punctuation character. Punctuation stays as tokens: "(reuters)" and "$" carry topic signal.
 _TOKEN = re.compile(r"'(?:s|t|re|ve|ll|d|m)\b|\w+|[^\w\s]")
+# Typographic quotes and dashes → ASCII.
+_QUOTES = {0x2018: "'", 0x2019: "'", 0x201C: '"', 0x201D: '"', 0x2014: " - ", 0x97: " - "}
 
 
 def preprocess(text: str) -> str:
@@ -64,7 +66,7 @@ def preprocess(text: str) -> str:
     text = html.unescape(text)
     text = _TAG.sub(" ", text)
     text = _URL.sub(" ", text)
-    text = text.translate({0x2018: "'", 0x2019: "'", 0x201C: '"', 0x201D: '"', 0x2014: " - ", 0x97: " - "})
+    text = text.translate(_QUOTES)
     return " ".join(text.lower().split())
 
 
@@ -145,14 +147,29 @@ class Vocabulary:
         return cls.from_state_dict(json.loads(Path(path).read_text(encoding="utf-8")))
 
 
+def text_ids(text: str, vocab: Vocabulary, max_length: int) -> list[int]:
+    """One raw text → the ids of its first ``max_length`` tokens (the start is kept: the title comes
+    first in AG News)."""
+    return vocab.encode(text_to_tokens(text)[:max_length])
+
+
+def pad_ids(encoded: Sequence[Sequence[int]], min_width: int = 1) -> tuple[Tensor, Tensor]:
+    """Id lists → a right-padded ``(N, L)`` id tensor and their ``(N,)`` lengths; ``L`` is the longest
+    list, but at least ``min_width`` (the widest convolution filter). An empty list is all padding."""
+    lengths = torch.tensor([len(e) for e in encoded], dtype=torch.long)
+    width = max([min_width, *lengths.tolist()]) if len(encoded) else min_width
+    ids = torch.full((len(encoded), width), PAD_ID, dtype=torch.long)
+    for i, e in enumerate(encoded):
+        if len(e):
+            ids[i, : len(e)] = torch.as_tensor(e, dtype=torch.long)
+    return ids, lengths
+
+
 def numericalize(
     texts: Sequence[str], vocab: Vocabulary, max_length: int, min_width: int = 1
 ) -> tuple[Tensor, Tensor]:
-    """Turn raw texts into a right-padded ``(N, L)`` id tensor and their ``(N,)`` token counts.
-
-    Texts longer than ``max_length`` tokens are truncated (their start is kept: the title comes
-    first in AG News). ``L`` is the longest kept text, but at least ``min_width`` (the widest
-    convolution filter). An empty text has length 0 and only padding.
+    """Turn raw texts into a right-padded ``(N, L)`` id tensor and their ``(N,)`` token counts:
+    :func:`text_ids` of each text, then :func:`pad_ids`.
 
     Args:
         texts: raw texts (preprocessed and tokenized here).
@@ -162,14 +179,30 @@ def numericalize(
     """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
-    encoded = [vocab.encode(text_to_tokens(t)[:max_length]) for t in texts]
-    lengths = torch.tensor([len(e) for e in encoded], dtype=torch.long)
-    width = max([min_width, *lengths.tolist()]) if encoded else min_width
-    ids = torch.full((len(encoded), width), PAD_ID, dtype=torch.long)
-    for i, e in enumerate(encoded):
-        if e:
-            ids[i, : len(e)] = torch.tensor(e, dtype=torch.long)
-    return ids, lengths
+    return pad_ids([text_ids(t, vocab, max_length) for t in texts], min_width)
+
+
+def tokenizer_description() -> dict[str, Any]:
+    """:func:`text_to_tokens` step by step, with its patterns (Python ``re``), for an export's sidecar:
+    enough to tokenize a raw text without this project's code."""
+    return {
+        "version": TOKENIZER_VERSION,
+        "lowercase": True,
+        # preprocess(), in order
+        "preprocess": [
+            {"step": "replace", "pattern": _BACKSLASHES.pattern, "with": " "},
+            {"step": "prefix_entities", "pattern": _BARE_ENTITY.pattern, "with": "&\\1"},
+            {"step": "html_unescape", "note": "Python html.unescape"},
+            {"step": "replace", "pattern": _TAG.pattern, "with": " "},
+            {"step": "replace", "pattern": _URL.pattern, "with": " "},
+            {"step": "translate", "table": {chr(k): v for k, v in _QUOTES.items()}},
+            {"step": "lowercase", "note": "Python str.lower"},
+            {"step": "collapse_whitespace", "note": "' '.join(text.split())"},
+        ],
+        "empty_text": "an empty or missing text gives no tokens",
+        "token_pattern": _TOKEN.pattern,
+        "tokenize": "re.findall(token_pattern, text): words, English clitics, single punctuation marks",
+    }
 
 
 def trim_batch(ids: Tensor, lengths: Tensor, min_width: int = 1) -> Tensor:

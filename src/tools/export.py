@@ -1,27 +1,28 @@
-"""Export a trained checkpoint's model to ONNX or TorchScript, with a JSON sidecar and a parity check.
+"""Export a trained checkpoint's model to ONNX or ``torch.export`` (``.pt2``), with a JSON sidecar and
+a parity check.
 
     python -m src.tools.export --ckpt_path lightning_logs/<run>/version_0/checkpoints/last.ckpt
-    python -m src.tools.export --ckpt_path <ckpt> --format torchscript --output exported/fashion
+    python -m src.tools.export --ckpt_path <ckpt> --format pt2 --output exported/fashion
     python -m src.tools.export --ckpt_path <ckpt> --output exported/ag_news --overwrite --samples 512
 
 The output folder (default: ``<checkpoint folder>/<checkpoint name>-<format>/``) holds
 
-- ``model.onnx`` (or ``model.pt``, TorchScript): the network in inference form (BatchNorm with its
-  running statistics, dropout off) taking the encoded input batch and returning logits, with a
-  dynamic batch axis (and a dynamic sequence axis for text);
-- ``model.json``: everything needed to feed it without this project's code: class names, input and
-  output spec (symbolic dims), the preprocessing (Fashion-MNIST mean/std; for AG News the
-  tokenizer's steps and patterns, the vocabulary, max/min length and pad/unk ids), and the parity
-  result.
+- ``model.onnx`` (or ``model.pt2``, a ``torch.export`` program): the network in inference form
+  (BatchNorm with its running statistics, dropout off) taking the model's input batch and returning
+  logits, with a dynamic batch axis (and a dynamic sequence axis for text);
+- ``model.json``: everything needed to feed it: class names, input and output spec (symbolic
+  dims), the preprocessing as the DataModule describes it (``describe_raw_inputs``: Fashion-MNIST's
+  mean/std; AG News's tokenizer steps and patterns, vocabulary, max/min length and pad/unk ids), and
+  the parity result.
 
-Before anything is written, the exported file is loaded back (onnxruntime, or ``torch.jit.load``)
-and compared with the checkpoint's PyTorch model on real inputs (the checkpoint's test split;
-synthetic inputs, with a notice, when that data is not available) in batches of several sizes:
-the largest logit difference must stay within ``--tolerance`` and every argmax must agree. The
-folder is written under a temporary name next to the target and renamed into place, so a failure
-(bad checkpoint, exporter error, parity failure, unwritable folder) leaves nothing half-written.
-Errors print one ``error: ...`` message; exit status 2 for bad arguments, checkpoints or output
-folders, 1 when the export itself or the parity check fails.
+Before anything is written, the exported file is loaded back (onnxruntime, or ``torch.export.load``)
+and compared with the checkpoint's PyTorch model on real inputs (the checkpoint's test split, batched
+and transformed as ``predict`` does; synthetic inputs, with a notice, when that data is not
+available) in batches of several sizes: the largest logit difference must stay within
+``--tolerance`` and every argmax must agree. The folder is written under a temporary name next to
+the target and renamed into place, so a failure (bad checkpoint, exporter error, parity failure,
+unwritable folder) leaves nothing half-written. Errors print one ``error: ...`` line; exit status
+2 for bad arguments, checkpoints or output folders, 1 when the export itself or the parity check fails.
 
 ONNX needs the ``serve`` extra (``pip install -e ".[serve]"``: onnx, onnxscript, onnxruntime).
 """
@@ -37,7 +38,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -48,22 +48,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from src.data.base import ClassificationDataModule
 from src.runtime.devices import cpu_threads
-from src.tools.inference import InferenceError, InputEncoder, encoder_for, load_for_inference, sample_inputs
+from src.runtime.errors import RunFailure, UsageError, exit_on_error
+from src.tools.inference import load_for_inference
 
 FORMAT_VERSION = 1
-FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
+FORMATS = {"onnx": "model.onnx", "pt2": "model.pt2"}
 SIDECAR = "model.json"
 DEFAULT_TOLERANCE = 1e-4  # absolute, on logits (float32 kernels of two runtimes differ by ~1e-6)
 OUTPUT_NAME = "logits"
 
 
-class ExportError(RuntimeError):
-    """An export that could not be done; ``status`` is the exit status the command uses."""
-
-    def __init__(self, message: str, status: int = 1) -> None:
-        super().__init__(message)
-        self.status = status
+class ExportError(RunFailure):
+    """The exporter or the parity check failed (exit 1); bad arguments are :class:`UsageError`."""
 
 
 @dataclass
@@ -101,11 +99,9 @@ def inference_network(model: nn.Module) -> nn.Module:
     return net
 
 
-def _dynamic_dims(encoder: InputEncoder) -> dict[int, Any]:
-    dims: dict[int, Any] = {0: torch.export.Dim("batch", min=1)}
-    if encoder.kind == "text":
-        dims[1] = torch.export.Dim("sequence", min=1)
-    return dims
+def _dynamic_dims(spec: dict[str, Any]) -> dict[int, Any]:
+    """``torch.export`` dims for the input's named (variable) axes: ``"batch"``, ``"sequence"``, ..."""
+    return {i: torch.export.Dim(d, min=1) for i, d in enumerate(spec["shape"]) if isinstance(d, str)}
 
 
 def _example(batch: Tensor) -> Tensor:
@@ -114,14 +110,14 @@ def _example(batch: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------ writers and runners
-def write_onnx(net: nn.Module, example: Tensor, encoder: InputEncoder, path: Path) -> dict[str, Any]:
-    """Export with the ``torch.export``-based exporter; return facts for the sidecar."""
+def write_onnx(net: nn.Module, example: Tensor, spec: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Export with the ``torch.export``-based ONNX exporter; return facts for the sidecar."""
     try:
-        import onnx  # noqa: F401
+        import onnx
         import onnxscript  # noqa: F401
     except ImportError as err:
-        raise ExportError(
-            f"ONNX export needs the serve extra ({err.name} is not installed): pip install -e '.[serve]'", 2
+        raise UsageError(
+            f"ONNX export needs the serve extra ({err.name} is not installed): pip install -e '.[serve]'"
         ) from err
     log = io.StringIO()
     # The exporter logs a warning per torchvision operator it cannot register (torchvision is not needed).
@@ -133,9 +129,9 @@ def write_onnx(net: nn.Module, example: Tensor, encoder: InputEncoder, path: Pat
                 net,
                 (example,),
                 dynamo=True,
-                input_names=[encoder.input_name],
+                input_names=[spec["name"]],
                 output_names=[OUTPUT_NAME],
-                dynamic_shapes=(_dynamic_dims(encoder),),
+                dynamic_shapes=(_dynamic_dims(spec),),
                 external_data=False,
                 verbose=False,
             )
@@ -143,26 +139,30 @@ def write_onnx(net: nn.Module, example: Tensor, encoder: InputEncoder, path: Pat
     except Exception as err:
         tail = "\n".join(log.getvalue().strip().splitlines()[-5:])
         raise ExportError(
-            f"the ONNX exporter failed: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
-            + (f"\n{tail}" if tail else "")
+            f"the ONNX exporter failed: {_first_line(err)}" + (f"\n{tail}" if tail else "")
         ) from err
-    import onnx
-
     proto = onnx.load(str(path))
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     return {"opset": opset}
 
 
-def write_torchscript(net: nn.Module, example: Tensor, path: Path) -> dict[str, Any]:
-    """Trace the network (shapes stay dynamic: no Python branch of these models depends on them)."""
+def write_pt2(net: nn.Module, example: Tensor, spec: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``torch.export.export`` the network with the input's dynamic axes and ``torch.export.save`` it."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch 2.13 marks torch.jit as deprecated
-            traced = torch.jit.trace(net, (example,), check_trace=False)
-            torch.jit.save(traced, str(path))
+            warnings.simplefilter("ignore")
+            program = torch.export.export(net, (example,), dynamic_shapes=(_dynamic_dims(spec),))
+            torch.export.save(program, str(path))
     except Exception as err:
-        raise ExportError(f"TorchScript tracing failed: {type(err).__name__}: {err}") from err
+        raise ExportError(f"torch.export failed: {_first_line(err)}") from err
     return {}
+
+
+def _first_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+
+
+WRITERS = {"onnx": write_onnx, "pt2": write_pt2}
 
 
 def load_runner(path: Path, fmt: str) -> tuple[Callable[[Tensor], Tensor], str]:
@@ -179,40 +179,59 @@ def load_runner(path: Path, fmt: str) -> tuple[Callable[[Tensor], Tensor], str]:
             return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
 
         return run_onnx, f"onnxruntime {ort.__version__}"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        module = torch.jit.load(str(path), map_location="cpu")
+    module = torch.export.load(str(path)).module()
 
-    def run_script(x: Tensor) -> Tensor:
+    def run_program(x: Tensor) -> Tensor:
         with torch.inference_mode():
             return module(x)
 
-    return run_script, "torch.jit.load"
+    return run_program, "torch.export.load"
 
 
-def parity_batches(x: Tensor, encoder: InputEncoder) -> list[Tensor]:
-    """Split samples into batches of several sizes (1, 2, 7, then up to 128) to exercise the dynamic
-    axes; text batches are trimmed to their longest text, as ``predict`` trims them."""
+def batch_sizes(n: int) -> list[int]:
+    """Batches of several sizes (1, 2, 7, then up to 128) covering ``n`` samples, to exercise the
+    dynamic axes."""
     sizes, start = [], 0
     for size in (1, 2, 7):
-        if start + size <= len(x):
+        if start + size <= n:
             sizes.append(size)
             start += size
-    while start < len(x):
-        sizes.append(min(128, len(x) - start))
+    while start < n:
+        sizes.append(min(128, n - start))
         start += sizes[-1]
-    batches, start = [], 0
-    for size in sizes:
-        batch = x[start : start + size]
-        start += size
-        if encoder.kind == "text":
-            from src.data.text import PAD_ID
+    return sizes
 
-            real = (batch != PAD_ID).any(dim=0).nonzero()
-            width = max(int(real.max()) + 1 if len(real) else 0, getattr(encoder, "min_length", 1))
-            batch = batch[:, :width]
-        batches.append(batch)
-    return batches
+
+def parity_batches(
+    datamodule: ClassificationDataModule, samples: int, seed: int = 0
+) -> tuple[list[Tensor], str, bool]:
+    """Model inputs for the parity check, in batches of :func:`batch_sizes`.
+
+    Up to ``samples`` samples of the checkpoint's test split, each batch collated and transformed as
+    ``predict`` does it (text batches trimmed to their longest text, so the sequence axis varies too);
+    ``samples`` synthetic inputs (``example_inputs``) when the data source cannot be read (moved,
+    offline). Returns the batches, where they come from (and why), and whether they are real.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            datamodule.prepare_data()
+            datamodule.setup("test")
+            split = datamodule.splits["test"]
+        batches, start = [], 0
+        for size in batch_sizes(min(samples, len(split[0]))):
+            batch = datamodule.collate(tuple(t[start : start + size] for t in split))
+            batches.append(datamodule.transform_batch(batch, training=False)[0].cpu())
+            start += size
+        return batches, f"{start} samples of the test split", True
+    except Exception as err:  # any data-source failure: check on synthetic inputs instead, and say so
+        generator = torch.Generator().manual_seed(seed)
+        batches = [datamodule.example_inputs(size, generator) for size in batch_sizes(samples)]
+        return (
+            batches,
+            f"{samples} synthetic inputs (the test data is not available: {_first_line(err)})",
+            False,
+        )
 
 
 def check_parity(
@@ -242,7 +261,7 @@ def check_parity(
 # ------------------------------------------------------------------------------ sidecar
 def sidecar(
     model: nn.Module,
-    encoder: InputEncoder,
+    datamodule: ClassificationDataModule,
     fmt: str,
     facts: dict[str, Any],
     parity: Parity,
@@ -263,10 +282,10 @@ def sidecar(
         },
         "checkpoint": {"file": ckpt_path.name, "sha256": _sha256(ckpt_path)},
         "class_names": names,
-        "inputs": [encoder.input_spec()],
+        "inputs": [datamodule.model_input_spec()],
         "outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", len(names)]}],
         "postprocessing": "softmax over the last axis gives the class probabilities; argmax indexes class_names",
-        "preprocessing": encoder.describe(),
+        "preprocessing": datamodule.describe_raw_inputs(),
         "parity": {**asdict(parity), "passed": parity.passed},
     }
 
@@ -295,42 +314,31 @@ def export(
 ) -> tuple[Path, Parity]:
     """Export, check parity, and move the finished folder into place. See the module docstring."""
     if fmt not in FORMATS:
-        raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}", 2)
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if samples < 1:
-        raise ExportError(f"--samples must be >= 1, got {samples}", 2)
+        raise UsageError(f"--samples must be >= 1, got {samples}")
     if not tolerance >= 0:
-        raise ExportError(f"--tolerance must be >= 0, got {tolerance}", 2)
+        raise UsageError(f"--tolerance must be >= 0, got {tolerance}")
     ckpt = Path(ckpt_path)
-    try:
-        model, datamodule = load_for_inference(ckpt)
-        encoder = encoder_for(datamodule)
-    except InferenceError as err:
-        raise ExportError(str(err), 2) from err
+    model, datamodule = load_for_inference(ckpt)
     target = Path(output) if output is not None else default_output(ckpt, fmt)
     if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
-        raise ExportError(
-            f"the output folder {str(target)!r} exists and is not empty. Pass --overwrite or another --output.",
-            2,
+        raise UsageError(
+            f"the output folder {str(target)!r} exists and is not empty. Pass --overwrite or another --output."
         )
+    spec = datamodule.model_input_spec()
     tmp, created = _make_temp_folder(target)
     try:
-        x, source, real = sample_inputs(datamodule, encoder, samples)
+        batches, source, real = parity_batches(datamodule, samples)
         if not real:
             log(f"notice: checking parity on {source}")
-        batches = parity_batches(x, encoder)
-        net = inference_network(model)
-        example = _example(max(batches, key=len))
         file = tmp / FORMATS[fmt]
-        facts = (
-            write_onnx(net, example, encoder, file)
-            if fmt == "onnx"
-            else write_torchscript(net, example, file)
-        )
+        facts = WRITERS[fmt](inference_network(model), _example(max(batches, key=len)), spec, file)
         run, runtime = load_runner(file, fmt)
         parity = check_parity(model, run, runtime, batches, source, tolerance)
         if not parity.passed:
             raise ExportError(f"{parity.summary()}. Nothing was written.")
-        description = sidecar(model, encoder, fmt, facts, parity, ckpt)
+        description = sidecar(model, datamodule, fmt, facts, parity, ckpt)
         (tmp / SIDECAR).write_text(
             json.dumps(description, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
         )
@@ -341,19 +349,22 @@ def export(
             with contextlib.suppress(OSError):
                 folder.rmdir()
         if isinstance(err, OSError):
-            raise ExportError(f"cannot write the output folder {str(target)!r}: {err}", 2) from err
+            raise UsageError(f"cannot write the output folder {str(target)!r}: {err}") from err
         raise
     size = (target / FORMATS[fmt]).stat().st_size
     log(f"Exported {type(model).__name__} from {ckpt} to {target}/")
-    spec = description["inputs"][0]
     log(
         f"  {FORMATS[fmt]}  ({size / 1024:.0f} KiB; input {spec['name']!r} {spec['dtype']} {spec['shape']} -> "
         f"{OUTPUT_NAME!r} float32 ['batch', {len(description['class_names'])}])"
     )
-    log(
-        f"  {SIDECAR}  (class names, input spec, preprocessing{', vocabulary' if encoder.kind == 'text' else ''})"
-    )
+    log(f"  {SIDECAR}  (class names, input spec, preprocessing: {description['preprocessing']['kind']})")
     log(f"  {parity.summary()}")
+    if not description["preprocessing"].get("self_contained", True):
+        log(
+            f"notice: {SIDECAR} does not describe all of {type(datamodule).__name__}'s preprocessing (its "
+            "transform_batch): feed the exported model through this project's code, or describe it in the "
+            "DataModule's describe_raw_inputs()."
+        )
     return target, parity
 
 
@@ -379,9 +390,8 @@ def _make_temp_folder(target: Path) -> tuple[Path, list[Path]]:
         reason = err.strerror or str(err)
         if not probe.is_dir():
             reason = f"{str(probe)!r} is a file, not a folder"
-        raise ExportError(
-            f"cannot write the output folder {str(target)!r}: {reason}. Pass a writable folder with --output.",
-            2,
+        raise UsageError(
+            f"cannot write the output folder {str(target)!r}: {reason}. Pass a writable folder with --output."
         ) from err
     return tmp, list(reversed(missing))
 
@@ -408,7 +418,8 @@ def _move_into_place(tmp: Path, target: Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m src.tools.export",
-        description="Export a checkpoint's model to ONNX or TorchScript with a JSON sidecar, after a parity check.",
+        description="Export a checkpoint's model to ONNX or torch.export (.pt2) with a JSON sidecar, after a "
+        "parity check.",
     )
     parser.add_argument("--ckpt_path", required=True, help="checkpoint written by `python -m src.cli fit`")
     parser.add_argument("--format", default="onnx", choices=sorted(FORMATS), help="default: onnx")
@@ -431,11 +442,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(cpu_threads())
-    try:
+    with exit_on_error():
         export(args.ckpt_path, args.format, args.output, args.overwrite, args.samples, args.tolerance)
-    except ExportError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.status)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@
          -d '{"inputs": ["Stocks slide as oil tops $50", "Champions league final tonight"]}'
 
 ``POST /predict`` takes ``{"inputs": [...]}``, a list of 1 to ``--max_inputs`` raw inputs of the
-checkpoint's kind:
+checkpoint's kind, as its DataModule reads them (``parse_raw_input``; ``GET /info`` says which):
 
-- MNIST-1D: a list of 40 numbers (the signal);
+- MNIST-1D (and any DataModule of fixed-shape float features): a (nested) list of numbers;
 - Fashion-MNIST: a 28×28 grayscale image, as a base64 PNG string (or ``{"png": "<base64>"}``) or a
   28×28 array (or 784 values) of integer pixels 0-255;
 - AG News: a text (JSON string).
@@ -21,12 +21,15 @@ inputs. Requests are batched on the server (``--max_batch_size`` requests, or wh
 ``--batch_timeout`` seconds, go through the model together). ``GET /health`` answers ``ok`` (200)
 once the model is loaded; ``GET /info`` describes the model and the request format.
 
-A bad request gets a 4xx JSON answer ``{"detail": {"error": "...", "input_index": i}}`` and never
+Every request is read in the HTTP process by :class:`RequestGuard`: its size on the event loop, then
+its JSON and every input in a thread (so a large request never holds up the small ones). A bad
+request gets a 4xx JSON answer ``{"detail": {"error": "...", "input_index": i}}`` there and never
 reaches the model, so it cannot fail the other requests of its server batch: 400 for a body that is
-empty, not UTF-8 or not JSON, or without an ``inputs`` list; 413 for a body over
-``--max_request_bytes`` or more than ``--max_inputs`` inputs; 422 for an input of the wrong type or
-shape. SIGINT (Ctrl+C) or SIGTERM shut the server down cleanly. A missing or bad checkpoint, or a
-port in use, stops it before it starts, with one ``error: ...`` message (exit status 2).
+empty, not UTF-8, not JSON (or nested too deeply), or without an ``inputs`` list; 413 for a body over
+``--max_request_bytes`` or more than ``--max_inputs`` inputs; 422 for an input the DataModule refuses
+(wrong type, shape, size, or too long). The inputs travel on to the inference worker already decoded.
+SIGINT (Ctrl+C) or SIGTERM shut the server down cleanly. A missing or bad checkpoint, or a port in
+use, stops it before it starts, with one ``error: ...`` message (exit status 2).
 
 Needs the ``serve`` extra: ``pip install -e ".[serve]"``.
 """
@@ -34,6 +37,7 @@ Needs the ``serve`` extra: ``pip install -e ".[serve]"``.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import logging
 import os
@@ -41,6 +45,7 @@ import signal
 import socket
 import sys
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,12 +53,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from src.data.base import ClassificationDataModule
+from src.data.raw_inputs import RawInputError, type_name
 from src.runtime.devices import cpu_threads
-from src.tools.inference import InferenceError, InputEncoder, InputError, encoder_for, load_for_inference
+from src.runtime.errors import UsageError, exit_on_error
+from src.tools.inference import load_for_inference
 
 try:
     import litserve as ls
-    from fastapi import HTTPException
+    from starlette.concurrency import run_in_threadpool
     from starlette.responses import JSONResponse
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 except ImportError as _err:  # the serve extra is optional: say what to install when it is used
@@ -68,44 +76,127 @@ API_PATH = "/predict"
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024  # ~1,000 Fashion-MNIST images as JSON arrays
 DEFAULT_MAX_INPUTS = 256
 REQUEST_FORMAT = '{"inputs": [<input>, ...]}'
+log = logging.getLogger(__name__)
 
 
+class InputError(UsageError):
+    """A request the server refuses.
+
+    Attributes:
+        status: the HTTP status of the answer (400 malformed, 413 too large, 422 an input refused).
+        index: position of the offending input in the request (``None``: the request as a whole).
+    """
+
+    def __init__(self, message: str, status: int = 422, index: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.index = index
+
+    def detail(self) -> dict[str, Any]:
+        """JSON-ready error detail for an HTTP response."""
+        out: dict[str, Any] = {"error": str(self)}
+        if self.index is not None:
+            out["input_index"] = self.index
+        return out
+
+
+# ------------------------------------------------------------------------------ request → samples
+def read_request(body: bytes, datamodule: ClassificationDataModule, max_inputs: int) -> list[np.ndarray]:
+    """A request body → one decoded sample per input (``datamodule.parse_raw_input``).
+
+    Raises:
+        InputError: the body or one of its inputs is refused; the message says what was wrong.
+    """
+    if not body.strip():
+        raise InputError(f"the request body is empty: send JSON {REQUEST_FORMAT}.", 400)
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"the request body is not UTF-8 (byte {err.start}): send UTF-8 JSON.", 400) from None
+    try:
+        request = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(f"the request body is not JSON ({err.msg} at character {err.pos}).", 400) from None
+    except RecursionError:
+        raise InputError(
+            f"the request body is nested too deeply to read (lists or objects more than "
+            f"{sys.getrecursionlimit()} levels deep): send JSON {REQUEST_FORMAT}.",
+            400,
+        ) from None
+    except ValueError as err:  # e.g. an integer of more digits than Python converts
+        raise InputError(f"the request body is not usable JSON ({err}).", 400) from None
+    if not isinstance(request, dict) or "inputs" not in request:
+        raise InputError(f"the body must be a JSON object {REQUEST_FORMAT}.", 400)
+    values = request["inputs"]
+    if not isinstance(values, list):
+        raise InputError(f'"inputs" must be a list of inputs, got {type_name(values)}.', 400)
+    if not values:
+        raise InputError('"inputs" is empty: send at least one input.', 400)
+    if len(values) > max_inputs:
+        raise InputError(
+            f"{len(values)} inputs in one request; at most {max_inputs} are accepted. Split the request.", 413
+        )
+    samples = []
+    for index, value in enumerate(values):
+        try:
+            samples.append(datamodule.parse_raw_input(value))
+        except RawInputError as err:
+            raise InputError(f"input {index}: {err}", 422, index) from None
+    return samples
+
+
+# The decoded samples travel from the HTTP process to the inference worker in LitServe's JSON
+# payload, each as dtype, shape and base64 bytes: cheap to write, read and queue whatever the input.
+def pack(samples: Sequence[np.ndarray]) -> bytes:
+    """Samples → the JSON body the inference worker's :meth:`ClassifierAPI.decode_request` reads."""
+    return json.dumps(
+        {
+            "samples": [
+                {"dtype": a.dtype.str, "shape": list(a.shape), "data": base64.b64encode(a.tobytes()).decode()}
+                for a in map(np.ascontiguousarray, samples)
+            ]
+        }
+    ).encode()
+
+
+def unpack(payload: dict[str, Any]) -> list[np.ndarray]:
+    """The samples :func:`pack` wrote."""
+    return [
+        np.frombuffer(base64.b64decode(s["data"]), dtype=np.dtype(s["dtype"])).reshape(s["shape"]).copy()
+        for s in payload["samples"]
+    ]
+
+
+# ------------------------------------------------------------------------------ the API
 @dataclass
 class Batched:
     """The inputs of several requests that go through the model together (one list per request)."""
 
-    groups: list[list[Any]]
+    groups: list[list[np.ndarray]]
 
 
 class ClassifierAPI(_LitAPI):
-    """LitServe API around a checkpoint: decode (validate + canonicalise), batch, predict, encode.
+    """LitServe API around a checkpoint: decoded samples in, batched through the model, probabilities out.
 
     Each inference worker loads the checkpoint in :meth:`setup` with
-    :func:`src.tools.inference.load_for_inference` and encodes inputs with the DataModule's encoder, so it
-    computes what ``python -m src.cli predict`` computes.
+    :func:`src.tools.inference.load_for_inference` and builds the model's input batch with the
+    DataModule's ``raw_inputs_to_batch``, so it computes what ``python -m src.cli predict`` computes.
 
     Args:
         ckpt_path: the checkpoint to serve.
-        max_inputs: the most inputs one request may hold.
         threads: torch CPU threads per inference worker.
         max_batch_size: the most requests batched into one model call.
         batch_timeout: seconds to wait for more requests to fill a batch.
     """
 
     def __init__(
-        self,
-        ckpt_path: str,
-        max_inputs: int = DEFAULT_MAX_INPUTS,
-        threads: int = 1,
-        max_batch_size: int = 16,
-        batch_timeout: float = 0.002,
+        self, ckpt_path: str, threads: int = 1, max_batch_size: int = 16, batch_timeout: float = 0.002
     ) -> None:
         with warnings.catch_warnings():
             # with --max_batch_size 1 LitServe never calls batch/unbatch, and warns that they exist
             warnings.filterwarnings("ignore", message=r".*max_batch_size parameter was not set")
             super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=API_PATH)
         self.ckpt_path = ckpt_path
-        self.max_inputs = max_inputs
         self.threads = threads
 
     def setup(self, device: str) -> None:
@@ -113,27 +204,22 @@ class ClassifierAPI(_LitAPI):
         model, datamodule = load_for_inference(self.ckpt_path)
         self.model = model.to(device)
         self.torch_device = torch.device(device)
-        self.encoder: InputEncoder = encoder_for(datamodule)
+        self.datamodule = datamodule
         self.class_names = list(model.class_names)
 
     # `request` stays unannotated: LitServe hands its annotation to FastAPI as the request type
-    # (unannotated: the parsed JSON body).
-    def decode_request(self, request) -> list[Any]:
-        # RequestGuard already rejected bad requests in the HTTP process; this check only matters
-        # if the API is mounted without it (an error here would fail the whole server batch).
-        try:
-            return self.encoder.parse(_inputs_of(request), self.max_inputs)
-        except InputError as err:
-            raise HTTPException(status_code=err.status, detail=err.detail()) from None
+    # (unannotated: the parsed JSON body, here what RequestGuard packed).
+    def decode_request(self, request) -> list[np.ndarray]:
+        return unpack(request)
 
-    def batch(self, inputs: list[list[Any]]) -> Batched:
+    def batch(self, inputs: list[list[np.ndarray]]) -> Batched:
         return Batched(list(inputs))
 
-    def predict(self, x: Batched | list[Any]) -> list[np.ndarray] | np.ndarray:
+    def predict(self, x: Batched | list[np.ndarray]) -> list[np.ndarray] | np.ndarray:
         groups = x.groups if isinstance(x, Batched) else [x]
         items = [item for group in groups for item in group]
         with torch.inference_mode():
-            batch = self.encoder.encode(items).to(self.torch_device)
+            batch = self.datamodule.raw_inputs_to_batch(items).to(self.torch_device)
             probs = torch.softmax(self.model(batch).float(), dim=-1).cpu().numpy()  # as predict_step
         out, start = [], 0
         for group in groups:
@@ -145,39 +231,37 @@ class ClassifierAPI(_LitAPI):
         return output
 
     # No return annotation, for the same reason (it would become FastAPI's response model).
+    # Serialised here, in the inference worker: the HTTP process then only sends the bytes.
     def encode_response(self, output: np.ndarray):
         names = self.class_names
-        return {
-            "predictions": [
-                {
-                    "predicted": names[int(row.argmax())],
-                    "probabilities": {n: float(p) for n, p in zip(names, row.tolist(), strict=True)},
-                }
-                for row in output
-            ]
-        }
-
-
-def _inputs_of(request: Any) -> Any:
-    if not isinstance(request, dict) or "inputs" not in request:
-        raise InputError(f"the body must be a JSON object {REQUEST_FORMAT}.", 400)
-    return request["inputs"]
+        return JSONResponse(
+            {
+                "predictions": [
+                    {
+                        "predicted": names[int(row.argmax())],
+                        "probabilities": {n: float(p) for n, p in zip(names, row.tolist(), strict=True)},
+                    }
+                    for row in output
+                ]
+            }
+        )
 
 
 class RequestGuard:
-    """ASGI middleware that checks ``POST /predict`` bodies in the HTTP process, before they are queued.
+    """ASGI middleware that reads ``POST /predict`` requests in the HTTP process, before they are queued.
 
-    Size (413, before the body is read when ``Content-Length`` says so), encoding (400), JSON (400),
-    the request format and every input (:meth:`InputEncoder.parse`: 413/422) are checked here. LitServe
-    would answer a body that is not JSON with a 500, and an error raised while decoding one request
-    of a server batch fails every request of that batch, so bad requests are answered here and
-    never reach the model. Good bodies are passed on unchanged (as JSON, whatever their
-    ``Content-Type``: ``curl -d`` sends a form type by default).
+    On the event loop only the size is checked (413, before the body is read when ``Content-Length``
+    says so, else as soon as the streamed body passes the limit). The JSON and every input are read
+    by :func:`read_request` in a thread, so a large request never holds up the small ones; a bad
+    request is answered here (4xx JSON, the connection kept open) and never reaches a server batch.
+    A good one goes on to LitServe with its inputs decoded (:func:`pack`).
     """
 
-    def __init__(self, app: ASGIApp, *, encoder: InputEncoder, max_bytes: int, max_inputs: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, datamodule: ClassificationDataModule, max_bytes: int, max_inputs: int
+    ) -> None:
         self.app = app
-        self.encoder = encoder
+        self.datamodule = datamodule
         self.max_bytes = max_bytes
         self.max_inputs = max_inputs
 
@@ -185,10 +269,9 @@ class RequestGuard:
         if scope["type"] != "http" or scope["path"] != API_PATH or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length", b"")
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(scope, receive, send, InputError(self._too_large(int(declared)), 413))
+            await _reject(scope, receive, send, InputError(self._too_large(int(declared)), 413))
             return
         body = bytearray()
         more = True
@@ -199,12 +282,17 @@ class RequestGuard:
             body += message.get("body", b"")
             more = bool(message.get("more_body", False))
             if len(body) > self.max_bytes:
-                await self._reject(scope, receive, send, InputError(self._too_large(len(body)), 413))
+                await _reject(scope, receive, send, InputError(self._too_large(len(body)), 413))
                 return
         try:
-            self.check(bytes(body))
+            payload = await run_in_threadpool(self._read, bytes(body))
         except InputError as err:
-            await self._reject(scope, receive, send, err)
+            await _reject(scope, receive, send, err)
+            return
+        except Exception as err:  # a fault in the DataModule's parse_raw_input: say so, keep serving
+            log.exception("reading a request failed")
+            detail = {"error": f"the server failed to read the inputs: {type(err).__name__}: {err}"}
+            await JSONResponse({"detail": detail}, status_code=500)(scope, receive, send)
             return
         replayed = False
 
@@ -212,39 +300,24 @@ class RequestGuard:
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
+                return {"type": "http.request", "body": payload, "more_body": False}
             return await receive()
 
-        scope = dict(scope)
-        scope["headers"] = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-type"] + [
-            (b"content-type", b"application/json")
+        headers = [
+            (k, v) for k, v in scope.get("headers") or [] if k not in (b"content-type", b"content-length")
         ]
-        await self.app(scope, replay, send)
+        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+        await self.app({**scope, "headers": headers}, replay, send)
+
+    def _read(self, body: bytes) -> bytes:
+        return pack(read_request(body, self.datamodule, self.max_inputs))
 
     def _too_large(self, size: int) -> str:
         return f"the request body has {size} bytes; at most {self.max_bytes} are accepted. Split the request."
 
-    def check(self, body: bytes) -> None:
-        """Raise :class:`InputError` unless ``body`` is a valid request."""
-        if not body.strip():
-            raise InputError(f"the request body is empty: send JSON {REQUEST_FORMAT}.", 400)
-        try:
-            text = body.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise InputError(
-                f"the request body is not UTF-8 (byte {err.start}): send UTF-8 JSON.", 400
-            ) from err
-        try:
-            request = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise InputError(
-                f"the request body is not JSON ({err.msg} at character {err.pos}).", 400
-            ) from err
-        self.encoder.parse(_inputs_of(request), self.max_inputs)
 
-    @staticmethod
-    async def _reject(scope: Scope, receive: Receive, send: Send, err: InputError) -> None:
-        await JSONResponse({"detail": err.detail()}, status_code=err.status)(scope, receive, send)
+async def _reject(scope: Scope, receive: Receive, send: Send, err: InputError) -> None:
+    await JSONResponse({"detail": err.detail()}, status_code=err.status)(scope, receive, send)
 
 
 # ------------------------------------------------------------------------------ command line
@@ -307,13 +380,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.devices != "auto" and not str(args.devices).isdigit():
         problems.append(f"--devices must be a number or auto, got {args.devices!r}")
     if any(problems):
-        _fail(next(p for p in problems if p))
+        raise UsageError(next(p for p in problems if p))
     return args
-
-
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def _check_port(host: str, port: int) -> None:
@@ -324,9 +392,9 @@ def _check_port(host: str, port: int) -> None:
         try:
             sock.bind((host, port))
         except OSError as err:
-            _fail(
+            raise UsageError(
                 f"cannot listen on {host}:{port}: {err.strerror or err}. Stop what uses it or pass another --port."
-            )
+            ) from None
 
 
 def _stop_on_sigterm() -> None:
@@ -345,16 +413,18 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def build_server(args: argparse.Namespace, encoder: InputEncoder, metadata: dict[str, Any]) -> Any:
+def build_server(
+    args: argparse.Namespace, datamodule: ClassificationDataModule, metadata: dict[str, Any]
+) -> Any:
     """The LitServer for the parsed arguments (its API, batching, limits and request guard)."""
     api = ClassifierAPI(
         str(args.ckpt_path),
-        max_inputs=args.max_inputs,
         threads=args.threads or cpu_threads(),
         max_batch_size=args.max_batch_size,
         batch_timeout=args.batch_timeout,
     )
-    guard = {"encoder": encoder, "max_bytes": args.max_request_bytes, "max_inputs": args.max_inputs}
+    # LitServe forks its HTTP processes: the guard's DataModule is inherited, not pickled.
+    guard = {"datamodule": datamodule, "max_bytes": args.max_request_bytes, "max_inputs": args.max_inputs}
     return ls.LitServer(
         api,
         accelerator=args.accelerator,
@@ -367,30 +437,28 @@ def build_server(args: argparse.Namespace, encoder: InputEncoder, metadata: dict
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    if _IMPORT_ERROR is not None:
-        _fail(
-            f"serving needs the serve extra ({_IMPORT_ERROR.name} is not installed): pip install -e '.[serve]'"
-        )
-    try:
+    with exit_on_error():
+        args = parse_args(argv)
+        if _IMPORT_ERROR is not None:
+            raise UsageError(
+                f"serving needs the serve extra ({_IMPORT_ERROR.name} is not installed): pip install -e '.[serve]'"
+            )
         model, datamodule = load_for_inference(args.ckpt_path)
-        encoder = encoder_for(datamodule)
-    except InferenceError as err:
-        _fail(str(err))
-    _check_port(args.host, args.port)
+        _check_port(args.host, args.port)
     metadata = {
         "checkpoint": Path(args.ckpt_path).name,
         "model": type(model).__name__,
         "class_names": list(model.class_names),
-        "input": {k: v for k, v in encoder.describe().items() if k != "vocabulary"},
+        "input": {k: v for k, v in datamodule.describe_raw_inputs().items() if k != "vocabulary"},
+        "model_input": datamodule.model_input_spec(),
         "request": REQUEST_FORMAT,
         "max_inputs": args.max_inputs,
         "max_batch_size": args.max_batch_size,
         "batch_timeout": args.batch_timeout,
     }
-    del model, datamodule  # the inference workers load their own copy
+    del model  # the inference workers load their own copy
     logging.getLogger("litserve").setLevel(args.log_level.upper())
-    server = build_server(args, encoder, metadata)
+    server = build_server(args, datamodule, metadata)
     _stop_on_sigterm()
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "127.0.0.1") else f"[{args.host}]"
     print(

@@ -2,15 +2,22 @@
 
 Each config is fitted once per test session (on tiny data, 2 epochs, as a user runs the CLI) into
 the ``runs_root`` folder; later calls, from any pytest-xdist worker, reuse the checkpoint.
+:func:`held_checkpoint` is the MNIST-1D one with a DataModule whose reading of an input can be held
+(:class:`HeldSignals`), to see what the server does meanwhile.
 """
 
 from __future__ import annotations
 
 import csv
+import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import torch
 from filelock import FileLock
 
+from src.data.mnist1d import MNIST1D
 from tests.helpers.cli import ROOT, run_cli, run_module
 from tests.helpers.data import tiny_fashion_dir, write_tiny_ag_news
 
@@ -101,4 +108,46 @@ def cli_predictions(ckpt: Path, workdir: Path, *extra: str) -> list[dict[str, ob
     ]
 
 
-__all__ = ["CONFIG_NAMES", "cli_predictions", "run_module", "tiny_checkpoint"]
+HOLD = "hold until "
+FAULT = "fault"
+
+
+class HeldSignals(MNIST1D):
+    """MNIST-1D whose raw input ``"hold until <path>"`` is read only once ``<path>`` exists (an all-zero
+    signal then); while it waits, ``<path>.waiting`` exists. The input ``"fault"`` raises an error no
+    DataModule should (a bug). Other inputs are read as MNIST1D reads them."""
+
+    def parse_raw_input(self, value: Any) -> np.ndarray:
+        if value == FAULT:
+            raise ZeroDivisionError("a bug in parse_raw_input")
+        if isinstance(value, str) and value.startswith(HOLD):
+            release = Path(value[len(HOLD) :])
+            release.with_name(release.name + ".waiting").touch()
+            deadline = time.monotonic() + 120
+            while not release.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            return np.zeros(self.input_size, dtype=np.float32)
+        return super().parse_raw_input(value)
+
+
+def held_checkpoint(root: Path) -> Path:
+    """``mnist1d_resnet_bn``'s tiny checkpoint with :class:`HeldSignals` as its DataModule class."""
+    path = root / "held" / "last.ckpt"
+    with FileLock(root / "held.lock"):
+        if not path.is_file():
+            ckpt = torch.load(tiny_checkpoint("mnist1d_resnet_bn", root), weights_only=True)
+            ckpt["datamodule_hyper_parameters"]["_class_path"] = f"{__name__}.{HeldSignals.__qualname__}"
+            path.parent.mkdir(exist_ok=True)
+            torch.save(ckpt, path)
+    return path
+
+
+__all__ = [
+    "CONFIG_NAMES",
+    "FAULT",
+    "HOLD",
+    "cli_predictions",
+    "held_checkpoint",
+    "run_module",
+    "tiny_checkpoint",
+]
