@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
@@ -10,23 +9,27 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
 from src.runtime.checkpoints import CONFIG_KEY
+from src.runtime.tuners import check_picks
 
 
 class RunConfig(SaveConfigCallback):
     """Lightning's ``config.yaml`` in the run folder, also stored in every checkpoint (so a command
-    given only the checkpoint runs with the same configuration) and kept in step with what the
-    learning-rate and batch-size finders chose (they run at the start of ``fit``)."""
+    given only the checkpoint runs with the same configuration).
+
+    A fit writes it once the learning-rate and batch-size finders have chosen (they run at the start
+    of ``fit``, before this callback's ``on_fit_start``), with the values they chose: what it
+    records is what trains. A finder's pick that would not train stops the run there, before
+    anything is written (:func:`~src.runtime.tuners.check_picks`).
+    """
 
     _dumped: str | None = None  # dumping takes ~0.1 s: once per run, again only after the tuner
 
-    def on_save_checkpoint(
-        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        if self._dumped is None:
-            self._dumped = self.parser.dump(self.config, skip_unset=False)
-        checkpoint[CONFIG_KEY] = self._dumped
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            super().setup(trainer, pl_module, stage)
 
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        check_picks(trainer)
         tuned = {}
         if pl_module.hparams.get("lr") != self.config.model.init_args.get("lr"):
             tuned["model.init_args.lr"] = self.config.model.init_args.lr = pl_module.hparams.lr
@@ -35,8 +38,15 @@ class RunConfig(SaveConfigCallback):
             tuned["data.init_args.batch_size"] = self.config.data.init_args.batch_size = dm.hparams.batch_size
         if tuned:
             self._dumped = None
-        if tuned and trainer.is_global_zero and trainer.log_dir:
-            path = Path(trainer.log_dir) / self.config_filename
-            self.parser.save(self.config, path, skip_unset=False, overwrite=True)
             chosen = ", ".join(f"{k}={v}" for k, v in tuned.items())
-            rank_zero_info(f"The tuner chose {chosen}; config.yaml and the checkpoints record it.")
+            rank_zero_info(
+                f"The tuner chose {chosen}; the run trains with it, and config.yaml and the checkpoints record it."
+            )
+        super().setup(trainer, pl_module, "fit")
+
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self._dumped is None:
+            self._dumped = self.parser.dump(self.config, skip_unset=False)
+        checkpoint[CONFIG_KEY] = self._dumped
