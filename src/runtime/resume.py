@@ -176,11 +176,11 @@ def resolve_checkpoint(
         return path, None
     problem = continuation_problem(path, config)
     if problem:
-        raise UsageError(problem)
+        raise UsageError(f"--ckpt_path {path}: {problem}")
     own_run = path.name == "last.ckpt" and path.parent.name == "checkpoints"
-    return path, path.resolve().parents[1] if own_run and (
-        path.parents[1] / "config.yaml"
-    ).is_file() else None
+    if own_run and (path.parents[1] / "config.yaml").is_file():
+        return path, path.resolve().parents[1]  # a run's last.ckpt: that run, wherever it lies
+    return path, None
 
 
 def _last(subcommand: str | None, root: Path, config: dict[str, Any], version: Any) -> Path | None:
@@ -228,9 +228,7 @@ def continuation_problem(checkpoint: Path, config: dict[str, Any]) -> str | None
     meta = read_metadata(checkpoint)
     run = (yaml.safe_load(meta.get(CONFIG_KEY) or "") or {}).get("trainer") or {}
     run_length, length = _length(run), _length(config.get("trainer") or {})
-    epochs = int(((meta.get("loops") or {}).get("fit_loop") or {}).get("epoch_progress", {}).get("current", {})
-                 .get("processed", meta.get("epoch", 0)))  # fmt: skip
-    steps = int(meta.get("global_step", 0))
+    epochs, steps = _epochs_done(meta), int(meta.get("global_step", 0))
     spans = spans_the_run(_schedule(config))
     schedule = str((_schedule(config) or {}).get("class_path", "")).rsplit(".", 1)[-1]
     finished = _stopped_early(meta)
@@ -262,6 +260,12 @@ def continuation_problem(checkpoint: Path, config: dict[str, Any]) -> str | None
             + f". Resume it with {_limits(run_length, flags=True)}, or start a new run without --ckpt_path."
         )
     return None
+
+
+def _epochs_done(meta: dict[str, Any]) -> int:
+    """Epochs the checkpoint's run finished (Lightning's fit-loop progress; ``epoch`` without it)."""
+    progress = (((meta.get("loops") or {}).get("fit_loop") or {}).get("epoch_progress") or {}).get("current")
+    return int((progress or {}).get("processed", meta.get("epoch", 0)))
 
 
 def _length(trainer: dict[str, Any]) -> tuple[int, int]:
