@@ -14,20 +14,20 @@ PY=${PYTHON:-python3}
 
 # The image has torch, lightning, torchmetrics, tensorboard, pyarrow, pandas, numpy, scipy, matplotlib,
 # requests, huggingface-hub, fsspec, xxhash, pyyaml and typing-extensions (KINDS.md of the device
-# tool); these are the rest, pinned to the versions the project is tested with.
+# tool); these are the rest, at the versions the project is tested with (constraints.txt).
 WHEELS=(
-    jsonargparse==4.53.0      # LightningCLI
-    docstring-parser==0.18.0  # jsonargparse[signatures]: help texts from docstrings
-    typeshed-client==2.15.0   # jsonargparse[signatures]: stub-resolved signatures
-    datasets==5.2.0           # reading the parquet copies (Fashion-MNIST, AG News)
-    dill==0.4.1               # datasets
-    multiprocess==0.70.19     # datasets
-    mnist1d==0.0.2.post1      # generating MNIST-1D when the carried cache does not match
+    jsonargparse      # LightningCLI
+    docstring-parser  # jsonargparse[signatures]: help texts from docstrings
+    typeshed-client   # jsonargparse[signatures]: stub-resolved signatures
+    datasets          # reading the parquet copies (Fashion-MNIST, AG News)
+    dill              # datasets
+    multiprocess      # datasets
+    mnist1d           # generating MNIST-1D when the carried cache does not match
 )
 rm -rf .whl && mkdir -p .whl
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl "${WHEELS[@]}"
+    --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -c constraints.txt -d .whl "${WHEELS[@]}"
 echo "wheels: $(ls .whl | wc -l) files, $(du -sh .whl | cut -f1)"
 
 mkdir -p .devdata/fashion_mnist .devdata/ag_news

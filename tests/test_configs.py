@@ -1,6 +1,6 @@
-"""Every config in ``configs/`` replayed through the CLI on tiny data: fit, then test and predict
-from the checkpoint alone, with no warning. A new config needs a tiny-data builder in
-``tests/helpers/data.py``."""
+"""Every config in ``configs/`` (and the test pair's, ``tests/pair/toy.yaml``) replayed through the CLI
+on tiny data: fit, then test and predict from the checkpoint alone, with no warning. A new config
+needs a tiny-data builder in ``tests/helpers/data.py``."""
 
 from __future__ import annotations
 
@@ -10,11 +10,14 @@ import pytest
 
 from tests.helpers.cli import CONFIGS, data_class, run_cli
 from tests.helpers.data import TINY_DATA, quiet
+from tests.pair import CONFIG as PAIR_CONFIG
 
 pytestmark = pytest.mark.slow
 
+REPLAYED = [*CONFIGS, PAIR_CONFIG]
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+
+@pytest.mark.parametrize("config", REPLAYED, ids=[c.stem for c in REPLAYED])
 def test_every_config_fits_then_tests_and_predicts_from_its_checkpoint(config: Path, tmp_path: Path):
     name = data_class(config)
     assert name in TINY_DATA, f"register a tiny-data builder for {name} in tests/helpers/data.py"
@@ -39,7 +42,7 @@ def test_every_config_fits_then_tests_and_predicts_from_its_checkpoint(config: P
     assert (task / "version_2" / "predictions.csv").is_file()
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+@pytest.mark.parametrize("config", REPLAYED, ids=[c.stem for c in REPLAYED])
 def test_fast_dev_run_writes_nothing(config: Path, tmp_path: Path):
     data = TINY_DATA[data_class(config)](tmp_path)
     before = set(tmp_path.iterdir())

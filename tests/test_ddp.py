@@ -20,6 +20,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from src.data import TensorBatches
+from src.runtime.summary import read_summary
 from tests.helpers.cli import CONFIGS, ROOT, config, data_class, env, run_cli
 from tests.helpers.data import TINY_DATA
 
@@ -116,6 +117,9 @@ def test_ddp_fit_on_two_cpu_processes(config: Path, tmp_path: Path):
     half = val_loss_over(model, dm, tuple(t[0::2] for t in val))  # what rank 0 alone saw
     logged = logged_scalar(run_dir, "val_loss")
     assert logged == pytest.approx(full, rel=1e-4)
+    summary = read_summary(run_dir)  # rank 0 alone writes it
+    assert [e["epoch"] for e in summary["epochs"]] == [0]
+    assert summary["epochs"][0]["val_loss"] == pytest.approx(full, rel=1e-4)
     assert abs(full - half) > 1e-3 * abs(full), "test data too uniform to tell a shard from the split"
 
 

@@ -14,6 +14,8 @@ import src.models
 from src.callbacks.activation_stats import collect_activation_stats
 from src.models import BNCNN, BNClassifier, ClassifierModule, MLPBNDropout, ResidualBN
 from tests.helpers.cli import CONFIGS
+from tests.pair import CONFIG as PAIR_CONFIG
+from tests.pair.toy_model import ToyMLP
 
 BN_OPTIONS = ("batch_norm", "bn_position", "bn_momentum", "bn_eps")
 MODELS = [
@@ -22,7 +24,7 @@ MODELS = [
     if inspect.isclass(cls)
     and issubclass(cls, ClassifierModule)
     and cls not in (ClassifierModule, BNClassifier)
-]
+] + [ToyMLP]  # the test pair's model, named by its import path (not registered in src.models)
 # Small instances of each model, with an input batch of its kind.
 SMALL: dict[type, tuple[dict[str, Any], Any]] = {
     ResidualBN: ({"input_size": 40, "hidden_size": 16, "num_blocks": 2}, lambda: torch.randn(32, 40)),
@@ -31,6 +33,7 @@ SMALL: dict[type, tuple[dict[str, Any], Any]] = {
         {"input_size": 50, "embedding_dim": 8, "kernel_sizes": [1, 3], "num_filters": 6, "hidden_size": 8},
         lambda: torch.randint(2, 50, (32, 12)),
     ),
+    ToyMLP: ({"input_size": 6, "hidden_size": 64, "dropout": 0.0}, lambda: torch.randn(32, 6)),
 }
 
 
@@ -67,7 +70,7 @@ def test_batch_norm_can_be_switched_off_and_moved(model: type):
     assert isinstance(block[0], nn.ReLU) and isinstance(block[1], nn.BatchNorm1d)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+@pytest.mark.parametrize("config", [*CONFIGS, PAIR_CONFIG], ids=[c.stem for c in [*CONFIGS, PAIR_CONFIG]])
 def test_every_config_shows_the_batch_norm_options(config):
     init_args = yaml.safe_load(config.read_text())["model"]["init_args"]
     assert all(p in init_args for p in BN_OPTIONS), f"{config.name} lacks {set(BN_OPTIONS) - set(init_args)}"

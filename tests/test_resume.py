@@ -26,6 +26,7 @@ from src.callbacks import LastCheckpoint
 from src.data import TensorBatches
 from tests.helpers.cli import config, env, read_only, refused, run_cli, start_cli
 from tests.helpers.data import tiny_ag_news, tiny_mnist1d
+from tests.helpers.faults import assert_same_state
 from tests.helpers.models import quiet_trainer
 from tests.helpers.tensorboard import scalars
 
@@ -117,15 +118,7 @@ def last_state(save_dir: Path) -> dict:
 def assert_same_run(reference: Path, resumed: Path, from_step: int) -> None:
     """Final weights, step and epoch equal (1e-6); optimiser moments and schedule too; the metrics
     logged after ``from_step`` value for value."""
-    a, b = last_state(reference), last_state(resumed)
-    assert (a["global_step"], a["epoch"]) == (b["global_step"], b["epoch"])
-    for key, value in a["state_dict"].items():
-        assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-6, rtol=0), key
-    for sa, sb in zip(
-        a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values(), strict=True
-    ):
-        assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-6, rtol=0) for k in sa)
-    assert a["lr_schedulers"][0]["_last_lr"] == b["lr_schedulers"][0]["_last_lr"]
+    assert_same_state(next(reference.rglob("last.ckpt")), next(resumed.rglob("last.ckpt")))
     # A run killed before its first checkpoint restarts in a new folder; every resume goes into one.
     with_checkpoints = [p.parents[1] for p in resumed.rglob("last.ckpt")]
     assert len(with_checkpoints) == 1, f"the resumed runs went into several folders: {with_checkpoints}"

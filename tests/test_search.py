@@ -18,12 +18,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import optuna
 import pytest
 import yaml
-from optuna.trial import TrialState
 
-from src.tools.search import (
+optuna = pytest.importorskip("optuna", reason="the search extra (optuna) is not installed")
+
+from optuna.trial import TrialState  # noqa: E402
+
+from src.tools.search import (  # noqa: E402
     Setup,
     UsageError,
     _open_study,
@@ -36,7 +38,7 @@ from src.tools.search import (
     retried_numbers,
     split_top_level,
 )
-from tests.helpers.cli import ROOT
+from tests.helpers.cli import ROOT  # noqa: E402
 
 CONFIG = str(ROOT / "configs" / "mnist1d_resnet_bn.yaml")
 # One-cycle peak LR: 0.02 learns, 1e-6 stays at chance (a clearly bad trial for the pruner).

@@ -129,6 +129,45 @@ def tiny_ag_news(tmp_path: Path) -> list[str]:
     ]
 
 
+# ---------------------------------------------------------------------------------- toy blobs (tests/pair)
+# Per-feature scale and offset: without standardisation the last feature would drown the others.
+BLOB_SCALE = np.array([1.0, 10.0, 100.0, 0.1, 5.0, 1000.0])
+BLOB_OFFSET = np.array([0.0, 50.0, -300.0, 2.0, 0.0, 5000.0])
+BLOB_CENTERS = np.array(
+    [[3.0, 0.0, 0.0, 1.0, -1.0, 0.0], [0.0, 3.0, 0.0, -1.0, 0.0, 1.0], [0.0, 0.0, 3.0, 0.0, 1.0, -1.0]]
+)
+
+
+def blob_center(label: int) -> list[float]:
+    """The raw feature vector at the centre of class ``label``'s blob."""
+    return (BLOB_CENTERS[label] * BLOB_SCALE + BLOB_OFFSET).tolist()
+
+
+def write_blobs(folder: Path, n_train: int = 240, n_test: int = 60, seed: int = 0) -> Path:
+    """``train.csv`` and ``test.csv`` of three Gaussian blobs in six features (unit spread before
+    scaling, centres 3-4 apart) in ``folder``, as :class:`tests.pair.toy_data.ToyBlobs` reads them."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    header = ",".join([f"x{i}" for i in range(BLOB_CENTERS.shape[1])] + ["label"])
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = np.arange(n) % len(BLOB_CENTERS)
+        x = (
+            BLOB_CENTERS[labels] + rng.standard_normal((n, BLOB_CENTERS.shape[1]))
+        ) * BLOB_SCALE + BLOB_OFFSET
+        table = np.column_stack([x, labels])
+        np.savetxt(folder / f"{split}.csv", table, delimiter=",", header=header, comments="", fmt="%.6g")
+    return folder
+
+
+@register("ToyBlobs")
+def tiny_toy_blobs(tmp_path: Path) -> list[str]:
+    """300 vectors: 216 train, 24 validation, 60 test; batches of 32 (7 steps per epoch)."""
+    folder = tmp_path / "blobs"
+    if not folder.is_dir():
+        write_blobs(folder)
+    return [f"--data.init_args.data_root={folder}", "--data.init_args.batch_size=32"]
+
+
 def quiet(tmp_path: Path, max_epochs: int = 1) -> list[str]:
     """Short runs for tests: logs under ``tmp_path``, no progress bar, no test after fit."""
     return [

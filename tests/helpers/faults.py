@@ -1,12 +1,15 @@
 """Fault injection for the resume tests: a callback, added to a real CLI run with
-``--trainer.callbacks+=tests.helpers.faults.KillAt``, that SIGKILLs its own process at a chosen point."""
+``--trainer.callbacks+=tests.helpers.faults.KillAt``, that SIGKILLs its own process at a chosen point,
+and the check that a resumed run ended where the uninterrupted one did."""
 
 from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 WHERE = ("batch_end", "before_validation", "before_epoch_save", "after_epoch_save", "during_save")
@@ -62,8 +65,6 @@ class KillAt(Callback):
 
         def save(checkpoint: dict, path: Any, storage_options: Any = None) -> None:
             if trainer.global_step >= callback.step:
-                import torch
-
                 real_torch_save = torch.save
 
                 def half_then_die(obj: Any, f: Any, *a: Any, **k: Any) -> None:
@@ -79,3 +80,17 @@ class KillAt(Callback):
             real_save(checkpoint, path, storage_options)
 
         io.save_checkpoint = save
+
+
+def assert_same_state(reference: Path, resumed: Path) -> None:
+    """Two checkpoints at the same step and epoch with the same weights, optimiser moments (1e-6)
+    and learning-rate schedule."""
+    a, b = (torch.load(p, weights_only=True) for p in (reference, resumed))
+    assert (a["global_step"], a["epoch"]) == (b["global_step"], b["epoch"])
+    for key, value in a["state_dict"].items():
+        assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-6, rtol=0), key
+    for sa, sb in zip(
+        a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values(), strict=True
+    ):
+        assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-6, rtol=0) for k in sa)
+    assert [s["_last_lr"] for s in a["lr_schedulers"]] == [s["_last_lr"] for s in b["lr_schedulers"]]
