@@ -155,13 +155,20 @@ def test_a_run_resumed_by_its_path_from_another_directory_continues_in_its_own_f
 
 
 def test_a_datamodule_declares_the_options_a_resume_may_change(tmp_path: Path):
-    stopped(fit(tmp_path, "--trainer.max_epochs=2"), tmp_path)
-    shutil.copytree(tmp_path / "cache", tmp_path / "moved_cache")
-    # MNIST1D declares cache_dir (where its data is read from) in its resumable_options
     moved = [f"--data.init_args.cache_dir={tmp_path / 'moved_cache'}"]
-    other = run_cli(*fit(tmp_path, "--trainer.max_epochs=2", "--ckpt_path=last", *moved,
-                         "--data.init_args.shift_augment=1"), cwd=tmp_path, check=False)  # fmt: skip
-    # what the data is stays part of the experiment
-    refused(other, "version_0: data.init_args.shift_augment: 3 -> 1")
-    run_cli(*fit(tmp_path, "--trainer.max_epochs=2", "--ckpt_path=last", *moved), cwd=tmp_path)
-    assert state(tmp_path / "logs" / "mnist1d_resnet_bn" / "version_0")["epoch"] == 1
+    for data, declared in (("MNIST1D", True), ("tests.helpers.datamodules.MNIST1DOwnCache", False)):
+        logs = tmp_path / data
+        stopped(fit(tmp_path, f"--data={data}", "--trainer.max_epochs=2", save_dir=logs), tmp_path)
+        if not (tmp_path / "moved_cache").exists():
+            shutil.copytree(tmp_path / "cache", tmp_path / "moved_cache")
+        resumed = fit(
+            tmp_path, f"--data={data}", "--trainer.max_epochs=2", "--ckpt_path=last", *moved, save_dir=logs
+        )
+        if declared:  # MNIST1D lists cache_dir (where its data is read from) in its resumable_options
+            other = run_cli(*resumed, "--data.init_args.shift_augment=1", cwd=tmp_path, check=False)
+            refused(other, "version_0: data.init_args.shift_augment: 3 -> 1")  # what the data is
+            run_cli(*resumed, cwd=tmp_path)
+            assert state(logs / "mnist1d_resnet_bn" / "version_0")["epoch"] == 1
+        else:
+            out = run_cli(*resumed, cwd=tmp_path, check=False)
+            refused(out, "version_0: data.init_args.cache_dir: ")
