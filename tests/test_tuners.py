@@ -88,7 +88,7 @@ def test_a_resumed_run_keeps_what_it_was_tuned_to(tmp_path: Path):
     tuned = recorded(tmp_path)[0]["model"]["init_args"]["lr"]
     out = run_cli(*fit(tmp_path, *FINDER, "--ckpt_path=last"), cwd=tmp_path)  # the same command resumes it
     said = out.stdout + out.stderr
-    assert "LearningRateFinder left out: a resumed run keeps what its checkpoint was tuned to" in said
+    assert "LearningRateFinder left out: a resumed run keeps the values its checkpoint holds" in said
     assert "Finding best initial lr" not in said and "The tuner chose" not in said
     settings, ckpt = recorded(tmp_path)
     assert settings["model"]["init_args"]["lr"] == ckpt["hyper_parameters"]["lr"] == tuned

@@ -361,7 +361,7 @@ def keep_tuned_values(cfg: Any, checkpoint: Path) -> None:
     cfg.trainer.callbacks = [c for c in callbacks if not any(c is t for t in tuners)]
     names = ", ".join(c.class_path.rsplit(".", 1)[-1] for c in tuners)
     rank_zero_info(
-        f"{names} left out: a resumed run keeps what its checkpoint was tuned to ({', '.join(kept)})."
+        f"{names} left out: a resumed run keeps the values its checkpoint holds ({', '.join(kept)})."
     )
 
 
