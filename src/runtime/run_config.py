@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
@@ -26,7 +28,7 @@ class RunConfig(SaveConfigCallback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
-            super().setup(trainer, pl_module, stage)
+            self._save(trainer, pl_module, stage)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         check_picks(trainer)
@@ -42,7 +44,25 @@ class RunConfig(SaveConfigCallback):
             rank_zero_info(
                 f"The tuner chose {chosen}; the run trains with it, and config.yaml and the checkpoints record it."
             )
-        super().setup(trainer, pl_module, "fit")
+        self._save(trainer, pl_module, "fit")
+
+    def _save(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Lightning's ``SaveConfigCallback.setup``, writing the file atomically (a temporary file
+        renamed over it): a command reading a run's config.yaml (``--ckpt_path=last`` compares it)
+        while that run rewrites it sees the old file or the new one, never half of one."""
+        if self.already_saved:
+            return
+        log_dir = trainer.log_dir  # a collective under DDP: every rank asks
+        if trainer.is_global_zero and log_dir is not None:
+            path = Path(log_dir) / self.config_filename
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            self.parser.save(self.config, tmp, skip_none=False, overwrite=True)
+            os.replace(tmp, path)
+        if trainer.is_global_zero:
+            self.save_config(trainer, pl_module, stage)
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
     def on_save_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
