@@ -30,6 +30,7 @@ from src.runtime.errors import UsageError, exit_on_error
 from src.runtime.fault_tolerance import FaultTolerance
 from src.runtime.hparams import HParamsTab
 from src.runtime.lightning_cli import ClassifierCLI
+from src.runtime.resume import ResumedRun
 from src.runtime.run_config import RunConfig
 from src.runtime.run_state import RunState
 from src.runtime.scaling import ScalingSetup
@@ -65,7 +66,7 @@ def main(args: list[str] | None = None, run: bool = True) -> ClassifierCLI:
                 trainer_defaults={
                     "sync_batchnorm": True,
                     "enable_autolog_hparams": False,  # HParamsTab logs them, with the metrics
-                    "callbacks": [FaultTolerance(), ScalingSetup(), HParamsTab(), RunSummary()],
+                    "callbacks": [FaultTolerance(), ScalingSetup(), HParamsTab(), RunSummary(), ResumedRun()],
                 },
                 auto_configure_optimizers=False,
                 args=None if args is None else argv,

@@ -179,11 +179,11 @@ def test_a_checkpoint_needing_arbitrary_unpickling_is_refused_and_runs_nothing(t
 @pytest.mark.parametrize(
     ("content", "cause"),
     [
-        (bytes(range(256)) * 8, "not a PyTorch Lightning checkpoint"),
-        (b"trainer:\n  max_epochs: 3\n", "not a PyTorch Lightning checkpoint"),
+        (bytes(range(256)) * 8, "it is not a PyTorch Lightning checkpoint"),
+        (b"trainer:\n  max_epochs: 3\n", "it is not a PyTorch Lightning checkpoint"),
         ("tensor", "a PyTorch file (a Tensor) but not a PyTorch Lightning checkpoint"),
         ("dict", "a PyTorch file (a dict without a state_dict) but not a PyTorch Lightning checkpoint"),
-        ("truncated", "not a PyTorch Lightning checkpoint, or it is corrupt, truncated"),
+        ("truncated", "it is truncated or corrupt, e.g. a copy or a save that did not finish"),
     ],
     ids=["random-bytes", "yaml", "tensor", "plain-dict", "truncated"],
 )
@@ -203,3 +203,15 @@ def test_a_file_that_is_not_a_checkpoint_says_so_and_what_to_pass(tmp_path: Path
     message = str(info.value)
     assert cause in message and "Pass a .ckpt written by this project" in message
     assert "pickled" not in message
+
+
+def test_an_unreadable_checkpoint_names_the_whole_ones_beside_it(tmp_path: Path):
+    torch.save(ckpt(1), tmp_path / "last.ckpt")
+    torch.save(ckpt(2), tmp_path / "epoch002.ckpt")
+    (tmp_path / "broken.ckpt").write_bytes((tmp_path / "epoch002.ckpt").read_bytes()[:300])
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path / "broken.ckpt")
+    message = str(info.value)
+    assert "Other checkpoints in its folder: " in message and message.endswith("pass one of those.")
+    assert "last.ckpt" in message and "epoch002.ckpt" in message and "junk.ckpt" not in message

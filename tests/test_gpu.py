@@ -165,8 +165,15 @@ def test_training_step_on_gpu_never_syncs_with_the_host(config_path: str, tmp_pa
 
 def test_resume_from_last_checkpoint_on_gpu(tmp_path: Path):
     data = TINY_DATA["MNIST1D"](tmp_path)
+    extendable = "--model.init_args.lr_scheduler=null"  # a one-cycle run resumes with its own length
     first = run_cli(
-        "fit", "--config", config("mnist1d_resnet_bn"), *GPU, *data, *quiet(tmp_path, max_epochs=1)
+        "fit",
+        "--config",
+        config("mnist1d_resnet_bn"),
+        *GPU,
+        *data,
+        *quiet(tmp_path, max_epochs=1),
+        extendable,
     )
     assert first.returncode == 0
     run_cli(
@@ -176,6 +183,7 @@ def test_resume_from_last_checkpoint_on_gpu(tmp_path: Path):
         *GPU,
         *data,
         *quiet(tmp_path, max_epochs=2),
+        extendable,
         "--ckpt_path=last",
     )
     runs = [p.parent for p in (tmp_path / "logs").rglob("config.yaml")]

@@ -141,9 +141,6 @@ def test_a_sigkill_mid_epoch_resumes_to_the_uninterrupted_run(fitted: Fitted, tm
     assert_same_state(fitted.ckpt, last_ckpt(tmp_path / "logs"))
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 22: core-A does not support a new pair yet (its data_root is not resumable)"
-)
 def test_a_run_resumes_after_its_data_folder_moved(fitted: Fitted, tmp_path: Path):
     before, after = tmp_path / "before", tmp_path / "after"
     shutil.copytree(fitted.root / "blobs", before)

@@ -56,7 +56,7 @@ class _WorseEveryEpoch(LightningModule):
 
 def test_lightning_save_last_follows_the_best_checkpoint_and_last_checkpoint_does_not(tmp_path: Path):
     """Pins Lightning >= 2.6.0: ``ModelCheckpoint(save_last=True)`` writes last.ckpt only when it saves a
-    top-k checkpoint, so beside a monitored best it holds the best epoch. LastCheckpoint is the fix."""
+    top-k checkpoint, so beside a monitored best it holds the best epoch. LastCheckpoint keeps the newest."""
     data = TensorBatches((torch.randn(8, 2),), batch_size=4)
     trainer = quiet_trainer(
         max_epochs=3,
@@ -221,9 +221,11 @@ def test_a_stop_signal_saves_last_ckpt_exits_non_zero_and_resumes_exactly(
 
 # ---------------------------------------------------------------------------------- which run resumes
 def short(tmp_path: Path, *extra: str) -> list[str]:
+    """A tiny run without a schedule, so a resume may extend it (a one-cycle run keeps its length)."""
     return [
         "fit", "--config", MNIST1D, *tiny_mnist1d(tmp_path), "--trainer.enable_progress_bar=false",
-        "--test_after_fit=false", f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}", *extra,
+        "--test_after_fit=false", f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+        "--model.init_args.lr_scheduler=null", *extra,
     ]  # fmt: skip
 
 
@@ -282,11 +284,7 @@ def test_a_run_being_resumed_cannot_be_resumed_twice_and_a_kill_frees_it(tmp_pat
 
 
 def test_fit_from_a_file_keeps_the_configured_optimizer_and_refuses_other_model_settings(tmp_path: Path):
-    rms = [
-        "--model.init_args.optimizer=RMSprop",
-        "--model.init_args.optimizer.init_args.alpha=0.9",
-        "--model.init_args.lr_scheduler=null",
-    ]
+    rms = ["--model.init_args.optimizer=RMSprop", "--model.init_args.optimizer.init_args.alpha=0.9"]
     run_cli(*short(tmp_path, *rms, "--trainer.max_epochs=1"), cwd=tmp_path)
     ckpt = next((tmp_path / "logs").rglob("last.ckpt"))
     run_cli(*short(tmp_path, *rms, "--trainer.max_epochs=2", f"--ckpt_path={ckpt}"), cwd=tmp_path)

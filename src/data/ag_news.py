@@ -81,6 +81,7 @@ class AGNews(HubDataModule):
 
     columns: ClassVar[tuple[str, ...]] = ("text", "label")
     input_kind = "tokens"
+    resumable_options = (*HubDataModule.resumable_options, "predict_texts", "predict_file")
 
     def __init__(
         self,

@@ -192,6 +192,9 @@ class ClassificationDataModule(LightningDataModule):
 
     # What the data yields, checked against the model's `input_kind` before anything is built.
     input_kind: ClassVar[Literal["features", "tokens"]] = "features"
+    # The init_args a resumed run (`fit --ckpt_path`) may change: how the data is read, not what it
+    # is. Subclasses extend it with theirs (where the data is read from, caches, predict inputs).
+    resumable_options: ClassVar[tuple[str, ...]] = ("num_workers", "eval_batch_size")
 
     def __init__(
         self,

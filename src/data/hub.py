@@ -103,6 +103,15 @@ def offline_mode() -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------- local files
+def one_local_source(data_dir: Any, data_files: Any, required: bool = False) -> None:
+    """Raise :class:`DataSourceError` unless at most one of ``data_dir`` and ``data_files`` is given
+    (exactly one when ``required``)."""
+    if data_dir is not None and data_files is not None:
+        raise DataSourceError("Pass data_dir or data_files, not both.")
+    if required and data_dir is None and data_files is None:
+        raise DataSourceError("Pass data_dir or data_files for a local source.")
+
+
 def resolve_local_files(
     data_dir: str | os.PathLike | None = None, data_files: dict[str, str] | None = None
 ) -> dict[str, Path]:
@@ -114,8 +123,7 @@ def resolve_local_files(
     Raises:
         DataSourceError: both or neither given, a missing folder or file, or an unknown split.
     """
-    if (data_dir is None) == (data_files is None):
-        raise DataSourceError("Pass exactly one of data_dir and data_files, not both (or neither).")
+    one_local_source(data_dir, data_files, required=True)
     if data_dir is not None:
         folder = Path(data_dir).expanduser()
         if not folder.is_dir():
@@ -133,7 +141,6 @@ def resolve_local_files(
                     "--data.init_args.data_files='{train: a.parquet, test: b.parquet}'."
                 )
         return {s: p for s, p in files.items() if p.is_file()}
-    assert data_files is not None
     if not isinstance(data_files, dict):
         raise DataSourceError(
             f"data_files must map split names to files, e.g. {{train: a.parquet, test: b.parquet}}; got {data_files!r}."
@@ -325,6 +332,13 @@ class HubDataModule(ClassificationDataModule):
 
     columns: ClassVar[tuple[str, ...]] = ("label",)
     label_column: ClassVar[str] = "label"
+    resumable_options = (
+        *ClassificationDataModule.resumable_options,
+        "data_dir",
+        "data_files",
+        "cache_dir",
+        "hf_cache_dir",
+    )
 
     def __init__(
         self,
@@ -336,8 +350,7 @@ class HubDataModule(ClassificationDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if data_dir is not None and data_files is not None:
-            raise DataSourceError("Pass data_dir or data_files, not both.")
+        one_local_source(data_dir, data_files)
         self.hub_name = hub_name
         self.data_dir = data_dir
         self.data_files = dict(data_files) if data_files is not None else None

@@ -34,6 +34,8 @@ class MNIST1D(ClassificationDataModule):
         **kwargs: batching and split options of :class:`ClassificationDataModule`.
     """
 
+    resumable_options = (*ClassificationDataModule.resumable_options, "cache_dir")
+
     def __init__(
         self,
         cache_dir: str = "data_cache/mnist1d",

@@ -8,7 +8,6 @@ does with the network lives here once.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, Literal
 
@@ -23,6 +22,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from src.models.layers import BNPosition, NormAct
 from src.models.metrics import ClassificationStats
+from src.models.schedules import spans_the_run
 from src.runtime.value_types import OpenUnitInterval, PositiveFloat, Rate, to_plain
 
 STAGES = ("train", "val", "test")
@@ -93,6 +93,7 @@ class ClassifierModule(LightningModule):
             self.metrics(stage).persistent(True)  # a run resumed mid-epoch keeps its partial figures
         self.example_input_array = self.example_input()
         self._compiled = False
+        self._built_for: tuple[float, int | None] | None = None  # see configure_optimizers
 
     # ------------------------------------------------------------------ network
     def build_network(self) -> nn.Module:
@@ -176,11 +177,11 @@ class ClassifierModule(LightningModule):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer(self.parameters(), self.lr)
+        self._built_for = self._optimisation()
         if self.lr_scheduler is None:
             return optimizer
-        kwargs = {}
-        if _accepts_unset(self.lr_scheduler, "total_steps"):
-            kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
+        total_steps = self._built_for[1]
+        kwargs = {} if total_steps is None else {"total_steps": total_steps}
         scheduler = self.lr_scheduler(optimizer, **kwargs)
         config: dict[str, Any] = {"scheduler": scheduler, "interval": "step" if kwargs else "epoch"}
         if isinstance(scheduler, ReduceLROnPlateau):
@@ -193,9 +194,22 @@ class ClassifierModule(LightningModule):
             config["monitor"] = "val_loss"
         return {"optimizer": optimizer, "lr_scheduler": config}
 
+    def _optimisation(self) -> tuple[float, int | None]:
+        """What the optimiser and schedule are built from: the learning rate and, for a schedule laid
+        out over the run (``OneCycleLR``), the run's optimiser steps."""
+        spans = spans_the_run(self.lr_scheduler)
+        return self.lr, int(self.trainer.estimated_stepping_batches) if spans else None
+
+    def on_fit_start(self) -> None:
+        # The learning-rate and batch-size finders run at the start of fit, after the optimiser and
+        # schedule were built: the learning rate (the schedule's peak) and the run's step count
+        # they chose are what trains, so both are built again from them.
+        if self._built_for not in (None, self._optimisation()):
+            self.trainer.strategy.setup_optimizers(self.trainer)
+
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
-        # A run resumed with a larger max_epochs outlives a fixed-length schedule (OneCycleLR):
-        # hold its final learning rate instead of failing.
+        # Past the end of a fixed-length schedule hold its final learning rate (a resumed run whose
+        # devices or batches per epoch changed; the CLI warns about it when the run starts).
         total = getattr(scheduler, "total_steps", None)
         if isinstance(total, int) and scheduler.last_epoch >= total:
             return
@@ -227,15 +241,3 @@ class BNClassifier(ClassifierModule):
         """The BatchNorm/ReLU block of this model's settings, for ``width`` features or channels."""
         hp = self.hparams
         return NormAct(width, hp.batch_norm, hp.bn_position, hp.bn_momentum, hp.bn_eps)
-
-
-def _accepts_unset(fn: Any, name: str) -> bool:
-    """Whether callable ``fn`` takes argument ``name`` and leaves it unset (``None``)."""
-    bound = getattr(fn, "keywords", None)  # the CLI hands over a functools.partial
-    if bound is not None and name in bound:
-        return bound[name] is None
-    try:
-        param = inspect.signature(fn).parameters.get(name)
-    except (TypeError, ValueError):
-        return False
-    return param is not None and param.default is None

@@ -5,6 +5,7 @@
   leaves the previous file intact and no temporary file behind. It loads with
   ``torch.load(weights_only=True)`` only.
 - :func:`load_checkpoint` is that safe load with a clear :class:`CheckpointError`.
+- :func:`check_ckpt_path` checks a command's ``--ckpt_path`` before anything reads it.
 
 The CLI installs the plugin in every run (``trainer.plugins``).
 """
@@ -17,6 +18,7 @@ import itertools
 import os
 import pickle
 import re
+import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ WHAT_TO_PASS = (
 )
 # Where a run keeps its resolved configuration, so `validate/test/predict --ckpt_path` rebuild it.
 CONFIG_KEY = "cli_config"
+_ZIP_MAGIC = b"PK\x03\x04"
 
 
 class CheckpointError(UsageError):
@@ -54,7 +57,7 @@ def load_checkpoint(
     path = os.fspath(path)
     fs = get_filesystem(path)
     if not fs.exists(path):
-        raise CheckpointError(f"checkpoint {path!r} does not exist. {WHAT_TO_PASS}")
+        raise CheckpointError(f"checkpoint {path!r} is not a file: nothing is at that path. {WHAT_TO_PASS}")
     if fs.isdir(path):
         raise CheckpointError(f"checkpoint {path!r} is a folder. {WHAT_TO_PASS}")
     try:
@@ -83,11 +86,33 @@ def load_checkpoint(
 
 
 def _not_a_checkpoint(path: str, err: BaseException) -> str:
-    reason = (str(err).splitlines() or [""])[0].removeprefix("Weights only load failed. ")
-    return (
-        f"could not read checkpoint {path!r}: it is not a PyTorch Lightning checkpoint, or it is corrupt, "
-        f"truncated ({type(err).__name__}: {reason[:160]}). {WHAT_TO_PASS}"
+    """What is wrong with a file ``torch.load`` could not read, and the checkpoints beside it to use."""
+    try:
+        with open(path, "rb") as f:
+            written_by_torch = f.read(4) == _ZIP_MAGIC  # torch.save writes a zip archive
+    except OSError:
+        written_by_torch = False
+    if written_by_torch:
+        reason = (str(err).strip().splitlines() or [""])[0].removeprefix("Weights only load failed. ")
+        what = f"it is truncated or corrupt, e.g. a copy or a save that did not finish (PyTorch: {reason.rstrip('.')})"
+    else:
+        what = "it is not a PyTorch Lightning checkpoint (not a file that torch.save wrote)"
+    others = _checkpoints_beside(Path(path))
+    todo = (
+        f"Other checkpoints in its folder: {', '.join(others)}; pass one of those."
+        if others
+        else WHAT_TO_PASS
     )
+    return f"could not read checkpoint {path!r}: {what}. {todo}"
+
+
+def _checkpoints_beside(path: Path) -> list[str]:
+    """The other complete-looking ``.ckpt`` files in ``path``'s folder, newest first."""
+    try:
+        found = [p for p in path.parent.glob("*.ckpt") if p.name != path.name and zipfile.is_zipfile(p)]
+    except OSError:
+        return []
+    return [p.name for p in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)[:4]]
 
 
 def read_metadata(path: _PATH) -> dict[str, Any]:
@@ -107,21 +132,46 @@ def _read_metadata(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
     return load_checkpoint(path, mmap=True)
 
 
+def check_ckpt_path(subcommand: str | None, ckpt_path: str | None) -> None:
+    """Refuse a ``--ckpt_path`` before Lightning reads anything: a file must be a checkpoint this
+    project can load (:class:`CheckpointError` says what is wrong with it);
+    ``best`` names a checkpoint only after a fit in the same command; ``hpc`` and ``registry`` name
+    sources this project does not use. ``last`` is resolved once the settings are known."""
+    if ckpt_path is None or ckpt_path == "last":
+        return
+    if ckpt_path == "best":
+        raise CheckpointError(
+            f"--ckpt_path=best names the best checkpoint of a fit in the same command; {subcommand} has none to "
+            "name. Pass a checkpoint file (.../version_N/checkpoints/<file>.ckpt), or last."
+        )
+    if ckpt_path == "hpc":
+        raise CheckpointError(
+            "--ckpt_path=hpc names Lightning's SLURM auto-requeue checkpoint (hpc_ckpt_N.ckpt), which this project "
+            "does not write: its SLURM script requeues a run with --ckpt_path=last. Pass last or a checkpoint file."
+        )
+    if ckpt_path.lower() == "registry" or ckpt_path.lower().startswith("registry:"):
+        raise CheckpointError(
+            f"--ckpt_path={ckpt_path} loads from Lightning's online model registry, which this project does not "
+            "use. Pass a checkpoint file, or last."
+        )
+    read_metadata(ckpt_path)  # a CheckpointError when it is missing, a folder or not a checkpoint
+
+
 def with_stored_config(argv: list[str]) -> list[str]:
-    """``validate|test|predict --ckpt_path X`` without ``--config``: the configuration stored in the
-    checkpoint comes first, so the command runs as the run that wrote it did (its callbacks, logger,
+    """The command line to parse: its ``--ckpt_path`` checked first (:func:`check_ckpt_path`), and for
+    ``validate|test|predict --ckpt_path X`` without ``--config`` the configuration stored in the
+    checkpoint put first, so the command runs as the run that wrote it did (its callbacks, logger,
     seed, optimiser); options given on the command line still override it."""
-    if not argv or argv[0] not in ("validate", "test", "predict"):
-        return argv
-    if any(a in ("--config", "-c") or a.startswith("--config=") for a in argv):
+    if not argv or argv[0] not in ("fit", "validate", "test", "predict"):
         return argv
     ckpt = next((a.split("=", 1)[1] for a in argv if a.startswith("--ckpt_path=")), None)
     if ckpt is None and "--ckpt_path" in argv[:-1]:
         ckpt = argv[argv.index("--ckpt_path") + 1]
-    if not ckpt or ckpt in ("best", "last", "hpc", "registry"):
+    check_ckpt_path(argv[0], ckpt)
+    if argv[0] == "fit" or not ckpt or ckpt == "last":
         return argv
-    if not Path(ckpt).is_file():
-        raise CheckpointError(f"--ckpt_path {ckpt!r} is not a file. Pass the path of a .ckpt file.")
+    if any(a in ("--config", "-c") or a.startswith("--config=") for a in argv):
+        return argv
     stored = read_metadata(ckpt).get(CONFIG_KEY)
     if not stored:
         raise CheckpointError(

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from src.runtime.checkpoints import read_metadata
 from src.runtime.errors import UsageError
-from src.runtime.runs import config_differences
+from src.runtime.resume import config_differences, import_class
 
 # Values the data knows and the model needs, linked at instantiation so they are never written twice.
 LINKED = ("num_classes", "input_size", "class_names")
@@ -30,8 +29,8 @@ def check_given(cfg: Any) -> None:
 
 
 def check_command(subcommand: str | None, cfg: Any, given_model: dict[str, Any]) -> None:
-    """The model and data can go together; a ``fit`` trains something; ``best`` names a checkpoint
-    only within a fit; linked values set by hand are named (the data's win)."""
+    """The model and data can go together; a ``fit`` trains something; linked values set by hand are
+    named (the data's win)."""
     model_cls, data_cls = import_class(cfg.model.class_path), import_class(cfg.data.class_path)
     model_kind, data_kind = getattr(model_cls, "input_kind", None), getattr(data_cls, "input_kind", None)
     if model_kind and data_kind and model_kind != data_kind:
@@ -51,17 +50,18 @@ def check_command(subcommand: str | None, cfg: Any, given_model: dict[str, Any])
                 raise UsageError(
                     f"--trainer.{key}=0 trains nothing. Pass a positive value, or run validate/test instead."
                 )
-    elif cfg.get("ckpt_path") == "best":
-        raise UsageError(
-            f"--ckpt_path=best names the best checkpoint of a fit in the same command; {subcommand} runs on its "
-            "own. Pass a checkpoint file (or last)."
-        )
 
 
-def check_checkpoint(subcommand: str | None, cfg: Any, checkpoint: Path, given_model: dict[str, Any]) -> None:
+def check_checkpoint(
+    subcommand: str | None,
+    cfg: Any,
+    checkpoint: Path,
+    given_model: dict[str, Any],
+    resumable: tuple[str, ...],
+) -> None:
     """The checkpoint holds this run's kind of data; a model setting of the command that the
     checkpoint's hyperparameters replace (Lightning re-reads them) is refused for a resumed ``fit``
-    and named otherwise, never dropped silently."""
+    and named otherwise, never dropped silently; ``resumable`` settings (a tuner's) may differ."""
     stored = (read_metadata(checkpoint).get("datamodule_hyper_parameters") or {}).get("_class_path", "")
     if stored and stored.rsplit(".", 1)[-1] != cfg.data.class_path.rsplit(".", 1)[-1]:
         raise UsageError(
@@ -70,7 +70,7 @@ def check_checkpoint(subcommand: str | None, cfg: Any, checkpoint: Path, given_m
             "both from the checkpoint)."
         )
     model = cfg.model.as_dict() if hasattr(cfg.model, "as_dict") else dict(cfg.model)
-    differences = config_differences({"model": given_model}, {"model": model})
+    differences = config_differences({"model": given_model}, {"model": model}, resumable)
     differences = [d for d in differences if d.split(":")[0].rsplit(".", 1)[-1] not in LINKED]
     if not differences:
         return
@@ -105,8 +105,3 @@ def check_weights_fit(model: torch.nn.Module, checkpoint: Path) -> None:
             + "). The model or data options differ from those it was trained with: leave out --config "
             "(validate/test/predict rebuild both from the checkpoint) or pass the options of its run."
         )
-
-
-def import_class(class_path: str) -> type:
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)

@@ -3,8 +3,10 @@
 - links: the data's ``num_classes``, ``input_size`` and ``class_names`` go into the model;
 - checks before anything is built (:mod:`src.runtime.checks`): pairing, devices, settings that train
   nothing, a checkpoint of other data or model settings;
-- run folders (:mod:`src.runtime.runs`): each run claims and locks its own ``version_N``; ``--ckpt_path=last``
-  resumes only a run whose saved config matches the command;
+- run folders (:mod:`src.runtime.runs`): each run claims and locks its own ``version_N``;
+- checkpoints (:mod:`src.runtime.resume`): every ``--ckpt_path`` checked before Lightning reads it;
+  ``--ckpt_path=last`` resumes only an unfinished run whose saved config matches the command; a
+  run's ``last.ckpt`` continues in its own folder;
 - a checkpoint's fitted data state (vocabulary, normalisation) restored before the data → model links
   are read, so ``validate/test/predict --ckpt_path`` need no training data;
 - the Trainer's callbacks fitted to the switches and the run (:mod:`src.runtime.trainer_callbacks`).
@@ -23,8 +25,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from src.data import ClassificationDataModule
-from src.runtime import checks, runs
-from src.runtime.checkpoints import read_metadata
+from src.runtime import checks, resume, runs
+from src.runtime.checkpoints import check_ckpt_path, read_metadata
 from src.runtime.devices import placement, sync_batchnorm_applies
 from src.runtime.errors import UsageError
 from src.runtime.run_state import RunState
@@ -61,6 +63,9 @@ class ClassifierCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
+        # Before LightningCLI reads the checkpoint's hyperparameters (src.cli checks a --ckpt_path on
+        # the command line before parsing; this one may come from a config file).
+        check_ckpt_path(self.config.get("subcommand"), self.settings().get("ckpt_path"))
         # The model as the command gives it, before Lightning replaces it with a checkpoint's
         # hyperparameters (`--ckpt_path FILE`): what that drops is reported, never lost silently.
         model = self.settings().get("model")
@@ -72,11 +77,16 @@ class ClassifierCLI(LightningCLI):
         logger = cfg.trainer.get("logger")
         version = (logger.get("init_args") or {}).get("version") if hasattr(logger, "get") else None
         command = yaml.safe_load(self.parser.dump(self.config, skip_unset=False)).get(sub, {})
-        self.checkpoint, self.resume_dir = runs.resolve_checkpoint(
+        self.checkpoint, self.resume_dir = resume.resolve_checkpoint(
             sub, cfg.get("ckpt_path"), runs.logger_root(logger), command, version
         )
         if self.checkpoint is not None:
-            checks.check_checkpoint(sub, cfg, self.checkpoint, self.given_model)
+            resumable = resume.resumable_keys(command)
+            checks.check_checkpoint(sub, cfg, self.checkpoint, self.given_model, resumable)
+            if sub == "fit":
+                resume.keep_tuned_values(cfg, self.checkpoint)
+        if self.resume_dir is not None:
+            resume.continue_in(cfg.trainer, self.resume_dir)
         checks.check_command(sub, cfg, self.given_model)
         where = placement(
             cfg.trainer.get("accelerator"), cfg.trainer.get("devices"), cfg.trainer.get("num_nodes")
@@ -106,7 +116,7 @@ class ClassifierCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         cfg, given = self.settings(True)["trainer"], self.settings().trainer
-        validates = getattr(self.datamodule, "has_validation", True) or self.subcommand != "fit"
+        validates = self.datamodule.has_validation or self.subcommand != "fit"
         kwargs.setdefault("callbacks", adapt_callbacks(list(cfg.get("callbacks") or []), cfg, validates))
         kwargs.setdefault("plugins", checkpoint_plugins(cfg.get("plugins")))
         if not cfg.get("fast_dev_run"):  # fast_dev_run logs nowhere: no run folder
@@ -138,22 +148,15 @@ class ClassifierCLI(LightningCLI):
         checks.check_weights_fit(self.model, self.checkpoint)
 
     def before_fit(self) -> None:
-        if not getattr(self.datamodule, "has_validation", True):
+        if not self.datamodule.has_validation:
             # Lightning's notice about the empty validation loader is what val_size=0 asked for.
             warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
 
     def before_validate(self) -> None:
-        if not getattr(self.datamodule, "has_validation", True):
+        if not self.datamodule.has_validation:
             raise UsageError(
                 "val_size=0 leaves no validation split to validate on. Pass a val_size, or run test."
             )
-        _quiet_restore()
-
-    def before_test(self) -> None:
-        _quiet_restore()
-
-    def before_predict(self) -> None:
-        _quiet_restore()
 
     def after_fit(self) -> None:
         if not self.config.fit.get("test_after_fit") or self.trainer.fast_dev_run:
@@ -182,9 +185,3 @@ def _with_state(
     )
     datamodule.load_state_dict(state)
     return datamodule
-
-
-def _quiet_restore() -> None:
-    # Restoring a checkpoint into a new run folder, Lightning notes that ModelCheckpoint's
-    # bookkeeping of the old folder is not reloaded: true, and irrelevant outside fit.
-    warnings.filterwarnings("ignore", message=r"The dirpath has changed from")

@@ -1,56 +1,15 @@
-"""Run folders (``<save_dir>/<name>/version_N``): claimed atomically, locked while in use, and found
-again for ``fit --ckpt_path=last`` only when they hold the run the command describes."""
+"""Run folders (``<save_dir>/<name>/version_N``): claimed atomically and locked while in use. Which
+run a command continues is :mod:`src.runtime.resume`."""
 
 from __future__ import annotations
 
 import fcntl
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from src.runtime.errors import UsageError
 from src.runtime.run_state import RunState
-
-# Settings a resumed run may change: how long it runs, where and how fast, what it prints and
-# where data is read from. Everything else describes the experiment and must match.
-RESUMABLE_CHANGES = (
-    "ckpt_path",
-    "test_after_fit",
-    "trainer.max_epochs",
-    "trainer.max_steps",
-    "trainer.max_time",
-    "trainer.min_epochs",
-    "trainer.min_steps",
-    "trainer.callbacks",
-    "trainer.logger",
-    "trainer.enable_progress_bar",
-    "trainer.enable_model_summary",
-    "trainer.enable_checkpointing",
-    "trainer.num_sanity_val_steps",
-    "trainer.accelerator",
-    "trainer.devices",
-    "trainer.num_nodes",
-    "trainer.strategy",
-    "trainer.sync_batchnorm",
-    "trainer.plugins",
-    "trainer.profiler",
-    "trainer.detect_anomaly",
-    "trainer.default_root_dir",
-    "trainer.limit_test_batches",
-    "trainer.limit_predict_batches",
-    "data.init_args.cache_dir",
-    "data.init_args.hf_cache_dir",
-    "data.init_args.data_dir",
-    "data.init_args.data_files",
-    "data.init_args.num_workers",
-    "data.init_args.eval_batch_size",
-    "data.init_args.predict_texts",
-    "data.init_args.predict_file",
-    "model.init_args.compile_model",
-)
 
 
 def versions(root: Path) -> list[int]:
@@ -67,12 +26,13 @@ def claim_version(root: Path, state: RunState) -> int:
     Two runs that list the folder at the same moment would both pick the same N (Lightning's
     loggers list it and take max + 1); only one of them can create the folder, the other moves on.
     """
+    made = [p for p in (root, *root.parents) if not p.exists()]  # removed with the run folder when left empty
     root.mkdir(parents=True, exist_ok=True)
     v = max(versions(root), default=-1) + 1
     while True:
         try:
             os.mkdir(root / f"version_{v}")
-            state.claimed.append(root / f"version_{v}")
+            state.claimed += [root / f"version_{v}", *made]
             return v
         except FileExistsError:
             v += 1
@@ -100,59 +60,7 @@ def lock(run_dir: Path, state: RunState) -> None:
     state.locks.append(fd)
 
 
-@dataclass
-class Candidate:
-    """A run folder with a ``checkpoints/last.ckpt`` and the settings its config differs in."""
-
-    version: int
-    checkpoint: Path
-    differences: list[str]
-
-
-def resumable_runs(root: Path, config: dict[str, Any], only_version: int | None = None) -> list[Candidate]:
-    """Runs under ``root`` with a ``last.ckpt``, newest first, each with the settings (outside
-    :data:`RESUMABLE_CHANGES`) in which its saved ``config.yaml`` differs from ``config``."""
-    found = []
-    for v in versions(root):
-        if only_version is not None and v != only_version:
-            continue
-        last = root / f"version_{v}" / "checkpoints" / "last.ckpt"
-        if not last.is_file():
-            continue
-        saved_file = root / f"version_{v}" / "config.yaml"
-        try:
-            saved = yaml.safe_load(saved_file.read_text()) or {}
-        except (OSError, yaml.YAMLError):
-            differences = [f"(its {saved_file.name} is missing or unreadable)"]
-        else:
-            differences = config_differences(saved, config)
-        found.append(Candidate(v, last, differences))
-    return sorted(found, key=lambda c: c.checkpoint.stat().st_mtime, reverse=True)
-
-
-def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``key: saved -> current`` for every leaf setting that differs and that a resume may not change."""
-    flat_saved, flat_current = _flatten(saved), _flatten(current)
-    out = []
-    for key in sorted(set(flat_saved) | set(flat_current)):
-        if any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES):
-            continue
-        a, b = flat_saved.get(key), flat_current.get(key)  # absent and null are the same
-        if a != b:
-            out.append(f"{key}: {a!r} -> {b!r}")
-    return out
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
-# ---------------------------------------------------------------------------------- what a command continues
+# ---------------------------------------------------------------------------------- the loggers' folders
 def logger_root(logger_cfg: Any) -> Path | None:
     """``save_dir/name`` of the first versioned logger (TensorBoard, CSV) in a config: where its runs live."""
     for cfg in logger_cfg if isinstance(logger_cfg, list) else [logger_cfg]:
@@ -164,61 +72,6 @@ def logger_root(logger_cfg: Any) -> Path | None:
             name = args.get("name") if args.get("name") is not None else "lightning_logs"
             return Path(args.get("save_dir") or ".") / name
     return None
-
-
-def resolve_checkpoint(
-    subcommand: str | None, ckpt_path: str | None, root: Path | None, config: dict[str, Any], version: Any
-) -> tuple[Path | None, Path | None]:
-    """The checkpoint file a command loads, and for ``fit`` the run folder it continues.
-
-    ``last`` is the ``last.ckpt`` of the newest run under ``root`` whose saved config matches this
-    command's (``version`` narrows it to one run); a ``fit`` with no run to continue starts a new
-    one. A file continues its own run folder when it is that run's ``last.ckpt``.
-    """
-    if ckpt_path == "last":
-        if root is None:
-            raise UsageError(
-                "--ckpt_path=last needs a logger with a save_dir (it looks for the run's folder)."
-            )
-        candidates = resumable_runs(root, config, only_version=version)
-        match = next((c for c in candidates if not c.differences), None)
-        if match is None:
-            if not candidates and version is None and subcommand == "fit":
-                from lightning.pytorch.utilities import rank_zero_info
-
-                rank_zero_info(
-                    f"--ckpt_path=last: no run under {root} has a last.ckpt yet; starting a new run."
-                )
-                return None, None
-            raise UsageError(_no_matching_run(root, candidates, version))
-        return match.checkpoint, match.checkpoint.parents[1] if subcommand == "fit" else None
-    if ckpt_path in (None, "best", "hpc", "registry"):
-        return None, None
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise UsageError(f"--ckpt_path {ckpt_path!r} is not a file. Pass the path of a .ckpt file (or last).")
-    own_run = (
-        subcommand == "fit"
-        and path.name == "last.ckpt"
-        and root is not None
-        and path.resolve().parents[2] == root.resolve()
-    )
-    return path, path.parents[1] if own_run else None
-
-
-def _no_matching_run(root: Path, candidates: list[Candidate], version: Any) -> str:
-    if not candidates:
-        where = f"version_{version}" if version is not None else "any run"
-        return f"--ckpt_path=last: {where} under {root} has no checkpoints/last.ckpt. Pass a checkpoint file."
-    lines = [
-        f"--ckpt_path=last: no run under {root} was started with these settings, so none is resumed (a "
-        "resume continues the same experiment). The runs with a last.ckpt and what differs (run -> command):"
-    ]
-    for c in candidates[:5]:
-        more = " ..." if len(c.differences) > 6 else ""
-        lines.append(f"  version_{c.version}: " + "; ".join(c.differences[:6]) + more)
-    lines.append("Pass the settings of the run to resume, or start a new run without --ckpt_path.")
-    return "\n".join(lines)
 
 
 def is_rank_zero() -> bool:

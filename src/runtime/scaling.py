@@ -13,12 +13,15 @@ from torch import nn
 
 
 class ScalingSetup(Callback):
-    """At the start of ``fit``, rank 0 prints the effective batch size (per-process batch × processes ×
+    """When training starts, rank 0 prints the effective batch size (per-process batch × processes ×
     gradient accumulation), each optimiser's learning rate, and, with several processes, whether
     BatchNorm statistics are synchronised (``SyncBatchNorm``, GPUs only) or kept per process.
-    Learning rates are never rescaled automatically. The CLI adds it to every run."""
+    Learning rates are never rescaled automatically. The CLI adds it to every run.
 
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    It reports at ``on_train_start``: after the tuners chose and a checkpoint's optimiser and
+    schedule were restored, so the rates it prints are those the run trains with."""
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         rank_zero_info(effective_batch_report(trainer))
         if trainer.world_size > 1 and any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pl_module.modules()

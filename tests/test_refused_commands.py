@@ -1,0 +1,97 @@
+"""A refused command says why in one line, exits 2 and leaves nothing behind: every kind of bad
+``--ckpt_path`` on every subcommand, with and without ``--config``, and bad data settings."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.cli import config, refused, run_cli
+from tests.helpers.data import quiet, tiny_mnist1d
+
+pytestmark = pytest.mark.slow
+
+MNIST1D = config("mnist1d_resnet_bn")
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+# What each kind of path is, and a fragment of what the command must say about it.
+KINDS = {
+    "random-bytes": "it is not a PyTorch Lightning checkpoint",
+    "truncated": "it is truncated or corrupt",
+    "folder": "is a folder",
+    "missing": "is not a file",
+    "best": "--ckpt_path=best names the best checkpoint of a fit in the same command",
+    "hpc": "which this project does not write",
+    "registry": "online model registry, which this project does not use",
+}
+
+
+def files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> Path:
+    """A folder holding a run's two checkpoints (its best and last.ckpt), a truncated copy of the
+    best beside them, a file of random bytes and a folder named like a checkpoint."""
+    root = tmp_path_factory.mktemp("run")
+    run_cli("fit", "--config", MNIST1D, *tiny_mnist1d(root), *quiet(root), cwd=root)
+    folder = root / "ckpts"
+    shutil.copytree(next(root.rglob("last.ckpt")).parent, folder)
+    best = next(folder.glob("epoch*.ckpt"))
+    (folder / "truncated.ckpt").write_bytes(best.read_bytes()[: best.stat().st_size // 2])
+    (folder / "random.ckpt").write_bytes(bytes(range(256)) * 40)
+    (folder / "folder.ckpt").mkdir()
+    return folder
+
+
+def path_of(kind: str, folder: Path) -> str:
+    named = {"random-bytes": "random.ckpt", "truncated": "truncated.ckpt", "folder": "folder.ckpt"}
+    if kind in named:
+        return str(folder / named[kind])
+    return str(folder / "nowhere" / "last.ckpt") if kind == "missing" else kind
+
+
+# Each kind on each subcommand; with and without --config alternate, so each kind and each subcommand
+# meets both.
+CASES = [(kind, sub, (i + j) % 2 == 0) for i, kind in enumerate(KINDS) for j, sub in enumerate(SUBCOMMANDS)]
+
+
+@pytest.mark.parametrize(
+    ("kind", "subcommand", "with_config"),
+    CASES,
+    ids=[f"{k}-{s}-{'config' if c else 'no-config'}" for k, s, c in CASES],
+)
+def test_a_bad_checkpoint_path_is_refused_before_anything_reads_it(
+    checkpoints: Path, tmp_path: Path, kind: str, subcommand: str, with_config: bool
+):
+    before = files(checkpoints)
+    settings = (
+        ["--config", MNIST1D, f"--data.init_args.cache_dir={tmp_path / 'cache'}"] if with_config else []
+    )
+    out = run_cli(
+        subcommand, *settings, f"--ckpt_path={path_of(kind, checkpoints)}", cwd=tmp_path, check=False
+    )
+    said = refused(out, KINDS[kind])
+    assert "weights_only" not in said and len(said.strip().splitlines()) == 1, said
+    assert files(tmp_path) == set(), f"a refused command left {files(tmp_path)}"  # no run folder, no cache
+    assert files(checkpoints) == before
+
+
+def test_a_truncated_checkpoint_names_the_checkpoints_beside_it(checkpoints: Path, tmp_path: Path):
+    out = run_cli("test", "--ckpt_path", str(checkpoints / "truncated.ckpt"), cwd=tmp_path, check=False)
+    said = refused(out, "it is truncated or corrupt", "Other checkpoints in its folder: ", "last.ckpt")
+    best = next(checkpoints.glob("epoch*.ckpt")).name
+    assert best in said and "random.ckpt" not in said  # only files that look whole
+    assert said.rstrip().endswith("pass one of those."), said  # PyTorch's reason quoted whole, not cut
+
+
+def test_a_data_error_leaves_no_run_folder_and_no_log_folder(tmp_path: Path):
+    logs = tmp_path / "new" / "logs"
+    out = run_cli(
+        "fit", "--config", MNIST1D, *tiny_mnist1d(tmp_path), *quiet(tmp_path),
+        "--data.init_args.val_size=100000", f"--trainer.logger.init_args.save_dir={logs}", cwd=tmp_path, check=False,
+    )  # fmt: skip
+    refused(out, "val_size=100000 leaves no training or no validation data")
+    assert not (tmp_path / "new").exists(), files(tmp_path / "new")

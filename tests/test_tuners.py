@@ -1,0 +1,96 @@
+"""The tuners through the CLI: the value a tuner picks is the value that trains (the optimiser's rate,
+the one-cycle peak, the schedule's step count), the one the start line, ``config.yaml`` and the
+checkpoint show; a learning-rate pick that would not train is refused and leaves nothing behind; a
+resumed run keeps what it was tuned to."""
+
+from __future__ import annotations
+
+import re
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.helpers.cli import config, refused, run_cli
+from tests.helpers.data import tiny_mnist1d
+
+pytestmark = pytest.mark.slow
+
+MNIST1D = config("mnist1d_resnet_bn")
+# Tiny MNIST-1D has 14 steps per epoch; in 2 epochs the finder gets its 20 steps and a usable curve.
+FINDER = ["--trainer.callbacks+=LearningRateFinder", "--trainer.callbacks.num_training_steps=20"]
+
+
+def fit(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "fit", "--config", MNIST1D, *tiny_mnist1d(tmp_path), "--trainer.max_epochs=2",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--test_after_fit=false",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}", *extra,
+    ]  # fmt: skip
+
+
+def run_dir(tmp_path: Path) -> Path:
+    return tmp_path / "logs" / "mnist1d_resnet_bn" / "version_0"
+
+
+def recorded(tmp_path: Path) -> tuple[dict, dict]:
+    """The run's config.yaml settings and its last.ckpt."""
+    folder = run_dir(tmp_path)
+    settings = yaml.safe_load((folder / "config.yaml").read_text())
+    return settings, torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
+
+
+def peak(output: str) -> float:
+    found = re.search(r"Learning rate: \w+ lr \S+ now, peak (\S+) ", output)
+    assert found, output[-3000:]
+    return float(found.group(1))
+
+
+def test_the_learning_rate_finders_pick_is_what_trains_and_what_is_recorded(tmp_path: Path):
+    out = run_cli(*fit(tmp_path, *FINDER), cwd=tmp_path)
+    settings, ckpt = recorded(tmp_path)
+    lr = settings["model"]["init_args"]["lr"]
+    assert lr != 0.01 and ckpt["hyper_parameters"]["lr"] == lr
+    group = ckpt["optimizer_states"][0]["param_groups"][0]
+    assert group["max_lr"] == pytest.approx(lr)  # the one-cycle peak
+    assert group["initial_lr"] == pytest.approx(lr / 25)  # its start (div_factor 25)
+    assert peak(out.stdout + out.stderr) == pytest.approx(lr, rel=1e-3)  # the start line says it
+    assert ckpt["lr_schedulers"][0]["total_steps"] == ckpt["global_step"] == 28
+
+
+def test_a_learning_rate_pick_that_would_not_train_is_refused(tmp_path: Path):
+    # 3 epochs give the finder 42 of its 100 steps: the loss never falls, and Lightning picks ~1e-7
+    out = run_cli(*fit(tmp_path, "--trainer.callbacks+=LearningRateFinder", "--trainer.max_epochs=3"),
+                  cwd=tmp_path, check=False)  # fmt: skip
+    refused(
+        out, "the learning-rate finder found no learning rate", "42 of 100 steps", "--model.init_args.lr="
+    )
+    # no run folder, no config.yaml recording a rate that never trained
+    assert not (tmp_path / "logs").exists()
+
+
+def test_the_batch_size_finders_pick_sets_the_schedules_length(tmp_path: Path):
+    run_cli(*fit(tmp_path, "--trainer.callbacks+=BatchSizeFinder"), cwd=tmp_path)
+    settings, ckpt = recorded(tmp_path)
+    batch_size = settings["data"]["init_args"]["batch_size"]
+    assert batch_size != 32 and ckpt["datamodule_hyper_parameters"]["batch_size"] == batch_size
+    schedule = ckpt["lr_schedulers"][0]
+    assert schedule["total_steps"] == schedule["last_epoch"] == ckpt["global_step"]  # it ended with the run
+
+
+def test_a_resumed_run_keeps_what_it_was_tuned_to(tmp_path: Path):
+    stop = ["--trainer.callbacks+=tests.helpers.faults.KillAt", "--trainer.callbacks.step=20",
+            f"--trainer.callbacks.signum={int(signal.SIGTERM)}"]  # fmt: skip
+    first = run_cli(*fit(tmp_path, *FINDER, *stop), cwd=tmp_path, check=False)
+    assert first.returncode == 143, first.stderr[-3000:]
+    tuned = recorded(tmp_path)[0]["model"]["init_args"]["lr"]
+    out = run_cli(*fit(tmp_path, *FINDER, "--ckpt_path=last"), cwd=tmp_path)  # the same command resumes it
+    said = out.stdout + out.stderr
+    assert "LearningRateFinder left out: a resumed run keeps the values its checkpoint holds" in said
+    assert "Finding best initial lr" not in said and "The tuner chose" not in said
+    settings, ckpt = recorded(tmp_path)
+    assert settings["model"]["init_args"]["lr"] == ckpt["hyper_parameters"]["lr"] == tuned
+    assert ckpt["optimizer_states"][0]["param_groups"][0]["max_lr"] == pytest.approx(tuned)
+    assert ckpt["global_step"] == 28
