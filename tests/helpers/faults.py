@@ -1,8 +1,10 @@
-"""Fault injection for the resume tests: a callback, added to a real CLI run with
-``--trainer.callbacks+=tests.helpers.faults.KillAt``, that SIGKILLs its own process at a chosen point."""
+"""Fault injection, as callbacks added to a real CLI run: ``--trainer.callbacks+=tests.helpers.faults.KillAt``
+SIGKILLs its own process at a chosen point (the resume tests); ``SignalAt`` sends SIGTERM/SIGINT at a
+point of any phase and lets the run go on (the signal tests)."""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 from typing import Any
@@ -79,3 +81,100 @@ class KillAt(Callback):
             real_save(checkpoint, path, storage_options)
 
         io.save_checkpoint = save
+
+
+PHASES = ("init", "sanity", "train", "validation", "save", "test", "predict")
+
+
+class SignalAt(Callback):
+    """Send a stop signal (SIGTERM/SIGINT) to this process at a chosen point, as a scheduler or a
+    Ctrl-C would, and go on: the run must stop at its next safe point.
+
+    Args:
+        phase: ``init`` (while the CLI builds the run, before the Trainer runs), ``sanity`` (after
+            sanity-check batch ``at``), ``train`` (after training step ``at``), ``validation``
+            (after the ``at``-th validation batch of a fit or ``validate``, counted from 0 over the
+            whole command, sanity check left out), ``save`` (half-way through writing the first
+            checkpoint at or after step ``at``), ``test`` / ``predict`` (after batch ``at``).
+        at: the step or batch index.
+        signum: the signal.
+        times: how often to send it (2: a second Ctrl-C, which stops at once).
+    """
+
+    def __init__(self, phase: str, at: int = 0, signum: int = int(signal.SIGTERM), times: int = 1) -> None:
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}")
+        self.phase, self.at, self.signum, self.times = phase, at, signum, times
+        self._validation_batches = 0
+        if phase == "init":
+            self._send()
+
+    def _send(self) -> None:
+        for _ in range(self.times):
+            os.kill(os.getpid(), self.signum)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if self.phase == "train" and trainer.global_step == self.at:
+            self._send()
+
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        *args: Any,
+    ) -> None:
+        if trainer.sanity_checking:
+            if self.phase == "sanity" and batch_idx == self.at:
+                self._send()
+            return
+        if self.phase == "validation" and self._validation_batches == self.at:
+            self._send()
+        self._validation_batches += 1
+
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        *args: Any,
+    ) -> None:
+        if self.phase == "test" and batch_idx == self.at:
+            self._send()
+
+    def on_predict_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        *args: Any,
+    ) -> None:
+        if self.phase == "predict" and batch_idx == self.at:
+            self._send()
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.phase != "save" or stage != "fit":
+            return
+        import torch
+
+        real_torch_save, callback = torch.save, self
+
+        def half_then_signal(obj: Any, f: Any, *a: Any, **k: Any) -> None:
+            if trainer.global_step < callback.at or callback.phase != "save":
+                return real_torch_save(obj, f, *a, **k)
+            callback.phase = "sent"
+            buf = io.BytesIO()
+            real_torch_save(obj, buf, *a, **k)
+            data = buf.getvalue()
+            f.write(data[: len(data) // 2])
+            f.flush()
+            callback._send()
+            f.write(data[len(data) // 2 :])
+
+        torch.save = half_then_signal
