@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import os
 import signal
+import sys
+import time
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -99,17 +101,33 @@ class SignalAt(Callback):
         at: the step or batch index.
         signum: the signal.
         times: how often to send it (2: a second Ctrl-C, which stops at once).
+        pause_until: instead of sending the signal, print ``paused`` on stderr and wait until this
+            file exists (the test sends the signal from outside, then creates the file).
     """
 
-    def __init__(self, phase: str, at: int = 0, signum: int = int(signal.SIGTERM), times: int = 1) -> None:
+    def __init__(
+        self,
+        phase: str,
+        at: int = 0,
+        signum: int = int(signal.SIGTERM),
+        times: int = 1,
+        pause_until: str = "",
+    ) -> None:
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}")
         self.phase, self.at, self.signum, self.times = phase, at, signum, times
+        self.pause_until = pause_until
         self._validation_batches = 0
         if phase == "init":
             self._send()
 
     def _send(self) -> None:
+        if self.pause_until:
+            print("paused", file=sys.stderr, flush=True)
+            deadline = time.monotonic() + 300
+            while not os.path.exists(self.pause_until) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return
         for _ in range(self.times):
             os.kill(os.getpid(), self.signum)
 
@@ -117,45 +135,22 @@ class SignalAt(Callback):
         if self.phase == "train" and trainer.global_step == self.at:
             self._send()
 
-    def on_validation_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        *args: Any,
-    ) -> None:
+    # Evaluation and predict hooks get (outputs, batch, batch_idx, dataloader_idx) after the module.
+    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         if trainer.sanity_checking:
-            if self.phase == "sanity" and batch_idx == self.at:
-                self._send()
+            self._at_batch("sanity", args[2])
             return
-        if self.phase == "validation" and self._validation_batches == self.at:
-            self._send()
+        self._at_batch("validation", self._validation_batches)
         self._validation_batches += 1
 
-    def on_test_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        *args: Any,
-    ) -> None:
-        if self.phase == "test" and batch_idx == self.at:
-            self._send()
+    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        self._at_batch("test", args[2])
 
-    def on_predict_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        *args: Any,
-    ) -> None:
-        if self.phase == "predict" and batch_idx == self.at:
+    def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        self._at_batch("predict", args[2])
+
+    def _at_batch(self, phase: str, index: int) -> None:
+        if self.phase == phase and index == self.at:
             self._send()
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
