@@ -24,7 +24,7 @@ class LastCheckpoint(Checkpoint):
     every step whether to stop, and it stops the run after saving. Resume a run
     from it with ``--ckpt_path=last``. Lightning's ``ModelCheckpoint(save_last=True)`` writes
     ``last.ckpt`` only at steps where it also saves a top-k checkpoint (since Lightning 2.6.0), so
-    beside a monitored "best" checkpoint it held the best epoch, not the last.
+    beside a monitored "best" checkpoint it holds the best epoch, not the last.
 
     A step save that falls on an epoch's last batch is left to the epoch-end save that follows, so
     no checkpoint holds a finished epoch whose validation has not run.

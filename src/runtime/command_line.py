@@ -7,6 +7,9 @@ before they are parsed, and one callback's option set by the callback's name.
 - ``--callbacks.NAME.OPTION=VALUE`` sets ``OPTION`` of the callback of class ``NAME`` in
   ``trainer.callbacks`` (``--callbacks.LastCheckpoint.every_n_train_steps=50``), wherever it is in
   the list; LightningCLI's own ``--trainer.callbacks.OPTION=VALUE`` sets it on the last callback.
+
+The errors are read from jsonargparse's messages (their 4.53 wording, pinned by tests/test_cli.py);
+a message of another form is shown by its first line, with where the options are listed.
 """
 
 from __future__ import annotations
@@ -56,9 +59,10 @@ def explain(message: str, parser: ArgumentParser) -> str:
     every = f"Every option: {cli_command([*sub, '--help'])}."
     if m := re.match(r"argument subcommand: invalid choice: '([^']*)'", message):
         commands = ["fit", "validate", "test", "predict"]
-        return f"unknown command {m[1]!r}{_did_you_mean(m[1], commands)} The commands: {', '.join(commands)}."
+        hint = _did_you_mean(m[1], commands)
+        return f"unknown command {m[1]!r}.{hint} The commands: {', '.join(commands)}.\n  {every}"
     if m := re.match(r"unrecognized arguments: (.*)", message, re.S):
-        unknown = [a.split("=", 1)[0] for a in m[1].split() if a.startswith("-")] or m[1].split()[:1]
+        unknown = [a.split("=", 1)[0] for a in m[1].split() if a.startswith("-")][:3] or m[1].split()[:1]
         keys = _parser_keys(parser)
         return "\n  ".join(
             [*(f"unknown option {a}.{_did_you_mean(a.lstrip('-'), keys, '--')}" for a in unknown), every]

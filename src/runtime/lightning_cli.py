@@ -126,7 +126,7 @@ class ClassifierCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         cfg, given = self.settings(True)["trainer"], self.settings().trainer
-        validates = getattr(self.datamodule, "has_validation", True) or self.subcommand != "fit"
+        validates = self.datamodule.has_validation or self.subcommand != "fit"
         callbacks = adapt_callbacks(list(cfg.get("callbacks") or []), cfg, validates)
         kwargs.setdefault("callbacks", with_fault_tolerance(callbacks, self.run_state))
         kwargs.setdefault("plugins", checkpoint_plugins(cfg.get("plugins")))
@@ -159,12 +159,12 @@ class ClassifierCLI(LightningCLI):
         checks.check_weights_fit(self.model, self.checkpoint)
 
     def before_fit(self) -> None:
-        if not getattr(self.datamodule, "has_validation", True):
+        if not self.datamodule.has_validation:
             # Lightning's notice about the empty validation loader is what val_size=0 asked for.
             warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
 
     def before_validate(self) -> None:
-        if not getattr(self.datamodule, "has_validation", True):
+        if not self.datamodule.has_validation:
             raise UsageError(
                 "val_size=0 leaves no validation split to validate on. Pass a val_size, or run test."
             )

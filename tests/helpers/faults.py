@@ -173,3 +173,18 @@ class SignalAt(Callback):
             f.write(data[len(data) // 2 :])
 
         torch.save = half_then_signal
+
+
+class PoisonAt(Callback):
+    """Fill the model's weights with NaN after training step ``step``: the next loss is NaN."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            import torch
+
+            with torch.no_grad():
+                for p in pl_module.parameters():
+                    p.fill_(float("nan"))
