@@ -15,25 +15,26 @@ failure while running, 143/130 stopped by SIGTERM/SIGINT), without a traceback.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import warnings
 
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import src.callbacks  # noqa: F401  (registers the callbacks' short names for YAML)
 from src.data import ClassificationDataModule
 from src.models import ClassifierModule
 from src.runtime.checkpoints import with_stored_config
 from src.runtime.devices import cpu_threads
-from src.runtime.errors import UsageError, exit_on_error
-from src.runtime.fault_tolerance import FaultTolerance
+from src.runtime.errors import Interrupted, UsageError, exit_on_error
 from src.runtime.hparams import HParamsTab
 from src.runtime.lightning_cli import ClassifierCLI
 from src.runtime.resume import ResumedRun
 from src.runtime.run_config import RunConfig
-from src.runtime.run_state import RunState
-from src.runtime.scaling import ScalingSetup
+from src.runtime.run_state import RunState, StopNow
+from src.runtime.scaling import ScalingReport
 from src.runtime.summary import RunSummary
 
 
@@ -50,10 +51,11 @@ def main(args: list[str] | None = None, run: bool = True) -> ClassifierCLI:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdverts())
     # Lightning 2.6 calls a torch pytree API that torch deprecated: nothing a user can act on.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-    state = RunState()
-    with exit_on_error(cleanup=lambda _: state.discard_unused()):
+    given = list(sys.argv[1:] if args is None else args)
+    state = RunState(command=given)
+    with exit_on_error(cleanup=lambda _: state.discard_unused()), state.stop_signals():
         try:
-            argv = with_stored_config(list(sys.argv[1:] if args is None else args))
+            argv = with_stored_config(given)
             if args is None:
                 sys.argv[1:] = argv  # LightningCLI parses the command line itself
             cli = ClassifierCLI(
@@ -66,7 +68,7 @@ def main(args: list[str] | None = None, run: bool = True) -> ClassifierCLI:
                 trainer_defaults={
                     "sync_batchnorm": True,
                     "enable_autolog_hparams": False,  # HParamsTab logs them, with the metrics
-                    "callbacks": [FaultTolerance(), ScalingSetup(), HParamsTab(), RunSummary(), ResumedRun()],
+                    "callbacks": [ScalingReport(), HParamsTab(), RunSummary(), ResumedRun()],
                 },
                 auto_configure_optimizers=False,
                 args=None if args is None else argv,
@@ -75,10 +77,32 @@ def main(args: list[str] | None = None, run: bool = True) -> ClassifierCLI:
             )
         except MisconfigurationException as err:
             raise UsageError(str(err)) from err
+        except StopNow as stop:
+            raise Interrupted(stop.signum, stop.message or _stopped(stop.signum, state)) from None
+        except SIGTERMException:  # Lightning's own handler saw it first (between its stages)
+            raise Interrupted(signal.SIGTERM, _stopped(signal.SIGTERM, state)) from None
         finally:
             if run:
                 state.release()
+        if run and state.stop_signal is not None:
+            raise Interrupted(
+                state.stop_signal,
+                f"{signal.Signals(state.stop_signal).name} arrived as the command finished: it ran to "
+                "the end and its results are complete.",
+            )
     return cli
+
+
+def _stopped(signum: int, state: RunState) -> str:
+    """What a stop outside a running stage leaves: before the run started, nothing."""
+    name = signal.Signals(signum).name
+    if state.stop_at_once:
+        return (
+            f"Stopped by {name} before the run started: nothing was run. Run it again: {state.command_line()}"
+        )
+    if state.command[:1] == ["fit"]:
+        return f"Stopped by {name}; what was saved is intact. Resume with: {state.command_line(ckpt_path='last')}"
+    return f"Stopped by {name}; nothing was reported. Run it again: {state.command_line()}"
 
 
 if __name__ == "__main__":

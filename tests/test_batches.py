@@ -38,20 +38,18 @@ def test_each_epoch_covers_every_sample_once_in_an_order_a_resume_replays():
 
 def test_a_loader_resumed_mid_epoch_skips_the_batches_already_served():
     x = torch.arange(20.0)
-    first = TensorBatches((x,), batch_size=3, shuffle=True, seed=5)
-    first.set_epoch(2)
+    epoch = [2]
+    first = TensorBatches((x,), batch_size=3, shuffle=True, seed=5, epoch=lambda: epoch[0])
     it = iter(first)
     seen = [next(it)[0] for _ in range(3)]
     state = first.state_dict()
     assert state == {"epoch": 2, "batches_served": 3}
-    resumed = TensorBatches((x,), batch_size=3, shuffle=True, seed=5)
+    resumed = TensorBatches((x,), batch_size=3, shuffle=True, seed=5, epoch=lambda: epoch[0])
     resumed.load_state_dict(state)
-    resumed.set_epoch(2)
     rest = [b[0] for b in resumed]
     assert torch.equal(torch.cat(seen + rest).sort().values, x)  # the epoch completes, nothing twice
-    resumed.set_epoch(3)
+    epoch[0] = 3
     assert len(list(resumed)) == 7  # the next epoch is whole again
-    at_end = TensorBatches((x,), batch_size=3, shuffle=True, seed=5)
+    at_end = TensorBatches((x,), batch_size=3, shuffle=True, seed=5, epoch=lambda: epoch[0])
     at_end.load_state_dict({"epoch": 2, "batches_served": 7})  # saved at the end of epoch 2
-    at_end.set_epoch(3)
     assert len(list(at_end)) == 7

@@ -183,7 +183,7 @@ def test_device_check_refuses_to_run_without_a_gpu_unless_dry(tmp_path: Path):
 
 # ---------------------------------------------------------------------------------------- kept behaviour
 def _trainer(step: int, epoch: int = 0) -> SimpleNamespace:
-    return SimpleNamespace(global_step=step, current_epoch=epoch, world_size=1)
+    return SimpleNamespace(global_step=step, current_epoch=epoch, world_size=1, checkpoint_callbacks=[])
 
 
 def test_non_finite_loss_is_found_at_the_checks_and_named_by_its_first_step(monkeypatch):
@@ -208,7 +208,9 @@ def test_non_finite_loss_is_found_at_the_checks_and_named_by_its_first_step(monk
         ft.on_train_batch_end(_trainer(5, epoch=1), None, torch.tensor(0.1), None, 5)
     assert reads == [1]  # one read for the five losses
     with pytest.raises(NonFiniteLossError, match="step 3"):  # and before any later checkpoint
-        ft.on_save_checkpoint(SimpleNamespace(world_size=1, state=SimpleNamespace(fn="fit")), None, {})
+        ft.on_save_checkpoint(
+            SimpleNamespace(world_size=1, state=SimpleNamespace(fn="fit"), checkpoint_callbacks=[]), None, {}
+        )
 
 
 def test_finite_losses_pass_every_check():

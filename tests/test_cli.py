@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -41,42 +42,62 @@ def test_print_config_reloads_as_a_config(tmp_path: Path):
     assert yaml.safe_load(again.stdout) == yaml.safe_load(out.stdout)
 
 
+def short_error(out, *fragments: str) -> str:
+    """A parse error in the project's form: ``error: ...`` in a few lines naming the problem and where
+    the options are listed, no usage dump, nothing started."""
+    said = refused(out, *fragments)
+    assert said.startswith("error: ") and len(said.strip().splitlines()) <= 5, said
+    assert "usage:" not in said and "--help" in said, said
+    return said
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--model.init_args.hiden_size=3"], "hiden_size"),
-        pytest.param(["--model.init_args.hidden_size=wide"], "hidden_size", marks=pytest.mark.slow),
-        pytest.param(["--data.init_args.batch_size=0"], "batch_size", marks=pytest.mark.slow),
-        pytest.param(["--model.init_args.dropout=1.5"], "dropout", marks=pytest.mark.slow),
-        pytest.param(["--model.init_args.hidden_size=0"], "hidden_size", marks=pytest.mark.slow),
-        pytest.param(["--model.init_args.num_blocks=-1"], "num_blocks", marks=pytest.mark.slow),
-        pytest.param(["--model.init_args.lr=0"], "lr", marks=pytest.mark.slow),
-        pytest.param(
-            ["--model.init_args.optimizer.init_args.lr=0.1"],
-            "Option 'lr' is not accepted",
-            marks=pytest.mark.slow,
-        ),
-        pytest.param(["--data.init_args.loader=gpu"], "loader", marks=pytest.mark.slow),
-        pytest.param(["--model=NoSuchNet"], "NoSuchNet", marks=pytest.mark.slow),
-        pytest.param(["--data=src.data.NoSuchData"], "NoSuchData", marks=pytest.mark.slow),
+        (["--model.init_args.hiden_size=3"], ["--model.init_args.hiden_size: ResidualBN has no option 'hiden_size'",
+                                             "Did you mean --model.init_args.hidden_size", "--model.help ResidualBN"]),
+        pytest.param(["--data.init_args.bach_size=3"], ["MNIST1D has no option 'bach_size'",
+                     "Did you mean --data.init_args.batch_size"], marks=pytest.mark.slow),
+        pytest.param(["--trainer.max_epoch=3"], ["unknown option --trainer.max_epoch.",
+                     "Did you mean --trainer.max_epochs"], marks=pytest.mark.slow),
+        pytest.param(["--max_epochs=3"], ["unknown option --max_epochs.", "Did you mean --trainer.max_epochs"],
+                     marks=pytest.mark.slow),
+        pytest.param(["--model.init_args.hidden_size=wide"], ["--model.init_args.hidden_size=wide: not a whole number"],
+                     marks=pytest.mark.slow),
+        pytest.param(["--data.init_args.batch_size=0"], ["--data.init_args.batch_size=0: must be > 0"],
+                     marks=pytest.mark.slow),
+        (["--model.init_args.dropout=1.5"], ["--model.init_args.dropout=1.5: must be >= 0 and < 1"]),
+        pytest.param(["--model.init_args.hidden_size=0"], ["hidden_size=0: must be > 0"], marks=pytest.mark.slow),
+        pytest.param(["--model.init_args.num_blocks=-1"], ["num_blocks=-1: must be > 0"], marks=pytest.mark.slow),
+        pytest.param(["--model.init_args.lr=0"], ["lr=0: must be > 0"], marks=pytest.mark.slow),
+        pytest.param(["--model.init_args.optimizer.init_args.lr=0.1"], ["Did you mean --model.init_args.lr?"],
+                     marks=pytest.mark.slow),
+        pytest.param(["--data.init_args.loader=gpu"], ["loader=gpu: must be one of 'tensors', 'dataloader'"],
+                     marks=pytest.mark.slow),
+        pytest.param(["--trainer.max_epochs=x"], ["--trainer.max_epochs=x: expected int or null"],
+                     marks=pytest.mark.slow),
+        pytest.param(["--model=ResidualBn"], ["--model=ResidualBn: no such class. Did you mean ResidualBN?"],
+                     marks=pytest.mark.slow),
+        pytest.param(["--data=src.data.NoSuchData"], ["no such class", "The choices: AGNews, FashionMNIST, MNIST1D"],
+                     marks=pytest.mark.slow),
+        pytest.param(["--trainer.callbacks.every_n_train_steps=5"],
+                     ["sets an option of the last callback in trainer.callbacks (PredictionWriter)",
+                      "--callbacks.LastCheckpoint.every_n_train_steps=5"], marks=pytest.mark.slow),
+        pytest.param(["--trainer.callbacks.refresh_rate=5"], ["--callbacks.TQDMProgressBar.refresh_rate=5"],
+                     marks=pytest.mark.slow),
     ],
     ids=[
-        "unknown-key",
-        "wrong-type",
-        "batch-0",
-        "dropout-1.5",
-        "hidden-0",
-        "blocks-negative",
-        "lr-0",
-        "optimizer-lr",
-        "bad-choice",
-        "unknown-model",
-        "unknown-data",
-    ],  # fmt: skip
-)
-def test_a_bad_option_stops_with_an_error_naming_it(tmp_path: Path, args: list[str], expected: str):
+        "unknown-model-key", "unknown-data-key", "unknown-trainer-key", "unknown-top-level", "wrong-type",
+        "batch-0", "dropout-1.5", "hidden-0", "blocks-negative", "lr-0", "optimizer-lr", "bad-choice",
+        "trainer-wrong-type", "misspelt-model", "unknown-data", "callback-option-of-another",
+        "progress-bar-option",
+    ],
+)  # fmt: skip
+def test_a_bad_option_stops_with_a_short_error_naming_it(
+    tmp_path: Path, args: list[str], expected: list[str]
+):
     out = run_cli("fit", "--config", MNIST1D, *quiet(tmp_path), *args, cwd=tmp_path, check=False)
-    refused(out, expected)
+    short_error(out, *expected)
     assert not list(tmp_path.rglob("version_*"))
 
 
@@ -84,7 +105,58 @@ def test_a_bad_option_stops_with_an_error_naming_it(tmp_path: Path, args: list[s
 def test_a_misspelt_key_in_a_stacked_config_is_named(tmp_path: Path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("trainer:\n  max_epoch: 3\n")
-    refused(run_cli("fit", "--config", MNIST1D, "--config", str(bad), check=False), "max_epoch")
+    out = run_cli("fit", "--config", MNIST1D, "--config", str(bad), check=False)
+    short_error(out, f"trainer.max_epoch is not an option (set in {bad})", "Did you mean trainer.max_epochs")
+
+
+@pytest.mark.slow
+def test_a_config_file_that_is_not_yaml_settings_is_named_with_its_line(tmp_path: Path):
+    broken, listed = tmp_path / "broken.yaml", tmp_path / "list.yaml"
+    broken.write_text("trainer:\n  max_epochs: [3\n")
+    listed.write_text("- trainer\n")
+    said = refused(
+        run_cli("fit", "--config", str(broken), check=False), f"--config {broken} is not valid YAML"
+    )
+    assert "(line 3, column 1)" in said and len(said.strip().splitlines()) == 1
+    refused(
+        run_cli("fit", "--config", str(listed), check=False), f"--config {listed} holds a list, not settings"
+    )
+    refused(run_cli("fit", "--config", str(tmp_path / "none.yaml"), check=False), "none.yaml: no such file")
+
+
+@pytest.mark.slow
+def test_one_callbacks_option_is_set_by_the_callbacks_name(tmp_path: Path):
+    printed = run_cli(
+        "fit", "--config", MNIST1D, "--callbacks.LastCheckpoint.every_n_train_steps=5",
+        "--callbacks.TQDMProgressBar.refresh_rate", "3", "--print_config",
+    ).stdout  # fmt: skip
+    listed = yaml.safe_load(printed)["trainer"]["callbacks"]
+    original = yaml.safe_load(Path(MNIST1D).read_text())["trainer"]["callbacks"]
+    assert [c["class_path"].rsplit(".", 1)[-1] for c in listed] == [
+        c["class_path"].rsplit(".", 1)[-1] for c in original
+    ]  # the same callbacks, in the same order
+    options = {c["class_path"].rsplit(".", 1)[-1]: c.get("init_args") or {} for c in listed}
+    assert options["LastCheckpoint"]["every_n_train_steps"] == 5
+    assert options["TQDMProgressBar"]["refresh_rate"] == 3 and options["EarlyStopping"]["patience"] == 40
+    # A real run saves every 5 steps: stopped at once at step 7 (two Ctrl-C), its last.ckpt holds step 5.
+    out = run_cli(
+        "fit", "--config", MNIST1D, *tiny_mnist1d(tmp_path), *quiet(tmp_path),
+        "--callbacks.LastCheckpoint.every_n_train_steps=5", "--trainer.callbacks+=tests.helpers.faults.SignalAt",
+        "--trainer.callbacks.phase=train", "--trainer.callbacks.at=7", f"--trainer.callbacks.signum={int(signal.SIGINT)}",
+        "--trainer.callbacks.times=2", cwd=tmp_path, check=False,
+    )  # fmt: skip
+    refused(out, "Stopped at once by SIGINT at training step 7.", "last.ckpt holds step 5", code=130)
+    assert torch.load(next(tmp_path.rglob("last.ckpt")), weights_only=True)["global_step"] == 5
+    saved = yaml.safe_load(next(tmp_path.rglob("config.yaml")).read_text())["trainer"]["callbacks"]
+    assert {c["class_path"]: c.get("init_args") for c in saved}["src.callbacks.LastCheckpoint"][
+        "every_n_train_steps"
+    ] == 5
+    for args, message in (
+        (["--callbacks.LastCheckpoint.every_n_train_step=5"], "Did you mean --callbacks.LastCheckpoint.every_n_train_steps?"),
+        (["--callbacks.LastCheckpoint.every_n_train_steps=x"], "LastCheckpoint's every_n_train_steps=x: not a whole number"),
+        (["--callbacks.SWA.swa_lrs=0.1"], "trainer.callbacks holds no SWA callback"),
+    ):  # fmt: skip
+        refused(run_cli("fit", "--config", MNIST1D, *args, check=False), message)
 
 
 @pytest.mark.slow

@@ -91,6 +91,23 @@ def test_an_error_inside_a_network_is_reported_as_itself(tmp_path: Path):
     assert "Pair the model" not in out.stderr
 
 
+@pytest.mark.parametrize(
+    ("step", "kept"),
+    [(3, "no checkpoint was written before it, so the run has none to resume from"), (16, "last.ckpt")],
+    ids=["before-any-checkpoint", "after-an-epoch"],
+)
+def test_a_non_finite_loss_says_which_checkpoints_exist(tmp_path: Path, step: int, kept: str):
+    poison = ["--trainer.callbacks+=tests.helpers.faults.PoisonAt", f"--trainer.callbacks.step={step}"]
+    out = run_cli(*fit(tmp_path, "--trainer.max_epochs=2", *poison), cwd=tmp_path, check=False)
+    said = refused(out, "the training loss became non-finite (NaN or inf) at training step", kept, code=1)
+    assert "still good" not in said
+    if step > 14:  # one epoch of 14 steps was saved: both its checkpoints are named and intact
+        assert "the checkpoints written before it are intact" in said and "epoch000-val_acc" in said
+        assert torch.load(next(tmp_path.rglob("last.ckpt")), weights_only=True)["global_step"] == 14
+    else:
+        assert not list(tmp_path.rglob("*.ckpt"))
+
+
 # ---------------------------------------------------------------------------------- checkpoints
 def test_missing_and_corrupt_checkpoints_touch_nothing(tmp_path: Path):
     refused(run_cli("test", "--ckpt_path", str(tmp_path / "nope.ckpt"), check=False), "is not a file")

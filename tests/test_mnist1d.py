@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from src.data import MNIST1D, TensorBatches
+from src.data import MNIST1D
 from src.data.mnist1d import random_circular_shift
 
 
@@ -51,22 +51,6 @@ def test_a_truncated_cache_is_rebuilt_with_a_warning(tmp_path):
         fresh.setup("fit")
     assert len(fresh.splits["test"][0]) == 120
     assert torch.load(dm.cache_file, weights_only=True)["x"].shape == (480, 40)
-
-
-def test_tensor_batches_cover_every_sample_once_and_replay_per_epoch():
-    x = torch.arange(103)
-    loader = TensorBatches((x, x), batch_size=10, shuffle=True, seed=7)
-    assert len(loader) == 11
-    loader.set_epoch(0)
-    epoch0 = torch.cat([b[0] for b in loader])
-    assert sorted(epoch0.tolist()) == list(range(103))
-    loader.set_epoch(1)
-    epoch1 = torch.cat([b[0] for b in loader])
-    assert not torch.equal(epoch0, epoch1)
-    loader.set_epoch(0)
-    assert torch.equal(torch.cat([b[0] for b in loader]), epoch0)  # a resumed run replays epoch 0
-    ordered = TensorBatches((x, x), batch_size=10)
-    assert torch.equal(torch.cat([b[0] for b in ordered]), x)
 
 
 def test_circular_shift_is_a_per_sample_roll():

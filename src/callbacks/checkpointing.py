@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
 
-from src.runtime.fault_tolerance import RunInterrupted, stop_requested
 from src.runtime.value_types import NonNegativeInt
+
+if TYPE_CHECKING:
+    from src.runtime.fault_tolerance import FaultTolerance
 
 
 class LastCheckpoint(Checkpoint):
@@ -17,7 +19,9 @@ class LastCheckpoint(Checkpoint):
 
     It is written at the end of every training epoch (after its validation, early stopping and
     best-checkpoint bookkeeping), every ``every_n_train_steps`` optimiser steps when set, and when
-    the run is stopped by SIGTERM/SIGINT (see :class:`~src.callbacks.FaultTolerance`). Resume a run
+    the run is stopped by SIGTERM/SIGINT: the CLI gives it the run's
+    :class:`~src.runtime.fault_tolerance.FaultTolerance` (``fault_tolerance``), which it asks at
+    every step whether to stop, and it stops the run after saving. Resume a run
     from it with ``--ckpt_path=last``. Lightning's ``ModelCheckpoint(save_last=True)`` writes
     ``last.ckpt`` only at steps where it also saves a top-k checkpoint (since Lightning 2.6.0), so
     beside a monitored "best" checkpoint it holds the best epoch, not the last.
@@ -35,11 +39,17 @@ class LastCheckpoint(Checkpoint):
         self.every_n_train_steps = every_n_train_steps
         self.filename = filename
         self.dirpath: Path | None = None
+        self.fault_tolerance: FaultTolerance | None = None
         self._saved_at: tuple[int, str] | None = None
 
     @property
     def path(self) -> Path | None:
         return self.dirpath / self.filename if self.dirpath is not None else None
+
+    @property
+    def saved_step(self) -> int | None:
+        """The step of the last save by this process, if any."""
+        return self._saved_at[0] if self._saved_at is not None else None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
@@ -49,21 +59,19 @@ class LastCheckpoint(Checkpoint):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        signum = stop_requested(trainer)
-        step = trainer.global_step
-        due = self.every_n_train_steps > 0 and step % self.every_n_train_steps == 0
-        if (due or signum) and not (batch_idx + 1 == trainer.num_training_batches and _validates(trainer)):
+        # On an epoch's last batch the epoch-end save (after validation) comes instead, and a stop
+        # signal stops the run before the next epoch.
+        if batch_idx + 1 == trainer.num_training_batches and _validates(trainer):
+            return
+        if self.every_n_train_steps > 0 and trainer.global_step % self.every_n_train_steps == 0:
             self.save(trainer, "step")
-        if signum:
-            # On an epoch's last batch the epoch-end save comes first (on_train_epoch_end).
-            if batch_idx + 1 == trainer.num_training_batches and _validates(trainer):
-                return
-            raise RunInterrupted(signum, str(self.path) if self.path else None, step)
+        ft = self.fault_tolerance
+        if ft is not None and (signum := ft.stop_requested(trainer)):
+            self.save(trainer, "step")
+            raise ft.interruption(trainer, signum)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.save(trainer, "epoch")
-        if signum := stop_requested(trainer):
-            raise RunInterrupted(signum, str(self.path) if self.path else None, trainer.global_step)
 
     def save(self, trainer: Trainer, phase: str) -> None:
         """Write the checkpoint now (a collective under DDP: every rank calls it, rank 0 writes)."""

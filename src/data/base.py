@@ -63,7 +63,7 @@ class TensorBatches:
         drop_last_single: drop the last batch only when it holds a single sample (training:
             BatchNorm cannot normalise one sample, and one sample is not worth a step).
         seed: base seed of the per-epoch permutation.
-        epoch: returns the current epoch (default: the value of :meth:`set_epoch`, 0 at first).
+        epoch: returns the current epoch (default: always 0).
         even_shards: pad shards to equal size across ranks (training).
         collate: optional function applied to each sliced batch (e.g. trim padding).
     """
@@ -93,7 +93,6 @@ class TensorBatches:
         self.drop_last_single = drop_last_single
         self.seed = seed
         self._epoch_fn = epoch
-        self._epoch = 0
         self.even_shards = even_shards
         self.collate = collate
         self._served = 0  # batches handed out in the current pass (for mid-epoch checkpoints)
@@ -102,11 +101,7 @@ class TensorBatches:
 
     @property
     def epoch(self) -> int:
-        return self._epoch_fn() if self._epoch_fn is not None else self._epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        """Set the epoch used when no ``epoch`` function was given."""
-        self._epoch = epoch
+        return self._epoch_fn() if self._epoch_fn is not None else 0
 
     def state_dict(self) -> dict[str, int]:
         """Position in the current epoch; Lightning stores it in the checkpoint."""

@@ -13,7 +13,6 @@ Each message says what was wrong and what to do; none is printed with a tracebac
 
 from __future__ import annotations
 
-import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -53,10 +52,6 @@ class Interrupted(ProjectError):
         super().__init__(message)
         self.signum = signum
         self.exit_code = 128 + signum
-
-    @property
-    def signal_name(self) -> str:
-        return signal.Signals(self.signum).name
 
 
 @contextmanager

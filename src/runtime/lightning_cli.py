@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from functools import partial
 from pathlib import Path
@@ -27,10 +28,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from src.data import ClassificationDataModule
 from src.runtime import checks, resume, runs
 from src.runtime.checkpoints import check_ckpt_path, read_metadata
+from src.runtime.command_line import (
+    CommandLineParser,
+    callback_option_args,
+    check_config_files,
+    split_callback_options,
+)
 from src.runtime.devices import placement, sync_batchnorm_applies
 from src.runtime.errors import UsageError
 from src.runtime.run_state import RunState
-from src.runtime.trainer_callbacks import adapt_callbacks, checkpoint_plugins
+from src.runtime.trainer_callbacks import adapt_callbacks, checkpoint_plugins, with_fault_tolerance
 from src.runtime.workarounds import instantiate_data_as_lightning_does
 
 
@@ -43,6 +50,10 @@ class ClassifierCLI(LightningCLI):
 
     def __init__(self, *args: Any, run_state: RunState | None = None, **kwargs: Any) -> None:
         self.run_state = run_state if run_state is not None else RunState()
+        # The project's parse errors (src.runtime.command_line); no abbreviated options: a misspelt
+        # `--trainer.max_epoch` is refused, not taken for `--trainer.max_epochs`.
+        kwargs.setdefault("parser_class", CommandLineParser)
+        kwargs.setdefault("parser_kwargs", {"allow_abbrev": False})
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -62,7 +73,13 @@ class ClassifierCLI(LightningCLI):
         return config[sub] if sub else config
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        super().parse_arguments(parser, args)
+        argv = list(sys.argv[1:] if args is None else args)
+        check_config_files(argv)
+        argv, by_name = split_callback_options(argv)
+        if by_name:  # `--callbacks.NAME.OPTION=V`: the parsed list, rebuilt with the options applied
+            first = parser.parse_args([a for a in argv if not a.startswith("--print_config")])
+            argv += callback_option_args(parser, first, by_name)
+        self.config = parser.parse_args(argv)
         # Before LightningCLI reads the checkpoint's hyperparameters (src.cli checks a --ckpt_path on
         # the command line before parsing; this one may come from a config file).
         check_ckpt_path(self.config.get("subcommand"), self.settings().get("ckpt_path"))
@@ -106,7 +123,10 @@ class ClassifierCLI(LightningCLI):
         except (ValueError, MisconfigurationException) as err:
             raise UsageError(f"cannot build the run from these settings: {err}") from err
         self.datamodule, self.model = self.settings(True).get("data"), self.settings(True).get("model")
-        self.trainer = self.instantiate_trainer()
+        try:
+            self.trainer = self.instantiate_trainer()
+        except ValueError as err:  # e.g. --trainer.accelerator=tpux
+            raise UsageError(f"cannot build the Trainer from these settings: {err}") from err
 
     def _checkpoint_data_state(self) -> dict[str, Any] | None:
         if self.checkpoint is None:
@@ -117,7 +137,8 @@ class ClassifierCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         cfg, given = self.settings(True)["trainer"], self.settings().trainer
         validates = self.datamodule.has_validation or self.subcommand != "fit"
-        kwargs.setdefault("callbacks", adapt_callbacks(list(cfg.get("callbacks") or []), cfg, validates))
+        callbacks = adapt_callbacks(list(cfg.get("callbacks") or []), cfg, validates)
+        kwargs.setdefault("callbacks", with_fault_tolerance(callbacks, self.run_state))
         kwargs.setdefault("plugins", checkpoint_plugins(cfg.get("plugins")))
         if not cfg.get("fast_dev_run"):  # fast_dev_run logs nowhere: no run folder
             kwargs.setdefault("logger", self._versioned_loggers(cfg.get("logger"), given.get("logger")))

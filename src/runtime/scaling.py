@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 
-class ScalingSetup(Callback):
+class ScalingReport(Callback):
     """When training starts, rank 0 prints the effective batch size (per-process batch × processes ×
     gradient accumulation), each optimiser's learning rate, and, with several processes, whether
     BatchNorm statistics are synchronised (``SyncBatchNorm``, GPUs only) or kept per process.

@@ -1,5 +1,6 @@
 """What the CLI adjusts in the Trainer it builds: callbacks that step aside when what they need is
-switched off, the final fit without validation, and the atomic checkpoint files."""
+switched off, the final fit without validation, the run's fault tolerance, and the atomic
+checkpoint files."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ from lightning.pytorch.callbacks import (
 )
 from lightning.pytorch.utilities import rank_zero_info
 
+from src.callbacks.checkpointing import LastCheckpoint
 from src.runtime.checkpoints import SafeCheckpointIO
+from src.runtime.fault_tolerance import FaultTolerance
+from src.runtime.run_state import RunState
 
 # A switch, the callbacks that cannot work without what it switches off, and the flag to name.
 _NEEDS = (
@@ -58,6 +62,16 @@ def _without_validation(callbacks: list[Any]) -> list[Any]:
         + (f"; {'; '.join(changes)}." if changes else ".")
     )
     return kept
+
+
+def with_fault_tolerance(callbacks: list[Any], run_state: RunState) -> list[Any]:
+    """The callbacks and the run's :class:`FaultTolerance`, which lets the run's ``LastCheckpoint``
+    save the state before a stop signal ends the run."""
+    fault_tolerance = FaultTolerance(run_state)
+    for cb in callbacks:
+        if isinstance(cb, LastCheckpoint):
+            fault_tolerance.saves_with(cb)
+    return [*callbacks, fault_tolerance]
 
 
 def checkpoint_plugins(plugins: Any) -> list[Any]:

@@ -1,11 +1,15 @@
-"""Fault injection for the resume tests: a callback, added to a real CLI run with
-``--trainer.callbacks+=tests.helpers.faults.KillAt``, that SIGKILLs its own process at a chosen point,
-and the check that a resumed run ended where the uninterrupted one did."""
+"""Fault injection, as callbacks added to a real CLI run: ``--trainer.callbacks+=tests.helpers.faults.KillAt``
+SIGKILLs its own process at a chosen point (the resume tests); ``SignalAt`` sends SIGTERM/SIGINT at a
+point of any phase and lets the run go on (the signal tests); ``assert_same_state`` checks that a
+resumed run ended where the uninterrupted one did."""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +98,108 @@ def assert_same_state(reference: Path, resumed: Path) -> None:
     ):
         assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-6, rtol=0) for k in sa)
     assert [s["_last_lr"] for s in a["lr_schedulers"]] == [s["_last_lr"] for s in b["lr_schedulers"]]
+
+
+PHASES = ("init", "sanity", "train", "validation", "save", "test", "predict")
+
+
+class SignalAt(Callback):
+    """Send a stop signal (SIGTERM/SIGINT) to this process at a chosen point, as a scheduler or a
+    Ctrl-C would, and go on: the run must stop at its next safe point.
+
+    Args:
+        phase: ``init`` (while the CLI builds the run, before the Trainer runs), ``sanity`` (after
+            sanity-check batch ``at``), ``train`` (after training step ``at``), ``validation``
+            (after the ``at``-th validation batch of a fit or ``validate``, counted from 0 over the
+            whole command, sanity check left out), ``save`` (half-way through writing the first
+            checkpoint at or after step ``at``), ``test`` / ``predict`` (after batch ``at``).
+        at: the step or batch index.
+        signum: the signal.
+        times: how often to send it (2: a second Ctrl-C, which stops at once).
+        pause_until: instead of sending the signal, print ``paused`` on stderr and wait until this
+            file exists (the test sends the signal from outside, then creates the file).
+    """
+
+    def __init__(
+        self,
+        phase: str,
+        at: int = 0,
+        signum: int = int(signal.SIGTERM),
+        times: int = 1,
+        pause_until: str = "",
+    ) -> None:
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}")
+        self.phase, self.at, self.signum, self.times = phase, at, signum, times
+        self.pause_until = pause_until
+        self._validation_batches = 0
+        if phase == "init":
+            self._send()
+
+    def _send(self) -> None:
+        if self.pause_until:
+            print("paused", file=sys.stderr, flush=True)
+            deadline = time.monotonic() + 300
+            while not os.path.exists(self.pause_until) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return
+        for _ in range(self.times):
+            os.kill(os.getpid(), self.signum)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if self.phase == "train" and trainer.global_step == self.at:
+            self._send()
+
+    # Evaluation and predict hooks get (outputs, batch, batch_idx, dataloader_idx) after the module.
+    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if trainer.sanity_checking:
+            self._at_batch("sanity", args[2])
+            return
+        self._at_batch("validation", self._validation_batches)
+        self._validation_batches += 1
+
+    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        self._at_batch("test", args[2])
+
+    def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        self._at_batch("predict", args[2])
+
+    def _at_batch(self, phase: str, index: int) -> None:
+        if self.phase == phase and index == self.at:
+            self._send()
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.phase != "save" or stage != "fit":
+            return
+        import torch
+
+        real_torch_save, callback = torch.save, self
+
+        def half_then_signal(obj: Any, f: Any, *a: Any, **k: Any) -> None:
+            if trainer.global_step < callback.at or callback.phase != "save":
+                return real_torch_save(obj, f, *a, **k)
+            callback.phase = "sent"
+            buf = io.BytesIO()
+            real_torch_save(obj, buf, *a, **k)
+            data = buf.getvalue()
+            f.write(data[: len(data) // 2])
+            f.flush()
+            callback._send()
+            f.write(data[len(data) // 2 :])
+
+        torch.save = half_then_signal
+
+
+class PoisonAt(Callback):
+    """Fill the model's weights with NaN after training step ``step``: the next loss is NaN."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            import torch
+
+            with torch.no_grad():
+                for p in pl_module.parameters():
+                    p.fill_(float("nan"))
