@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+
+from src.runtime.loggers import record_run_ids
 
 METRICS = ("hp/best_val_acc", "hp/test_acc", "hp/test_f1")
 # Model hyperparameters that are the data's (linked) or too long for a table cell.
@@ -32,8 +35,13 @@ class HParamsTab(Callback):
         self._logged = False  # once per run folder: the test after fit writes into the fit's
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.ckpt_path is None:  # a resumed run logged them when it started
+        folder = trainer.log_dir  # a collective under DDP
+        resumed = (
+            trainer.ckpt_path is not None and folder is not None and _same_folder(trainer.ckpt_path, folder)
+        )
+        if not resumed:  # a run continuing its own folder logged them when it started
             self._log_hparams(trainer, pl_module)
+            record_run_ids(trainer)
         self._logged = True
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -73,6 +81,11 @@ class HParamsTab(Callback):
         if self.best_val_acc > -math.inf:  # a checkpoint's run: its best validation accuracy
             _log(trainer, {"hp/best_val_acc": self.best_val_acc})
         self._logged = True
+
+
+def _same_folder(checkpoint: str, run_folder: str) -> bool:
+    """Whether a checkpoint lies in ``<run_folder>/checkpoints``."""
+    return Path(checkpoint).resolve().parent.parent == Path(run_folder).resolve()
 
 
 def _hparams_tab(logger: TensorBoardLogger, params: dict[str, Any]) -> None:
