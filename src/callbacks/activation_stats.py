@@ -174,7 +174,7 @@ class ActivationStats(Callback):
             )
         # Every rank runs the pass (SyncBatchNorm communicates in train mode); rank 0 logs it.
         if self.at_init and trainer.ckpt_path is None:
-            batch = self._fixed_batch(trainer)
+            batch = self._initial_batch(trainer)
             if batch is not None:
                 self._log_init(trainer, pl_module, batch)
         self._recorder = _Recorder(pl_module, attach=False)
@@ -213,7 +213,7 @@ class ActivationStats(Callback):
             self._recorder = None
 
     # ------------------------------------------------------------------ helpers
-    def _fixed_batch(self, trainer: Trainer) -> Tensor | None:
+    def _initial_batch(self, trainer: Trainer) -> Tensor | None:
         datamodule = trainer.datamodule
         if datamodule is None:
             rank_zero_warn("ActivationStats: no DataModule, so no statistics at initialisation.")
@@ -221,7 +221,8 @@ class ActivationStats(Callback):
         try:
             batch = first_batch(trainer, datamodule.train_dataloader())
         except (StopIteration, NotImplementedError, MisconfigurationException, TypeError):
-            batch = None
+            rank_zero_warn("ActivationStats: no training batch, so no statistics at initialisation.")
+            return None
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         if not isinstance(x, Tensor) or len(x) < 2:
             rank_zero_warn(

@@ -1,4 +1,5 @@
-"""TensorBoard's HPARAMS tab: each run's settings beside its best validation accuracy and test figures."""
+"""Each run's settings beside its best validation accuracy and test figures, in every logger:
+TensorBoard's HPARAMS tab, MLflow's params and metrics, the W&B config and summary."""
 
 from __future__ import annotations
 

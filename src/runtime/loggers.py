@@ -120,7 +120,7 @@ def _tracking(logger: Any, config: dict[str, Any], folder: Path, run_id: str | N
         if str(args.get("save_dir") or ".") == "." and not args.get("dir"):
             args["save_dir"] = str(folder)
         if run_id and not args.get("id") and not args.get("version"):
-            args.update(id=run_id, resume="allow")
+            args["id"] = run_id  # Lightning opens W&B runs with resume="allow"
     return type(logger)(**args)
 
 
