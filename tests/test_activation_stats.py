@@ -50,6 +50,14 @@ def test_collecting_stats_leaves_running_statistics_and_rng_alone():
     assert not net.training  # mode restored
 
 
+def test_collecting_stats_puts_each_module_mode_back():
+    net = ResidualBN(num_classes=10, input_size=40, batch_norm=True, dropout=0.2).net.train()
+    net.blocks[0].eval()  # e.g. a block deliberately kept in eval mode
+    collect_activation_stats(net, torch.randn(8, 40))
+    assert net.training and not net.blocks[0].training
+    assert all(not m.training for m in net.blocks[0].modules())
+
+
 def test_tracked_layers_are_found_by_type_in_any_model():
     model = nn.Sequential(
         nn.Conv1d(1, 4, 3),

@@ -49,6 +49,15 @@ def curve(tb: TensorBoard, run: str, tag: str) -> list[tuple[int, float]]:
     return [(step, value) for _, step, value in tb.get(f"/data/plugin/scalars/scalars?run={run}&tag={tag}")]
 
 
+def assert_measured_points_only(tb: TensorBoard, run: str) -> None:
+    """The hp/* curves hold measured values only: no placeholder point before the first validation."""
+    first_validation = curve(tb, run, "val_acc")[0][0]
+    for tag in ("hp/best_val_acc", "hp/test_acc", "hp/test_f1"):
+        points = curve(tb, run, tag)
+        assert points and all(math.isfinite(v) for _, v in points), (tag, points)
+        assert min(step for step, _ in points) >= first_validation, (tag, points)
+
+
 def test_hparams_tab_shows_settings_beside_best_validation_and_test_figures(tmp_path: Path):
     run_cli(*fit(tmp_path, "--model.init_args.lr=0.01", "--test_after_fit=true"), cwd=tmp_path)
     run_cli(*fit(tmp_path, "--model.init_args.lr=0.003", "--test_after_fit=true"), cwd=tmp_path)
@@ -69,6 +78,7 @@ def test_hparams_tab_shows_settings_beside_best_validation_and_test_figures(tmp_
             assert len(val_acc) == 3, val_acc  # the whole curve, nothing hidden
             assert values["hp/best_val_acc"] == pytest.approx(max(v for _, v in val_acc))
             assert not math.isnan(values["hp/test_acc"]) and 0 < values["hp/test_f1"] <= 1
+            assert_measured_points_only(tb, run)
 
 
 def test_a_resumed_run_keeps_its_curves_and_best_validation_accuracy(tmp_path: Path):
@@ -86,3 +96,4 @@ def test_a_resumed_run_keeps_its_curves_and_best_validation_accuracy(tmp_path: P
         values = next(iter(session_groups(tb).values()))
         assert values["hp/best_val_acc"] == pytest.approx(max(v for _, v in val_acc))
         assert not math.isnan(values["hp/test_acc"])
+        assert_measured_points_only(tb, run)

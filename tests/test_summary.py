@@ -27,18 +27,20 @@ def fit(root: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def kill_at(step: int) -> list[str]:
+def kill_at(step: int, signum: int = signal.SIGKILL) -> list[str]:
     return ["--trainer.callbacks+=tests.helpers.faults.KillAt", f"--trainer.callbacks.step={step}",
-            f"--trainer.callbacks.signum={int(signal.SIGKILL)}"]  # fmt: skip
+            f"--trainer.callbacks.signum={int(signum)}"]  # fmt: skip
 
 
-def test_a_killed_and_resumed_run_records_each_epoch_once_with_its_best_and_test(tmp_path: Path):
+def test_a_stopped_and_resumed_run_records_each_epoch_once_with_its_best_and_test(tmp_path: Path):
     run = tmp_path / "logs" / "mnist1d_resnet_bn" / "version_0"
-    killed = run_cli(*fit(tmp_path, "--test_after_fit=true"), *kill_at(15), cwd=tmp_path, check=False)
-    assert killed.returncode == -signal.SIGKILL
+    # SIGTERM: last.ckpt is written at step 15, where the run stops
+    stopped = run_cli(*fit(tmp_path, "--test_after_fit=true"), *kill_at(15, signal.SIGTERM), cwd=tmp_path,
+                      check=False)  # fmt: skip
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
     assert [e["epoch"] for e in read_summary(run)["epochs"]] == [0]
-    epoch0 = run / "epoch0.ckpt"
-    shutil.copy(run / "checkpoints" / "last.ckpt", epoch0)
+    step15 = run / "step15.ckpt"
+    shutil.copy(run / "checkpoints" / "last.ckpt", step15)
 
     run_cli(*fit(tmp_path, "--test_after_fit=true", "--ckpt_path=last"), cwd=tmp_path)
     summary = json.loads((run / "summary.json").read_text())
@@ -55,9 +57,9 @@ def test_a_killed_and_resumed_run_records_each_epoch_once_with_its_best_and_test
     assert summary["test"]["test_acc"] == pytest.approx(report["accuracy"], abs=1e-6)
     assert {"test_loss", "test_f1", "time"} <= set(summary["test"])
 
-    # Resumed from the end of epoch 0 again and killed in epoch 2: the entries after the
-    # checkpoint are replaced as they are done again, and the test of the earlier fit is dropped.
-    shutil.copy(epoch0, run / "checkpoints" / "last.ckpt")
+    # Resumed from step 15 again and killed in epoch 2: the entries after the checkpoint are
+    # replaced as they are done again, and the test of the earlier fit is dropped.
+    shutil.copy(step15, run / "checkpoints" / "last.ckpt")
     again = run_cli(*fit(tmp_path, "--test_after_fit=true", "--ckpt_path=last"), *kill_at(30), cwd=tmp_path,
                     check=False)  # fmt: skip
     assert again.returncode == -signal.SIGKILL

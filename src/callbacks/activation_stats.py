@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from src.callbacks.observing import first_batch, modes_kept, own_random_stream
 from src.models.layers import NormAct
 
 NORM_TYPES = (_BatchNorm, _InstanceNorm, nn.LayerNorm, nn.GroupNorm)
@@ -118,28 +119,31 @@ class _Recorder:
 
 @torch.no_grad()
 def collect_activation_stats(model: nn.Module, x: Tensor) -> dict[str, tuple[float, float]]:
-    """Mean and variance of every tracked layer's output for one batch ``x``, in train mode (batch
-    statistics, as at the start of training) without changing the model's running statistics or
-    the global random state."""
+    """Mean and variance of every tracked layer's output for one batch ``x`` (at least two samples),
+    in train mode (batch statistics, as a training step sees them) on the model's own random
+    stream, without changing its running statistics, its modules' modes or the global random
+    state."""
     recorder = _Recorder(model)
-    was_training = model.training
     try:
-        model.train()
-        recorder.active = True
-        with frozen_norm_statistics(model), torch.random.fork_rng(devices=[]):
+        with modes_kept(model), frozen_norm_statistics(model), own_random_stream(x.device):
+            model.train()
+            recorder.active = True
             model(x)
         return recorder.take()[0]
     finally:
         recorder.remove()
-        model.train(was_training)
 
 
 class ActivationStats(Callback):
     """Log the activation mean and variance of every normalised/residual layer to TensorBoard.
 
-    At the start of ``fit`` the first batch of the validation data (a fixed batch) goes through
-    the model in train mode; its statistics are logged under ``activations_init/{mean,var}/<layer>``
-    with a plot of variance against depth (``activations_init/variance_per_layer``). During
+    At the start of a new ``fit`` the first training batch, as the first step sees it but without
+    training-time augmentation, goes through the model in train mode: BatchNorm normalises with
+    the batch's statistics, as in training, while its running statistics stay as they are, and
+    dropout draws from a stream of its own (:func:`collect_activation_stats`). Its statistics are
+    logged under ``activations_init/{mean,var}/<layer>`` with a plot of variance against depth
+    (``activations_init/variance_per_layer``). A run that starts from a checkpoint has no
+    initial statistics to log (its weights are not initial). During
     training, every ``every_n_steps`` optimizer steps the training batch's statistics go to
     ``activations/{mean,var}/<layer>`` and every ``histogram_every_n_steps`` steps a histogram of
     each layer's output to ``activations/hist/<layer>``. Between logging steps no hook is attached.
@@ -147,7 +151,7 @@ class ActivationStats(Callback):
     Args:
         every_n_steps: log mean/variance every this many optimizer steps (0 = only at init).
         histogram_every_n_steps: log histograms every this many steps (0 = never; TensorBoard only).
-        at_init: log the statistics on a fixed batch at the start of ``fit``.
+        at_init: log the statistics of the first training batch at the start of a new ``fit``.
     """
 
     def __init__(
@@ -169,8 +173,8 @@ class ActivationStats(Callback):
                 f"{type(pl_module).__name__}; nothing will be logged."
             )
         # Every rank runs the pass (SyncBatchNorm communicates in train mode); rank 0 logs it.
-        if self.at_init:
-            batch = self._fixed_batch(trainer)
+        if self.at_init and trainer.ckpt_path is None:
+            batch = self._initial_batch(trainer)
             if batch is not None:
                 self._log_init(trainer, pl_module, batch)
         self._recorder = _Recorder(pl_module, attach=False)
@@ -209,25 +213,24 @@ class ActivationStats(Callback):
             self._recorder = None
 
     # ------------------------------------------------------------------ helpers
-    def _fixed_batch(self, trainer: Trainer) -> Tensor | None:
+    def _initial_batch(self, trainer: Trainer) -> Tensor | None:
         datamodule = trainer.datamodule
         if datamodule is None:
             rank_zero_warn("ActivationStats: no DataModule, so no statistics at initialisation.")
             return None
-        # A validation batch (fixed); the first training batch in a run without validation.
-        loaders = (datamodule.val_dataloader, datamodule.train_dataloader)
-        batch = None
-        for loader in loaders:
-            try:
-                batch = next(iter(loader()))
-                break
-            except (StopIteration, NotImplementedError, MisconfigurationException, TypeError):
-                continue
-        if batch is None:
-            rank_zero_warn("ActivationStats: no data batch, so no statistics at initialisation.")
+        try:
+            batch = first_batch(trainer, datamodule.train_dataloader())
+        except (StopIteration, NotImplementedError, MisconfigurationException, TypeError):
+            rank_zero_warn("ActivationStats: no training batch, so no statistics at initialisation.")
             return None
-        batch = trainer.strategy.batch_to_device(batch)  # runs the DataModule's transfer hooks too
-        return batch[0] if isinstance(batch, (tuple, list)) else batch
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if not isinstance(x, Tensor) or len(x) < 2:
+            rank_zero_warn(
+                "ActivationStats: the first training batch has fewer than two samples (batch "
+                "statistics need two), so no statistics at initialisation."
+            )
+            return None
+        return x
 
     def _log_init(self, trainer: Trainer, pl_module: LightningModule, x: Tensor) -> None:
         stats = collect_activation_stats(pl_module, x)

@@ -16,6 +16,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from matplotlib.figure import Figure
 
+from src.callbacks.observing import modes_kept, own_random_stream
+
 MAX_TOKENS_SHOWN = 60  # wider figures stop being readable
 
 
@@ -60,13 +62,11 @@ def token_heatmap(
 def text_figure(pl_module: LightningModule, datamodule: Any, text: str) -> tuple[Figure, dict[str, Any]]:
     """Run one raw text through the model (eval mode) and draw its token heatmap."""
     ids, tokens = datamodule.encode_texts([text])
-    was_training = pl_module.training
-    pl_module.eval()
-    with torch.no_grad():
-        ids = ids.to(pl_module.device)
+    ids = ids.to(pl_module.device)
+    with torch.no_grad(), modes_kept(pl_module), own_random_stream(pl_module.device):
+        pl_module.eval()
         activations, _ = pl_module.conv_activations(ids)
         probs = torch.softmax(pl_module(ids).float(), dim=-1)[0].cpu()
-    pl_module.train(was_training)
     names = list(pl_module.class_names)
     pred = int(probs.argmax())
     shown = tokens[0] or ["<empty>"]

@@ -1,14 +1,18 @@
-"""TensorBoard's HPARAMS tab: each run's settings beside its best validation accuracy and test figures."""
+"""Each run's settings beside its best validation accuracy and test figures, in every logger:
+TensorBoard's HPARAMS tab, MLflow's params and metrics, the W&B config and summary."""
 
 from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+
+from src.runtime.loggers import record_run_ids
 
 METRICS = ("hp/best_val_acc", "hp/test_acc", "hp/test_f1")
 # Model hyperparameters that are the data's (linked) or too long for a table cell.
@@ -21,8 +25,10 @@ class HParamsTab(Callback):
 
     The settings shown: every model hyperparameter (the optimiser and schedule by class, with their
     arguments), the data's, and the trainer's ``max_epochs``, precision and process count, plus the
-    seed. The metrics start as NaN ("not measured yet") at step 0 of a new run folder; a resumed
-    run logs nothing at an earlier step than its checkpoint, so TensorBoard keeps its curves.
+    seed. TensorBoard's HPARAMS tab lists a run as soon as it starts; each metric's value is the
+    latest point of its scalar curve, logged once measured (no placeholder point before that). A
+    resumed run logs nothing at an earlier step than its checkpoint, so TensorBoard keeps its curves.
+    Other loggers get the same settings (``log_hyperparams``) and metrics (``log_metrics``).
     """
 
     def __init__(self) -> None:
@@ -30,8 +36,13 @@ class HParamsTab(Callback):
         self._logged = False  # once per run folder: the test after fit writes into the fit's
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.ckpt_path is None:  # a resumed run logged them when it started
+        folder = trainer.log_dir  # a collective under DDP
+        resumed = (
+            trainer.ckpt_path is not None and folder is not None and _same_folder(trainer.ckpt_path, folder)
+        )
+        if not resumed:  # a run continuing its own folder logged them when it started
             self._log_hparams(trainer, pl_module)
+            record_run_ids(trainer)
         self._logged = True
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -64,15 +75,31 @@ class HParamsTab(Callback):
 
     def _log_hparams(self, trainer: Trainer, pl_module: LightningModule) -> None:
         params = run_settings(trainer, pl_module)
-        metrics = {name: float("nan") for name in METRICS}
-        if self.best_val_acc > -math.inf:  # a checkpoint's run: its best validation accuracy
-            metrics["hp/best_val_acc"] = self.best_val_acc
         for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.log_hyperparams(params, metrics)
-            else:
-                logger.log_hyperparams(params)
+            logger.log_hyperparams(params)
+            if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
+                _hparams_tab(logger, params)
+        if self.best_val_acc > -math.inf:  # a checkpoint's run: its best validation accuracy
+            _log(trainer, {"hp/best_val_acc": self.best_val_acc})
         self._logged = True
+
+
+def _same_folder(checkpoint: str, run_folder: str) -> bool:
+    """Whether a checkpoint lies in ``<run_folder>/checkpoints``."""
+    return Path(checkpoint).resolve().parent.parent == Path(run_folder).resolve()
+
+
+def _hparams_tab(logger: TensorBoardLogger, params: dict[str, Any]) -> None:
+    """Write the run's HPARAMS-tab records: its settings and the names of :data:`METRICS`.
+
+    Lightning's ``log_hyperparams(params, metrics)`` writes them only together with a point of each
+    metric at step 0, a placeholder where nothing was measured yet; here the metrics' points are
+    only the measured ones.
+    """
+    from torch.utils.tensorboard.summary import hparams
+
+    for record in hparams(params, dict.fromkeys(METRICS, 0.0)):
+        logger.experiment.file_writer.add_summary(record)
 
 
 def run_settings(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
@@ -115,9 +142,9 @@ def _flat(key: str, value: Any) -> dict[str, Any]:
         for k, v in value.items():
             out.update(_flat(f"{key}/{k}", v))
         return out
-    if value is None or isinstance(value, (list, tuple)):
-        return {key: str(value)}
-    return {key: value}
+    if isinstance(value, (bool, int, float, str)):
+        return {key: value}
+    return {key: str(value)}  # None, lists and other values as text
 
 
 def _defaults(class_path: str) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from src.data import ClassificationDataModule
@@ -36,6 +37,7 @@ from src.runtime.command_line import (
 )
 from src.runtime.devices import placement, sync_batchnorm_applies
 from src.runtime.errors import UsageError
+from src.runtime.loggers import RunTrainer, checkpoints_into, place_loggers
 from src.runtime.run_state import RunState
 from src.runtime.trainer_callbacks import adapt_callbacks, checkpoint_plugins, with_fault_tolerance
 from src.runtime.workarounds import instantiate_data_as_lightning_does
@@ -54,6 +56,7 @@ class ClassifierCLI(LightningCLI):
         # `--trainer.max_epoch` is refused, not taken for `--trainer.max_epochs`.
         kwargs.setdefault("parser_class", CommandLineParser)
         kwargs.setdefault("parser_kwargs", {"allow_abbrev": False})
+        kwargs.setdefault("trainer_class", RunTrainer)
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -95,7 +98,11 @@ class ClassifierCLI(LightningCLI):
         version = (logger.get("init_args") or {}).get("version") if hasattr(logger, "get") else None
         command = yaml.safe_load(self.parser.dump(self.config, skip_unset=False)).get(sub, {})
         self.checkpoint, self.resume_dir = resume.resolve_checkpoint(
-            sub, cfg.get("ckpt_path"), runs.logger_root(logger), command, version
+            sub,
+            cfg.get("ckpt_path"),
+            runs.logger_root(logger, cfg.trainer.get("default_root_dir")),
+            command,
+            version,
         )
         if self.checkpoint is not None:
             resumable = resume.resumable_keys(command)
@@ -140,26 +147,30 @@ class ClassifierCLI(LightningCLI):
         callbacks = adapt_callbacks(list(cfg.get("callbacks") or []), cfg, validates)
         kwargs.setdefault("callbacks", with_fault_tolerance(callbacks, self.run_state))
         kwargs.setdefault("plugins", checkpoint_plugins(cfg.get("plugins")))
+        folder = None
         if not cfg.get("fast_dev_run"):  # fast_dev_run logs nowhere: no run folder
-            kwargs.setdefault("logger", self._versioned_loggers(cfg.get("logger"), given.get("logger")))
+            loggers, folder = self._placed_loggers(cfg, given)
+            kwargs.setdefault("logger", loggers)
             if cfg.get("default_root_dir") is None:  # Lightning's other files go into the run folder too
-                kwargs.setdefault("default_root_dir", self._run_folder(kwargs["logger"]))
-        return super().instantiate_trainer(**kwargs)
+                kwargs.setdefault("default_root_dir", None if folder is None else str(folder))
+        trainer = super().instantiate_trainer(**kwargs)
+        if not cfg.get("fast_dev_run"):
+            trainer.fix_run_folder(folder)
+            checkpoints_into(trainer.checkpoint_callbacks, trainer.loggers, folder)
+        return trainer
 
-    def _versioned_loggers(self, logger: Any, config: Any) -> Any:
-        claimed: dict[Path, Any] = {}
-        if isinstance(logger, list):
-            return [
-                runs.versioned(lg, _init_args(c), self.resume_dir, claimed, self.run_state)
-                for lg, c in zip(logger, config, strict=True)
-            ]
-        return runs.versioned(logger, _init_args(config), self.resume_dir, claimed, self.run_state)
-
-    def _run_folder(self, logger: Any) -> str | None:
-        for lg in logger if isinstance(logger, list) else [logger]:
-            if getattr(lg, "log_dir", None) and getattr(lg, "version", None) is not None:
-                return lg.log_dir
-        return str(runs.folder_without_logger(self.run_state)) if logger is False else None
+    def _placed_loggers(self, cfg: Any, given: Any) -> tuple[list[Any], Path | None]:
+        logger, config = cfg.get("logger"), given.get("logger")
+        if logger is None or logger is True:  # Lightning's default: TensorBoard in lightning_logs
+            root = cfg.get("default_root_dir") or "."
+            logger, config = TensorBoardLogger(root), {"init_args": {"save_dir": root}}
+        loggers = [] if logger is False else logger if isinstance(logger, list) else [logger]
+        configs = config if isinstance(config, list) else [config] * len(loggers)
+        resume = None
+        if self.resume_dir is not None and self.checkpoint is not None:
+            resume = (self.resume_dir, int(read_metadata(self.checkpoint).get("global_step", 0)))
+        configs = [_init_args(c) for c in configs]
+        return place_loggers(loggers, configs, cfg.get("default_root_dir"), resume, self.run_state)
 
     def after_instantiate_classes(self) -> None:
         if self.checkpoint is None:

@@ -60,9 +60,10 @@ def lock(run_dir: Path, state: RunState) -> None:
     state.locks.append(fd)
 
 
-# ---------------------------------------------------------------------------------- the loggers' folders
-def logger_root(logger_cfg: Any) -> Path | None:
-    """``save_dir/name`` of the first versioned logger (TensorBoard, CSV) in a config: where its runs live."""
+# ---------------------------------------------------------------------------------- what a command continues
+def logger_root(logger_cfg: Any, default_root_dir: str | None = None) -> Path:
+    """Where a config's runs live: ``save_dir/name`` of its first TensorBoard or CSV logger, or
+    ``<default_root_dir>/lightning_logs`` for a run without one (see :mod:`src.runtime.loggers`)."""
     for cfg in logger_cfg if isinstance(logger_cfg, list) else [logger_cfg]:
         cfg = cfg.as_dict() if hasattr(cfg, "as_dict") else cfg
         if not isinstance(cfg, dict):
@@ -71,7 +72,7 @@ def logger_root(logger_cfg: Any) -> Path | None:
             args = cfg.get("init_args") or {}
             name = args.get("name") if args.get("name") is not None else "lightning_logs"
             return Path(args.get("save_dir") or ".") / name
-    return None
+    return Path(default_root_dir or ".") / "lightning_logs"
 
 
 def is_rank_zero() -> bool:
@@ -81,47 +82,44 @@ def is_rank_zero() -> bool:
     return rank_zero_only.rank == 0
 
 
-def versioned(
-    logger: Any,
-    init_args: dict[str, Any],
-    resume_dir: Path | None,
-    claimed: dict[Path, Any],
-    state: RunState,
-) -> Any:
-    """The logger of a TensorBoard/CSV config, built with its run folder fixed: the version the
-    config names, the resumed run's, or a new ``version_N`` claimed atomically. Rank 0 locks the
-    folder for the life of the process; loggers sharing a root share the folder (``claimed``)."""
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
-    if not isinstance(logger, (TensorBoardLogger, CSVLogger)) or "://" in str(logger.root_dir):
+def versioned(logger: Any, init_args: dict[str, Any], resume_dir: Path | None, state: RunState) -> Any:
+    """The TensorBoard/CSV logger of a run, built with its run folder fixed: the version the config
+    names, the resumed run's, or a new ``version_N`` claimed atomically. Rank 0 locks the folder
+    for the life of the process."""
+    if "://" in str(logger.root_dir):
         return logger
     root = Path(logger.root_dir).resolve()
-    if root not in claimed:
-        if init_args.get("version") is not None:
-            claimed[root] = init_args["version"]
-        elif resume_dir is not None and resume_dir.parent.resolve() == root:
-            claimed[root] = int(resume_dir.name.removeprefix("version_"))
-        elif is_rank_zero():
-            try:
-                claimed[root] = claim_version(root, state)
-            except OSError as err:
-                raise UsageError(
-                    f"cannot write the log folder {root}: {err.strerror or err}. Pass a writable folder with "
-                    "--trainer.logger.init_args.save_dir=<folder>."
-                ) from err
-        else:  # other ranks take rank 0's folder through Lightning's broadcasts
-            return logger
-        if is_rank_zero():
-            version = claimed[root]
-            lock(root / (version if isinstance(version, str) else f"version_{version}"), state)
-    return type(logger)(**{**init_args, "version": claimed[root]})
+    if init_args.get("version") is not None:
+        version = init_args["version"]
+    elif resume_dir is not None and resume_dir.parent.resolve() == root:
+        version = int(resume_dir.name.removeprefix("version_"))
+    elif is_rank_zero():
+        version = _claim(root, state, "--trainer.logger.init_args.save_dir")
+    else:  # other ranks take rank 0's folder through Lightning's broadcasts
+        return logger
+    if is_rank_zero():
+        lock(root / (version if isinstance(version, str) else f"version_{version}"), state)
+    return type(logger)(**{**init_args, "version": version})
 
 
-def folder_without_logger(state: RunState) -> Path | None:
-    """A run folder of its own for a run without a logger (checkpoints and tuner files go there)."""
+def folder_without_logger(root: Path, resume_dir: Path | None, state: RunState) -> Path | None:
+    """The run folder of a run without a TensorBoard/CSV logger: the resumed run's, or a new
+    ``root/version_N`` (rank 0; other ranks take rank 0's)."""
     if not is_rank_zero():
         return None
-    root = Path("lightning_logs")
-    version = claim_version(root, state)
-    lock(root / f"version_{version}", state)
-    return root / f"version_{version}"
+    if resume_dir is not None and resume_dir.parent.resolve() == root.resolve():
+        folder = resume_dir
+    else:
+        folder = root / f"version_{_claim(root, state, '--trainer.default_root_dir')}"
+    lock(folder, state)
+    return folder
+
+
+def _claim(root: Path, state: RunState, flag: str) -> int:
+    try:
+        return claim_version(root, state)
+    except OSError as err:
+        raise UsageError(
+            f"cannot write the log folder {root}: {err.strerror or err}. Pass a writable folder with "
+            f"{flag}=<folder>."
+        ) from err

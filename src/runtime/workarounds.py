@@ -51,3 +51,32 @@ def instantiate_data_as_lightning_does(cli: LightningCLI, class_type: type, *arg
     from lightning.pytorch.cli import _InstantiatorFn
 
     return _InstantiatorFn(cli=cli, key="data")(class_type, *args, **kwargs)
+
+
+def keep_csv_history(logger: Any, until_step: int | None) -> None:
+    """Start a CSVLogger in a run folder that already holds a ``metrics.csv`` without losing it.
+
+    Lightning 2.6's CSV writer deletes an existing ``metrics.csv`` when it starts in a folder that
+    is not empty (``_ExperimentWriter._check_log_dir_exists``, with the warning "Experiment logs
+    directory ... exists and is not empty"), which a run folder always is: a resumed run would lose
+    the rows of its earlier part. The rows up to ``until_step`` (the checkpoint's step; the rest is
+    logged again) are read first and handed to the new writer (its ``metrics`` and ``metrics_keys``),
+    which writes them back ahead of the new ones at its next save.
+    """
+    import csv
+    import warnings
+    from pathlib import Path
+
+    path = Path(logger.log_dir) / "metrics.csv"
+    rows, keys = [], []
+    if until_step is not None and path.is_file():
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            keys = list(reader.fieldnames or [])
+            rows = [r for r in reader if not r.get("step") or float(r["step"]) <= until_step]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+        writer = logger.experiment
+    if rows:
+        writer.metrics[:0] = rows
+        writer.metrics_keys[:0] = [k for k in keys if k not in writer.metrics_keys]
