@@ -140,6 +140,10 @@ def test_results_prints_the_table_of_its_variants(tmp_path: Path):
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| bn_")]
     assert [r.split("|")[1].strip() for r in rows] == ["bn_on", "bn_off"]
+    lines = out.stdout.splitlines()  # what the docs quote: the command, the load, the goal
+    assert lines[0].startswith("command: ") and "--pair mnist1d_resnet_bn --seeds 1" in lines[0]
+    assert any(line.startswith("load average at the end") for line in lines)
+    assert any(line.startswith("Goal (bn_on): mean test acc >= 0.85") for line in lines)
 
 
 # ---------------------------------------------------------------------------------------- device check
