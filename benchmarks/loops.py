@@ -30,7 +30,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn
 from torch.utils.data import DataLoader, Dataset
 
 from src.models.bn_cnn import mixup_step
-from src.models.classifier import _accepts_unset
+from src.models.schedules import spans_the_run
 
 
 # ---------------------------------------------------------------------------------------- timing
@@ -316,7 +316,7 @@ def hand_loop(
     scheduler, per_step = None, False
     if recipe and model.lr_scheduler is not None:
         kwargs = {}
-        if _accepts_unset(model.lr_scheduler, "total_steps"):
+        if spans_the_run(model.lr_scheduler):
             total = (options.schedule_epochs or options.epochs) * steps_per_epoch(n, bs)
             kwargs, per_step = {"total_steps": total}, True
         scheduler = model.lr_scheduler(optimizer, **kwargs)

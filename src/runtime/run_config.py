@@ -57,7 +57,7 @@ class RunConfig(SaveConfigCallback):
             path = Path(log_dir) / self.config_filename
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            self.parser.save(self.config, tmp, skip_none=False, overwrite=True)
+            self.parser.save(self.config, tmp, skip_unset=False, overwrite=True)
             os.replace(tmp, path)
         if trainer.is_global_zero:
             self.save_config(trainer, pl_module, stage)
