@@ -345,7 +345,7 @@ def callback_option_args(
     (``--trainer.callbacks+=ENTRY``), each followed by its options (which apply to the last entry),
     so the parser checks every value and ``--print_config`` and ``config.yaml`` show them."""
     sub = config.get("subcommand")
-    dumped = yaml.safe_load(parser.dump(config, skip_none=False))
+    dumped = yaml.safe_load(parser.dump(config, skip_unset=False))
     trainer = (dumped.get(sub, dumped) if sub else dumped).get("trainer") or {}
     callbacks = trainer.get("callbacks") or []
     callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
