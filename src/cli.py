@@ -31,6 +31,7 @@ from src.runtime.devices import cpu_threads
 from src.runtime.errors import Interrupted, UsageError, exit_on_error
 from src.runtime.hparams import HParamsTab
 from src.runtime.lightning_cli import ClassifierCLI
+from src.runtime.provenance import RunProvenance
 from src.runtime.resume import ResumedRun
 from src.runtime.run_config import RunConfig
 from src.runtime.run_state import RunState, StopNow
@@ -68,7 +69,7 @@ def main(args: list[str] | None = None, run: bool = True) -> ClassifierCLI:
                 trainer_defaults={
                     "sync_batchnorm": True,
                     "enable_autolog_hparams": False,  # HParamsTab logs them, with the metrics
-                    "callbacks": [ScalingReport(), HParamsTab(), RunSummary(), ResumedRun()],
+                    "callbacks": [ScalingReport(), HParamsTab(), RunSummary(), ResumedRun(), RunProvenance()],
                 },
                 auto_configure_optimizers=False,
                 args=None if args is None else argv,

@@ -12,6 +12,7 @@ through the same eval-time :meth:`~ClassificationDataModule.transform_batch` as 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import warnings
@@ -249,6 +250,16 @@ class ClassificationDataModule(LightningDataModule):
         """Applied to each sliced batch before transfer (e.g. trimming padding). Identity by default."""
         return batch
 
+    def data_fingerprint(self) -> str | None:
+        """A digest of the data this module loaded, recorded in each run folder and checkpoint
+        (:mod:`src.runtime.provenance`) so a command says when it runs on other data than a
+        checkpoint was trained on. Default: SHA-256 over the ``train``/``val``/``test`` split tensors
+        as :meth:`setup` left them (names, dtypes, shapes and bytes: the validation carve is part of
+        it); ``None`` when none is loaded (a ``predict`` of given inputs). A DataModule whose data is
+        better named otherwise (a dataset revision, a file checksum) overrides it."""
+        splits = {name: self.splits[name] for name in ("train", "val", "test") if name in self.splits}
+        return tensors_digest(splits) if splits else None
+
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -415,6 +426,17 @@ class ClassificationDataModule(LightningDataModule):
             ],
             "self_contained": identity,
         }
+
+
+def tensors_digest(splits: dict[str, Split]) -> str:
+    """``sha256:<hex>`` of named tensors: each one's name, dtype, shape and bytes (copied to the CPU)."""
+    digest = hashlib.sha256()
+    for name, split in sorted(splits.items()):
+        for i, tensor in enumerate(split):
+            flat = tensor.detach().reshape(-1).cpu().contiguous()
+            digest.update(f"{name}[{i}] {flat.dtype} {tuple(tensor.shape)}\n".encode())
+            digest.update(flat.view(torch.uint8).numpy() if flat.numel() else b"")
+    return f"sha256:{digest.hexdigest()}"
 
 
 # ---------------------------------------------------------------------------------- tensor caches

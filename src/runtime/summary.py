@@ -46,10 +46,16 @@ def read_summary(run_dir: Path | str) -> dict[str, Any]:
 
 def write_summary(run_dir: Path | str, summary: dict[str, Any]) -> None:
     """Replace ``summary.json`` in ``run_dir`` atomically: a reader never sees half a file."""
-    path = Path(run_dir) / FILENAME
+    write_json(Path(run_dir) / FILENAME, summary)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Replace the JSON file ``path`` of a run folder atomically (a temporary file renamed over it);
+    a :class:`RunFailure` saying what to do when it cannot be written."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
