@@ -44,7 +44,7 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def edited(run: Path, to: Path, **changes: dict) -> Path:
-    """A copy of the run's last.ckpt whose provenance has ``changes`` merged in (``None``: without one)."""
+    """A copy of the run's last.ckpt whose provenance has ``changes`` merged in; without changes, no provenance."""
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     for key, value in changes.items():
         ckpt[CHECKPOINT_KEY][key] = {**ckpt[CHECKPOINT_KEY][key], **value}

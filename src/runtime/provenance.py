@@ -124,8 +124,8 @@ def data_fingerprint(trainer: Trainer) -> str | None:
 def provenance(trainer: Trainer) -> dict[str, Any]:
     """The record of this process and the trainer's data (see the module's docstring)."""
     return {
-        "packages": package_versions(),
-        "code": code_state(),
+        "packages": dict(package_versions()),  # copies: the cached records stay as read
+        "code": dict(code_state()),
         "data_fingerprint": data_fingerprint(trainer),
     }
 
