@@ -89,12 +89,12 @@ class RunState:
 
     def discard_unused(self) -> None:
         """Remove the run folders claimed for a run that stopped on an error before it started
-        (before its ``config.yaml`` was written: at most a lock and an empty event file inside), so a
-        refused command leaves no empty ``version_N`` behind."""
+        (before its ``config.yaml`` was written: at most a lock, an empty event file and
+        ``provenance.json`` inside), so a refused command leaves no empty ``version_N`` behind."""
         for folder in self.claimed:
             names = {p.name for p in folder.iterdir()} if folder.is_dir() else {"config.yaml"}
             if "config.yaml" not in names and all(
-                n == ".lock" or n.startswith("events.out.tfevents") for n in names
+                n in (".lock", "provenance.json") or n.startswith("events.out.tfevents") for n in names
             ):
                 shutil.rmtree(folder, ignore_errors=True)
 

@@ -26,6 +26,9 @@ _SKIP_BEGIN, _SKIP_END = 10, 1
 # loss falls: Lightning's steepest-slope rule picks there when the flat part is noisy
 # (lightning issue #21141: the slope is taken over the rate, not its logarithm).
 _FLAT_START = 100.0
+# Lightning's finder stops once the loss exceeds this many times its lowest (``early_stop_threshold``'s
+# default): a curve that stops short of its steps without doing so was cut by the run's max_epochs.
+_DIVERGED = 4.0
 
 
 class TunerError(UsageError):
@@ -69,6 +72,13 @@ def lr_pick_problem(found: Any) -> str | None:
             + todo.format("...")
         )
     span = f"{lrs[0]:.2g} to {lrs[-1]:.2g}, {steps}"
+    finite = [loss for loss in losses if math.isfinite(loss)]
+    if len(lrs) < found.num_training and finite and finite[-1] < _DIVERGED * min(finite):
+        return (
+            f"the learning-rate finder found no learning rate: the run's max_epochs ended it after {steps}, "
+            f"before its loss diverged, so it tried rates {lrs[0]:.2g} to {lrs[-1]:.2g} only and its pick "
+            f"({pick:.3g}) is not from its whole range. " + todo.format("...")
+        )
     lowest_lr, lowest = min(window, key=lambda point: point[1])
     if lowest >= window[0][1]:
         return (
