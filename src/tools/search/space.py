@@ -30,11 +30,10 @@ class Param:
 
     def suggest(self, trial: optuna.trial.Trial) -> Any:
         """The trial's value (sampled, or the stored one for a trial run again)."""
-        if self.kind == "float":
-            return trial.suggest_float(self.key, self.low, self.high, log=self.log)
-        if self.kind == "int":
-            return trial.suggest_int(self.key, int(self.low), int(self.high), log=self.log)
-        return trial.suggest_categorical(self.key, list(self.choices))
+        if self.kind == "choice":
+            return trial.suggest_categorical(self.key, list(self.choices))
+        suggest = trial.suggest_int if self.kind == "int" else trial.suggest_float
+        return suggest(self.key, *self.probe_values(), log=self.log)
 
     def override(self, value: Any) -> str:
         return f"--{self.key}={format_value(value)}"
@@ -48,10 +47,8 @@ class Param:
     @property
     def spec(self) -> str:
         """The canonical ``--space`` text (what a study records)."""
-        if self.kind == "choice":
-            return f"{self.key}=choice({','.join(self.choices)})"
-        fmt = (lambda v: str(int(v))) if self.kind == "int" else format_value
-        return f"{self.key}={self.kind}({fmt(self.low)},{fmt(self.high)}{',log' if self.log else ''})"
+        args = [*map(format_value, self.probe_values()), *(["log"] if self.log else [])]
+        return f"{self.key}={self.kind}({','.join(args)})"
 
 
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -81,29 +78,29 @@ def parse_space(text: str) -> Param:
             else "a choice is repeated" if len(set(args)) != len(args)
             else None
         )  # fmt: skip
-        if problem:
-            raise UsageError(f"{where}: {problem}")
-        return Param(key, "choice", choices=tuple(args))
-    if kind not in ("float", "int"):
-        raise UsageError(f"{where}: unknown type {kind!r}; use {_TYPES}")
-    log = len(args) == 3 and args[2] == "log"
-    if len(args) not in (2, 3) or (len(args) == 3 and not log):
-        raise UsageError(f"{where}: {kind} takes LOW,HIGH and optionally log, e.g. {kind}(1,10,log)")
-    try:
-        low, high = (float(a) if kind == "float" else _parse_int(a) for a in args[:2])
-    except ValueError:
-        raise UsageError(
-            f"{where}: LOW and HIGH must be {'numbers' if kind == 'float' else 'integers'}"
-        ) from None
-    problem = (
-        "LOW and HIGH must be finite" if not (math.isfinite(low) and math.isfinite(high))
-        else "LOW must be below HIGH (a fixed value goes after `--`)" if low >= high
-        else "a log range needs LOW > 0" if log and low <= 0
-        else None
-    )  # fmt: skip
+        param = Param(key, "choice", choices=tuple(args))
+    elif kind in ("float", "int"):
+        log = len(args) == 3 and args[2] == "log"
+        if len(args) not in (2, 3) or (len(args) == 3 and not log):
+            raise UsageError(f"{where}: {kind} takes LOW,HIGH and optionally log, e.g. {kind}(1,10,log)")
+        try:
+            low, high = (float(a) if kind == "float" else _parse_int(a) for a in args[:2])
+        except ValueError:
+            raise UsageError(
+                f"{where}: LOW and HIGH must be {'numbers' if kind == 'float' else 'integers'}"
+            ) from None
+        problem = (
+            "LOW and HIGH must be finite" if not (math.isfinite(low) and math.isfinite(high))
+            else "LOW must be below HIGH (a fixed value goes after `--`)" if low >= high
+            else "a log range needs LOW > 0" if log and low <= 0
+            else None
+        )  # fmt: skip
+        param = Param(key, kind, low, high, log)
+    else:
+        problem = f"unknown type {kind!r}; use {_TYPES}"
     if problem:
         raise UsageError(f"{where}: {problem}")
-    return Param(key, kind, low, high, log)
+    return param
 
 
 def _parse_int(text: str) -> int:
@@ -132,14 +129,15 @@ def baseline_params(config: dict[str, Any], space: list[Param]) -> tuple[dict[st
         for part in p.key.split("."):
             node = node.get(part) if isinstance(node, dict) else None
         if p.kind == "choice":
-            match = [c for c in p.choices if _yaml_value(c) == node]
-            if match:
-                params[p.key] = match[0]
-                continue
+            value = next((c for c in p.choices if _yaml_value(c) == node), None)
         elif isinstance(node, (int, float)) and not isinstance(node, bool) and p.low <= node <= p.high:
-            params[p.key] = int(node) if p.kind == "int" else float(node)
-            continue
-        outside.append(f"{p.key}={node!r}")
+            value = int(node) if p.kind == "int" else float(node)
+        else:
+            value = None
+        if value is None:
+            outside.append(f"{p.key}={node!r}")
+        else:
+            params[p.key] = value
     return params, outside
 
 
