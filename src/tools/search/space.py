@@ -78,29 +78,29 @@ def parse_space(text: str) -> Param:
             else "a choice is repeated" if len(set(args)) != len(args)
             else None
         )  # fmt: skip
-        param = Param(key, "choice", choices=tuple(args))
-    elif kind in ("float", "int"):
-        log = len(args) == 3 and args[2] == "log"
-        if len(args) not in (2, 3) or (len(args) == 3 and not log):
-            raise UsageError(f"{where}: {kind} takes LOW,HIGH and optionally log, e.g. {kind}(1,10,log)")
-        try:
-            low, high = (float(a) if kind == "float" else _parse_int(a) for a in args[:2])
-        except ValueError:
-            raise UsageError(
-                f"{where}: LOW and HIGH must be {'numbers' if kind == 'float' else 'integers'}"
-            ) from None
-        problem = (
-            "LOW and HIGH must be finite" if not (math.isfinite(low) and math.isfinite(high))
-            else "LOW must be below HIGH (a fixed value goes after `--`)" if low >= high
-            else "a log range needs LOW > 0" if log and low <= 0
-            else None
-        )  # fmt: skip
-        param = Param(key, kind, low, high, log)
-    else:
-        problem = f"unknown type {kind!r}; use {_TYPES}"
+        if problem:
+            raise UsageError(f"{where}: {problem}")
+        return Param(key, "choice", choices=tuple(args))
+    if kind not in ("float", "int"):
+        raise UsageError(f"{where}: unknown type {kind!r}; use {_TYPES}")
+    log = len(args) == 3 and args[2] == "log"
+    if len(args) not in (2, 3) or (len(args) == 3 and not log):
+        raise UsageError(f"{where}: {kind} takes LOW,HIGH and optionally log, e.g. {kind}(1,10,log)")
+    try:
+        low, high = (float(a) if kind == "float" else _parse_int(a) for a in args[:2])
+    except ValueError:
+        raise UsageError(
+            f"{where}: LOW and HIGH must be {'numbers' if kind == 'float' else 'integers'}"
+        ) from None
+    problem = (
+        "LOW and HIGH must be finite" if not (math.isfinite(low) and math.isfinite(high))
+        else "LOW must be below HIGH (a fixed value goes after `--`)" if low >= high
+        else "a log range needs LOW > 0" if log and low <= 0
+        else None
+    )  # fmt: skip
     if problem:
         raise UsageError(f"{where}: {problem}")
-    return param
+    return Param(key, kind, low, high, log)
 
 
 def _parse_int(text: str) -> int:
@@ -129,15 +129,14 @@ def baseline_params(config: dict[str, Any], space: list[Param]) -> tuple[dict[st
         for part in p.key.split("."):
             node = node.get(part) if isinstance(node, dict) else None
         if p.kind == "choice":
-            value = next((c for c in p.choices if _yaml_value(c) == node), None)
+            match = [c for c in p.choices if _yaml_value(c) == node]
+            if match:
+                params[p.key] = match[0]
+                continue
         elif isinstance(node, (int, float)) and not isinstance(node, bool) and p.low <= node <= p.high:
-            value = int(node) if p.kind == "int" else float(node)
-        else:
-            value = None
-        if value is None:
-            outside.append(f"{p.key}={node!r}")
-        else:
-            params[p.key] = value
+            params[p.key] = int(node) if p.kind == "int" else float(node)
+            continue
+        outside.append(f"{p.key}={node!r}")
     return params, outside
 
 

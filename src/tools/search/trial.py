@@ -93,10 +93,8 @@ class Search:
         if done.code != 0:
             if self.children.signum is not None:
                 trial.set_user_attr("note", "stopped with the interrupted search")
-                raise Interrupted(
-                    self.children.signum,
-                    f"interrupted: trial {trial.number} stopped; the same command runs it again",
-                )
+                again = f"interrupted: trial {trial.number} stopped; the same command runs it again"
+                raise Interrupted(self.children.signum, again)
             tail = log_tail(log)
             trial.set_user_attr("error", tail)
             last = next((line for line in reversed(tail.splitlines()) if line.strip()), "")
