@@ -36,9 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from benchmarks.runner import PAIRS, ROOT, grid, local_data, mean_std
+from benchmarks.runner import PAIRS, ROOT, build_data, grid, mean_std
 
 BN = {"bn_on": ["--model.init_args.batch_norm=true"], "bn_off": ["--model.init_args.batch_norm=false"]}
 VARIANTS: dict[str, dict[str, list[str]]] = {
@@ -93,16 +91,6 @@ def goal_lines(pair: str, results: dict[str, list[dict[str, Any]]], baselines: d
     return lines
 
 
-def data_settings(config: str, overrides: list[str]) -> dict[str, Any]:
-    """A config's ``data.init_args`` with the ``--data.init_args.X=Y`` flags of ``overrides`` applied."""
-    settings = dict(yaml.safe_load((ROOT / config).read_text())["data"]["init_args"])
-    for arg in overrides:
-        if arg.startswith("--data.init_args.") and "=" in arg:
-            key, value = arg[len("--data.init_args.") :].split("=", 1)
-            settings[key] = yaml.safe_load(value)
-    return settings
-
-
 def tfidf_baseline(config: str, overrides: list[str], C: float = 10.0) -> dict[str, Any]:
     """TF-IDF (word 1-2-grams, sublinear tf) + logistic regression on the AG News DataModule's own
     training part (the same rows and validation carve as the CNN's run), scored on its test split."""
@@ -110,9 +98,7 @@ def tfidf_baseline(config: str, overrides: list[str], C: float = 10.0) -> dict[s
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, f1_score
 
-    from src.data.ag_news import AGNews
-
-    dm = AGNews(**data_settings(config, overrides))
+    dm = build_data(config, overrides)
     dm.setup("fit")
     labels = {s: split[1].tolist() for s, split in dm.splits.items()}
     start, cpu = time.perf_counter(), time.process_time()
@@ -184,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     baselines = {}
     if args.pair == "ag_news_cnn_bn" and not args.no_baseline:
         for name, overrides in variants.items():
-            base = tfidf_baseline(config, [*local_data(config), *overrides, *args.extra])
+            base = tfidf_baseline(config, [*overrides, *args.extra])
             baselines[name] = base
             print(
                 f"{name:22s} TF-IDF+LR: test_acc {base['test_acc']:.4f}  test_f1 {base['test_f1']:.4f}",

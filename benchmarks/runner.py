@@ -51,6 +51,9 @@ class Pair:
     note: str = ""
     speed_epochs: int = 6  # epochs of a speed.py measurement run (the first is dropped)
     extra_targets: list[float] = field(default_factory=list)
+    # Flags pointing the config's data at the local copies, ``{data}`` the shared data folder (none
+    # for generated data).
+    local_data: tuple[str, ...] = ()
 
 
 PAIRS = {
@@ -79,6 +82,7 @@ PAIRS = {
         note="notebook loop: SGD(0.1), batch 32",
         speed_epochs=5,
         extra_targets=[0.90],
+        local_data=("--data.init_args.data_dir={data}/fashion_mnist",),
     ),
     "ag_news_cnn_bn": Pair(
         config="configs/ag_news_cnn_bn.yaml",
@@ -88,6 +92,10 @@ PAIRS = {
         note="notebook loop: Adam(1e-3), batch 32, no schedule",
         speed_epochs=4,
         extra_targets=[0.85],
+        local_data=(
+            "--data.init_args.data_files={{train: {data}/ag_news/train_first_10429_rows.parquet, "
+            "test: {data}/ag_news/test.parquet}}",
+        ),
     ),
 }
 
@@ -98,18 +106,10 @@ def data_class(config: str) -> str:
 
 
 def local_data(config: str, data_dir: Path | str | None = None) -> list[str]:
-    """Flags that point a config's data at the local parquet copies (none for generated data)."""
+    """Flags that point a pair's data at the local parquet copies (:attr:`Pair.local_data`)."""
     folder = Path(data_dir or default_data_dir()).resolve()
-    kind = data_class(config)
-    if kind == "FashionMNIST":
-        return [f"--data.init_args.data_dir={folder / 'fashion_mnist'}"]
-    if kind == "AGNews":
-        train, test = (
-            folder / "ag_news" / "train_first_10429_rows.parquet",
-            folder / "ag_news" / "test.parquet",
-        )
-        return [f"--data.init_args.data_files={{train: {train}, test: {test}}}"]
-    return []
+    flags = next((p.local_data for p in PAIRS.values() if p.config == config), ())
+    return [flag.format(data=folder) for flag in flags]
 
 
 def build(config: str, overrides: list[str] = (), data_dir: Path | str | None = None) -> Any:
@@ -122,6 +122,12 @@ def build(config: str, overrides: list[str] = (), data_dir: Path | str | None = 
         return main(["--config", str(ROOT / config), *local_data(config, data_dir), *overrides], run=False)
     finally:
         sys.argv = argv
+
+
+def build_data(config: str, overrides: list[str] = ()) -> Any:
+    """A config's DataModule as the CLI builds it (local data applied); ``fast_dev_run`` keeps the
+    build from claiming a run folder."""
+    return build(config, [*overrides, "--trainer.fast_dev_run=true"]).datamodule
 
 
 # ---------------------------------------------------------------------------------------- one run

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.runner import build_data
 from src.callbacks.activation_stats import collect_activation_stats
-from src.data import MNIST1D
 from src.models import ResidualBN
 
 SETTINGS = {
@@ -53,7 +53,8 @@ def main() -> None:
     parser.add_argument("--cache_dir", default="data_cache/mnist1d")
     args = parser.parse_args()
 
-    data = MNIST1D(cache_dir=args.cache_dir)
+    # The MNIST-1D pair's data as its config builds it.
+    data = build_data("configs/mnist1d_resnet_bn.yaml", [f"--data.init_args.cache_dir={args.cache_dir}"])
     data.prepare_data()
     x = data.load_splits()["train"][0][:200]
     print(

@@ -1,5 +1,6 @@
 """A refused command says why in one line, exits 2 and leaves nothing behind: every kind of bad
-``--ckpt_path`` on every subcommand, with and without ``--config``, and bad data settings."""
+``--ckpt_path`` on every subcommand, with and without ``--config``, a checkpoint without the data's
+fitted state, and bad data settings."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers.cli import config, refused, run_cli
-from tests.helpers.data import quiet, tiny_mnist1d
+from tests.helpers.data import quiet, tiny_mnist1d, tiny_toy_blobs
+from tests.pair import CONFIG as TOY
 
 pytestmark = pytest.mark.slow
 
@@ -85,6 +88,49 @@ def test_a_truncated_checkpoint_names_the_checkpoints_beside_it(checkpoints: Pat
     best = next(checkpoints.glob("epoch*.ckpt")).name
     assert best in said and "random.ckpt" not in said  # only files that look whole
     assert said.rstrip().endswith("pass one of those."), said  # PyTorch's reason quoted whole, not cut
+
+
+@pytest.fixture(scope="module")
+def stateless(tmp_path_factory) -> tuple[Path, Path]:
+    """A fit of the test pair (its normalisation is fitted on the training part), and copies of its
+    last.ckpt without that state: all of it removed, or one of its two statistics."""
+    root = tmp_path_factory.mktemp("pair")
+    run_cli(
+        "fit",
+        "--config",
+        str(TOY),
+        *tiny_toy_blobs(root),
+        *quiet(root),
+        "--trainer.accelerator=cpu",
+        cwd=root,
+    )
+    ckpt = torch.load(next(root.rglob("last.ckpt")), weights_only=True)
+    state = ckpt.pop("ToyBlobs")
+    torch.save(ckpt, root / "no_state.ckpt")
+    torch.save({**ckpt, "ToyBlobs": {"mean": state["mean"]}}, root / "half_state.ckpt")
+    return root, root / "blobs"
+
+
+@pytest.mark.parametrize(
+    ("subcommand", "ckpt", "with_config"),
+    [("validate", "no_state", False), ("test", "no_state", True), ("predict", "no_state", False),
+     ("test", "half_state", False)],
+)  # fmt: skip
+def test_a_checkpoint_without_the_fitted_data_state_is_refused_not_refitted(
+    stateless: tuple[Path, Path], tmp_path: Path, subcommand: str, ckpt: str, with_config: bool
+):
+    root, data = stateless
+    settings = ["--config", str(TOY)] if with_config else []
+    inputs = ["--data.init_args.predict_inputs=[[1, 2, 3, 4, 5, 6]]"] if subcommand == "predict" else []
+    out = run_cli(
+        subcommand, *settings, f"--data.init_args.data_root={data}", *inputs,
+        f"--ckpt_path={root / f'{ckpt}.ckpt'}", cwd=tmp_path, check=False,
+    )  # fmt: skip
+    said = refused(
+        out, "lacks the data's fitted state", "ToyBlobs has no feature normalisation", "as `fit` wrote it"
+    )
+    assert len(said.strip().splitlines()) == 1 + said.count("Seed set to"), said
+    assert files(tmp_path) == set(), f"a refused command left {files(tmp_path)}"
 
 
 def test_a_data_error_leaves_no_run_folder_and_no_log_folder(tmp_path: Path):

@@ -569,7 +569,7 @@ def test_ddp_trial_without_a_logger_reports_from_rank_0_and_all_ranks_stop_toget
     (trial,) = trials_of(out, "ddp")
     assert trial.state == TrialState.PRUNED and trial.user_attrs["exit_code"] == 0
     assert list(trial.intermediate_values) == [0]  # one report per epoch, from rank 0 only
-    # no logger: the run folder of its default_root_dir (the trial's folder), as any run without one
+    # no logger: the run folder the CLI makes in the trial's folder (its default_root_dir)
     assert trial.user_attrs["run_dir"] == str(out / "runs" / "trial_0000" / "lightning_logs" / "version_0")
     log = (out / "runs" / "trial_0000" / "trial.log").read_text()
     assert "Starting with 2 processes" in log and "Traceback" not in log

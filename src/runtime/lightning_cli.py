@@ -8,7 +8,8 @@
   ``--ckpt_path=last`` resumes only an unfinished run whose saved config matches the command; a
   run's ``last.ckpt`` continues in its own folder;
 - a checkpoint's fitted data state (vocabulary, normalisation) restored before the data → model links
-  are read, so ``validate/test/predict --ckpt_path`` need no training data;
+  are read, so ``validate/test/predict --ckpt_path`` need no training data, and refused when missing
+  (never refitted);
 - the Trainer's callbacks fitted to the switches and the run (:mod:`src.runtime.trainer_callbacks`).
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from src.data import ClassificationDataModule
+from src.data import ClassificationDataModule, DataError
 from src.runtime import checks, resume, runs
 from src.runtime.checkpoints import check_ckpt_path, read_metadata
 from src.runtime.command_line import (
@@ -120,26 +122,41 @@ class ClassifierCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         instantiators = None
-        state = self._checkpoint_data_state()
-        if state:
+        if self.checkpoint is not None:
             # Fitted data state (class names, vocabulary, normalisation) is needed before the data →
             # model links are read: the model gets the checkpoint's sizes without the training data.
-            instantiators = [(partial(_with_state, cli=self, state=state), ClassificationDataModule, True)]
+            restore = partial(
+                _with_state, cli=self, state=self._checkpoint_data_state(), check=self._check_fitted
+            )
+            instantiators = [(restore, ClassificationDataModule, True)]
         try:
             self.config_init = self.parser.instantiate(self.config, instantiators=instantiators)
         except (ValueError, MisconfigurationException) as err:
-            raise UsageError(f"cannot build the run from these settings: {err}") from err
+            refusal = _project_error(err)  # a class's own (e.g. a DataError), wrapped by jsonargparse
+            raise refusal or UsageError(f"cannot build the run from these settings: {err}") from err
         self.datamodule, self.model = self.settings(True).get("data"), self.settings(True).get("model")
         try:
             self.trainer = self.instantiate_trainer()
         except ValueError as err:  # e.g. --trainer.accelerator=tpux
             raise UsageError(f"cannot build the Trainer from these settings: {err}") from err
 
-    def _checkpoint_data_state(self) -> dict[str, Any] | None:
-        if self.checkpoint is None:
-            return None
+    def _checkpoint_data_state(self) -> dict[str, Any]:
         data_class = checks.import_class(self.settings().data.class_path)
-        return read_metadata(self.checkpoint).get(data_class.__qualname__)
+        return read_metadata(self.checkpoint).get(data_class.__qualname__) or {}
+
+    def _check_fitted(self, datamodule: ClassificationDataModule) -> None:
+        """validate/test/predict evaluate the model with the data state it was trained with, from the
+        checkpoint: refitting it on today's training data could differ, so a checkpoint without it is
+        refused. A resumed ``fit`` reads its training data anyway."""
+        if self.subcommand == "fit":
+            return
+        try:
+            datamodule.check_fitted()
+        except DataError as err:
+            raise UsageError(
+                f"--ckpt_path {self.checkpoint} lacks the data's fitted state. {err} {self.subcommand} "
+                "uses the state the model was trained with, never a refit: pass a checkpoint as `fit` wrote it."
+            ) from err
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         cfg, given = self.settings(True)["trainer"], self.settings().trainer
@@ -199,6 +216,13 @@ class ClassifierCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
 
 
+def _project_error(err: BaseException | None) -> UsageError | None:
+    """The first :class:`UsageError` in ``err``'s chain of causes."""
+    while err is not None and not isinstance(err, UsageError):
+        err = err.__cause__
+    return err
+
+
 def _init_args(logger_config: Any) -> dict[str, Any]:
     config = logger_config.as_dict() if hasattr(logger_config, "as_dict") else logger_config
     return dict(config.get("init_args") or {}) if isinstance(config, dict) else {}
@@ -209,11 +233,14 @@ def _with_state(
     *args: Any,
     cli: LightningCLI,
     state: dict[str, Any],
+    check: Callable[[ClassificationDataModule], None],
     applied_instantiation_links: dict,
     **kwargs: Any,
 ) -> Any:
     datamodule = instantiate_data_as_lightning_does(
         cli, class_type, *args, applied_instantiation_links=applied_instantiation_links, **kwargs
     )
-    datamodule.load_state_dict(state)
+    if state:
+        datamodule.load_state_dict(state)
+    check(datamodule)
     return datamodule

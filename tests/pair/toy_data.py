@@ -35,7 +35,7 @@ class ToyBlobs(ClassificationDataModule):
 
     # Where the data is read from and what to predict: a resumed run may change them.
     resumable_options: ClassVar[tuple[str, ...]] = (
-        *getattr(ClassificationDataModule, "resumable_options", ()),
+        *ClassificationDataModule.resumable_options,
         "data_root",
         "predict_inputs",
     )

@@ -1,10 +1,7 @@
-"""The callback every trial of ``python -m src.tools.search`` runs with: after each validation
-epoch, rank 0 reports the metric to the trial in the study's storage (the trial's results are these
-reports, whatever the run's loggers) and asks the study's pruner; every rank stops after the same
-epoch when it says so, and the run ends like an early-stopped one (exit 0). Not optuna-integration's
-``PyTorchLightningPruningCallback``: that one raises ``TrialPruned`` inside the Trainer and, under
-DDP, needs ``check_pruned()`` in the process that runs the study (docs/search.md).
-"""
+"""The callback every trial of ``python -m src.tools.search`` runs with: rank 0 reports the metric to
+the trial in the study's storage after each validation epoch (the trial's result, whatever its
+loggers) and asks the pruner; every rank stops after the same epoch, as an early-stopped run (exit 0).
+Not optuna-integration's callback: it raises ``TrialPruned`` in the Trainer (docs/search.md)."""
 
 from __future__ import annotations
 
@@ -46,12 +43,8 @@ class OptunaPruning(Callback):
         pruner: str = "median",
         watch_parent: bool = False,
     ) -> None:
-        self.study_name, self.trial_number, self.monitor, self.pruner = (
-            study_name,
-            trial_number,
-            monitor,
-            pruner,
-        )
+        self.study_name, self.trial_number = study_name, trial_number
+        self.monitor, self.pruner = monitor, pruner
         self._trial: optuna.trial.Trial | None = None
         if watch_parent:
             start_parent_watchdog()
@@ -91,13 +84,8 @@ class OptunaPruning(Callback):
 
 
 def start_parent_watchdog(interval_s: float = 1.0) -> None:
-    """Kill this process group as soon as the search that started it is gone.
-
-    Only in the process the search started (it leads its own process group: the search starts
-    each trial in a new session), and only then is the group exactly the trial, DDP ranks
-    included (Lightning starts the other ranks from rank 0, in the same group). A dead parent
-    shows as a changed parent pid: the orphan is re-parented at once, even before it is reaped.
-    """
+    """Kill this process group (the trial, DDP ranks included) as soon as the search that started it
+    is gone, seen as a changed parent pid. Only in the process the search started: it leads the group."""
     search_pid = int(os.environ.get(PID_ENV) or 0)
     if not search_pid or os.getpgrp() != os.getpid():
         return

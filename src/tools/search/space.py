@@ -30,11 +30,10 @@ class Param:
 
     def suggest(self, trial: optuna.trial.Trial) -> Any:
         """The trial's value (sampled, or the stored one for a trial run again)."""
-        if self.kind == "float":
-            return trial.suggest_float(self.key, self.low, self.high, log=self.log)
-        if self.kind == "int":
-            return trial.suggest_int(self.key, int(self.low), int(self.high), log=self.log)
-        return trial.suggest_categorical(self.key, list(self.choices))
+        if self.kind == "choice":
+            return trial.suggest_categorical(self.key, list(self.choices))
+        suggest = trial.suggest_int if self.kind == "int" else trial.suggest_float
+        return suggest(self.key, *self.probe_values(), log=self.log)
 
     def override(self, value: Any) -> str:
         return f"--{self.key}={format_value(value)}"
@@ -48,10 +47,8 @@ class Param:
     @property
     def spec(self) -> str:
         """The canonical ``--space`` text (what a study records)."""
-        if self.kind == "choice":
-            return f"{self.key}=choice({','.join(self.choices)})"
-        fmt = (lambda v: str(int(v))) if self.kind == "int" else format_value
-        return f"{self.key}={self.kind}({fmt(self.low)},{fmt(self.high)}{',log' if self.log else ''})"
+        args = [*map(format_value, self.probe_values()), *(["log"] if self.log else [])]
+        return f"{self.key}={self.kind}({','.join(args)})"
 
 
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")

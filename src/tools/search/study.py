@@ -20,9 +20,8 @@ from src.runtime.errors import UsageError
 
 HEARTBEAT_S, GRACE_S = 60, 180  # a running trial beats every minute; 3 minutes without a beat: stale
 MAX_RETRY = 3  # how often a trial whose worker died is run again
-# What the budget counts: finished trials and those running now. Failures do not use it (the
-# --max_failures limit stops a search whose trials keep failing); a failed trial whose worker died
-# is run again as a new trial, which counts.
+# What the budget counts: finished and running trials. Failures do not (--max_failures stops a search
+# whose trials keep failing); a failed trial whose worker died runs again as a new, counted trial.
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 CONTRACT = "contract"  # the study's user attribute that records what defines its trials
 
@@ -60,10 +59,7 @@ def open_storage(url: str, heartbeat: bool = False) -> optuna.storages.RDBStorag
 
 def open_study(storage: Any, url: str, name: str, contract: dict[str, Any], **kwargs: Any) -> optuna.Study:
     """Create the study with ``contract``, or load it and refuse it if it was made for other trials.
-
-    Creating is atomic (one of several workers starting together creates it, the others load
-    it), and the creator records the contract before any trial starts.
-    """
+    Of several workers starting together one creates it (atomically) and records the contract."""
     try:
         study = optuna.create_study(
             study_name=name, storage=storage, direction=contract["direction"], **kwargs
@@ -73,8 +69,7 @@ def open_study(storage: Any, url: str, name: str, contract: dict[str, Any], **kw
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=name, storage=storage, **kwargs)
     for _ in range(20):  # its creator writes the contract right after creating it
-        stored = study.user_attrs.get(CONTRACT)
-        if stored is not None:
+        if (stored := study.user_attrs.get(CONTRACT)) is not None:
             break
         time.sleep(0.5)
     else:
@@ -94,19 +89,14 @@ def open_study(storage: Any, url: str, name: str, contract: dict[str, Any], **kw
 
 def contract_differences(stored: dict[str, Any], mine: dict[str, Any], most: int = 10) -> list[str]:
     """``what: the study's -> this command's`` for each setting that defines a trial and differs."""
-    out = []
     theirs, ours = set(stored.get("space") or []), set(mine["space"])
-    if theirs != ours:
-        out.append(f"--space: only in the study {sorted(theirs - ours)}, only here {sorted(ours - theirs)}")
+    only = f"only in the study {sorted(theirs - ours)}, only here {sorted(ours - theirs)}"
+    out = [] if theirs == ours else [f"--space: {only}"]
     out += [
         f"--{k}: {stored.get(k)} -> {mine[k]}" for k in ("metric", "direction") if stored.get(k) != mine[k]
     ]
-    flat_stored, flat_mine = _flatten(stored.get("config") or {}), _flatten(mine["config"])
-    config = [
-        f"{k}: {_short(flat_stored.get(k))} -> {_short(flat_mine.get(k))}"
-        for k in sorted(set(flat_stored) | set(flat_mine))
-        if flat_stored.get(k) != flat_mine.get(k)
-    ]
+    a, b = _flatten(stored.get("config") or {}), _flatten(mine["config"])
+    config = [f"{k}: {_short(a.get(k))} -> {_short(b.get(k))}" for k in sorted(a | b) if a.get(k) != b.get(k)]
     out += config[:most] + ([f"... and {len(config) - most} more settings"] if len(config) > most else [])
     theirs, ours = stored.get("overrides") or [], mine["overrides"]
     if config and theirs != ours:
@@ -124,8 +114,7 @@ def trial_config(config: dict[str, Any], resumable: list[str]) -> dict[str, Any]
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return text if len(text := repr(value)) <= 60 else text[:57] + "..."
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -135,7 +124,7 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return flat or {prefix[:-1]: tree}
 
 
-# ---------------------------------------------------------------------- the budget
+# ---------------------------------------------------------------------- the budget, retries
 def counted(study: optuna.Study) -> list[FrozenTrial]:
     return study.get_trials(deepcopy=False, states=COUNTED)
 
@@ -152,11 +141,8 @@ def frozen(study: optuna.Study, number: int) -> FrozenTrial:
 
 def rerun_of(trials: list[FrozenTrial]) -> dict[int, int]:
     """``{failed trial number: number of the trial that runs it again}``."""
-    return {
-        RetryHeartbeatStaleTrialCallback.retry_history(t)[-1]: t.number
-        for t in trials
-        if t.system_attrs.get("retry_history")
-    }
+    history = RetryHeartbeatStaleTrialCallback.retry_history
+    return {history(t)[-1]: t.number for t in trials if t.system_attrs.get("retry_history")}
 
 
 # ---------------------------------------------------------------------- workers
@@ -174,11 +160,8 @@ def worker_info() -> dict[str, Any]:
 
 
 def fail_dead_workers(study: optuna.Study) -> list[int]:
-    """Fail, and run again, the running trials whose worker on this machine is gone.
-
-    Seen at once here (the worker's pid is recorded with its trial); a worker on another machine
-    is found by the heartbeat after ``GRACE_S`` (``Study.optimize`` fails stale trials).
-    """
+    """Fail, and run again, the running trials whose worker on this machine is gone (seen at once by
+    its recorded pid); a worker elsewhere is found by the heartbeat after ``GRACE_S``."""
     if not Path("/proc/self/stat").is_file():
         return []
     failed = []

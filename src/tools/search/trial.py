@@ -47,6 +47,8 @@ class Search:
 
     def command(self, values: dict[str, Any], number: int) -> list[str]:
         by_key = {p.key: p for p in self.space}
+        callback = {"study_name": self.args.study, "trial_number": number, "monitor": self.args.metric,
+                    "pruner": self.args.pruner, "watch_parent": "true"}  # fmt: skip
         return cli_command(
             self.args.config,
             "--trainer.enable_progress_bar=false",  # the console goes to a file
@@ -57,11 +59,7 @@ class Search:
             # Appended last, so that `--trainer.callbacks.init_args.*` among the overrides after `--`
             # still address the config's own last callback.
             f"--trainer.callbacks+={CALLBACK}",
-            f"--trainer.callbacks.init_args.study_name={self.args.study}",
-            f"--trainer.callbacks.init_args.trial_number={number}",
-            f"--trainer.callbacks.init_args.monitor={self.args.metric}",
-            f"--trainer.callbacks.init_args.pruner={self.args.pruner}",
-            "--trainer.callbacks.init_args.watch_parent=true",
+            *(f"--trainer.callbacks.init_args.{k}={v}" for k, v in callback.items()),
         )
 
     def __call__(self, trial: optuna.trial.Trial) -> float:
@@ -77,8 +75,7 @@ class Search:
             else "the config's own values (--baseline)" if trial.user_attrs.get("baseline")
             else ""
         )  # fmt: skip
-        for key, value in {"worker": worker_info(), "note": note, **dict.fromkeys(OUTCOME)}.items():
-            trial.set_user_attr(key, value)
+        _set(trial, {"worker": worker_info(), "note": note, **dict.fromkeys(OUTCOME)})
         self.current = trial.number
         log = self.folder(trial.number) / "trial.log"
         env = child_env(**{STORAGE_ENV: self.args.storage, PID_ENV: str(os.getpid())})
@@ -88,27 +85,20 @@ class Search:
     def _result(self, trial: optuna.trial.Trial, done: Finished, log: Path) -> float:
         run = run_folder(self.folder(trial.number))
         stored = frozen(trial.study, trial.number)  # with what the trial's callback recorded
-        reported = stored.intermediate_values
-        outcome = {
-            "run_dir": str(run) if run else None,
-            "epochs": len(reported),
-            "cpu_s": done.cpu_s,
-            "exit_code": done.code,
-        }
-        for key, value in outcome.items():
-            trial.set_user_attr(key, value)
+        reported, attrs = stored.intermediate_values, stored.user_attrs
+        run_dir = str(run) if run else None
+        _set(
+            trial, {"run_dir": run_dir, "epochs": len(reported), "cpu_s": done.cpu_s, "exit_code": done.code}
+        )
         if done.code != 0:
             if self.children.signum is not None:
                 trial.set_user_attr("note", "stopped with the interrupted search")
-                raise Interrupted(
-                    self.children.signum,
-                    f"interrupted: trial {trial.number} stopped; the same command runs it again",
-                )
+                again = f"interrupted: trial {trial.number} stopped; the same command runs it again"
+                raise Interrupted(self.children.signum, again)
             tail = log_tail(log)
             trial.set_user_attr("error", tail)
             last = next((line for line in reversed(tail.splitlines()) if line.strip()), "")
             self._failed(trial, f"exit {done.code}: {last.strip()[:200]}")
-        attrs = stored.user_attrs
         if attrs.get("missing_metric") is not None:
             raise UsageError(
                 f"the runs do not log '{self.args.metric}' (they log: {', '.join(attrs['missing_metric'])}); "
@@ -132,3 +122,8 @@ class Search:
             self.stop_reason = f"{self.failures} trials in a row failed; the last: {note} (its output: {log})"
             trial.study.stop()
         raise TrialFailed(note)
+
+
+def _set(trial: optuna.trial.Trial, attrs: dict[str, Any]) -> None:
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)
