@@ -33,6 +33,7 @@ from tests.helpers.tensorboard import scalars
 pytestmark = pytest.mark.slow
 
 MNIST1D = config("mnist1d_resnet_bn")
+DROPOUT = yaml.safe_load(Path(MNIST1D).read_text())["model"]["init_args"]["dropout"]  # the config's
 STEPS_PER_EPOCH, EPOCHS = 14, 3  # tiny MNIST-1D: 420 training signals in batches of 32
 
 
@@ -249,7 +250,7 @@ def test_ckpt_path_last_resumes_only_the_run_the_command_describes(tmp_path: Pat
         *short(tmp_path, "--model.init_args.lr=0.02", "--ckpt_path=last"), cwd=tmp_path, check=False
     )
     said = refused(other, "--ckpt_path=last: no run under", "version_0: model.init_args.lr: 0.001 -> 0.02")
-    assert "version_1: model.init_args.dropout: 0.4 -> 0.1" in said
+    assert f"version_1: model.init_args.dropout: 0.4 -> {DROPOUT}" in said
     assert sorted(p.name for p in root.iterdir()) == ["version_0", "version_1"]
 
     # a run named explicitly: its folder, if the settings match
@@ -257,7 +258,7 @@ def test_ckpt_path_last_resumes_only_the_run_the_command_describes(tmp_path: Pat
     run_cli(*short(tmp_path, *b, *named), cwd=tmp_path)
     assert torch.load(root / "version_1" / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
     mismatch = run_cli(*short(tmp_path, *a, *named), cwd=tmp_path, check=False)
-    refused(mismatch, "version_1: model.init_args.dropout: 0.4 -> 0.1")
+    refused(mismatch, f"version_1: model.init_args.dropout: 0.4 -> {DROPOUT}")
 
 
 def test_a_run_being_resumed_cannot_be_resumed_twice_and_a_kill_frees_it(tmp_path: Path):
@@ -301,7 +302,7 @@ def test_fit_from_a_file_keeps_the_configured_optimizer_and_refuses_other_model_
     refused(
         other,
         "was trained with other model settings",
-        "model.init_args.dropout: 0.4 -> 0.1",
+        f"model.init_args.dropout: 0.4 -> {DROPOUT}",
         "start a new run",
     )
 
