@@ -190,7 +190,7 @@ def _bad_checkpoints(good: Path, folder: Path) -> dict[str, Path]:
 def test_bad_or_mismatched_checkpoints_stop_with_a_message_and_write_nothing(runs_root: Path, tmp_path: Path):
     good = tiny_checkpoint("fashion_mnist_mlp_bn", runs_root)
     messages = {
-        "missing": "does not exist",
+        "missing": "is not a file: nothing is at that path",
         "truncated": "could not read checkpoint",
         "not a checkpoint": "checkpoint",  # src.runtime.checkpoints' message for a file torch.load refuses
         "mismatched": "do not fit",
