@@ -116,7 +116,8 @@ def check_one_process_preset(tmp_path: Path, out) -> None:
 FLAGS = {
     "overfit_batches": (
         ["--trainer.overfit_batches=1", "--trainer.max_epochs=30", "--data.init_args.shift_augment=0",
-         "--model.init_args.dropout=0", "--model.init_args.lr_scheduler=null"], check_overfit),
+         "--model.init_args.dropout=0", "--model.init_args.label_smoothing=0", "--model.init_args.lr=0.01",
+         "--model.init_args.lr_scheduler=null"], check_overfit),
     "val_check_interval": (["--trainer.val_check_interval=0.5"], check_val_twice_per_epoch),
     "check_val_every_n_epoch": (["--trainer.check_val_every_n_epoch=2", "--trainer.max_epochs=4"], check_val_every_other_epoch),
     "accumulate_grad_batches": (["--trainer.accumulate_grad_batches=2"], check_accumulation),
