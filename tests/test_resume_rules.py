@@ -21,6 +21,8 @@ from tests.helpers.tensorboard import scalars
 pytestmark = pytest.mark.slow
 
 MNIST1D = config("mnist1d_resnet_bn")
+SHIPPED = yaml.safe_load(Path(MNIST1D).read_text())
+PEAK, EPOCHS = SHIPPED["model"]["init_args"]["lr"], SHIPPED["trainer"]["max_epochs"]  # the config's
 LENGTH_FREE = ["--model.init_args.lr_scheduler=null"]
 STOP_AT_20 = [  # SIGTERM at step 20 (epoch 1 of tiny MNIST-1D's 14 steps per epoch): last.ckpt, exit 143
     "--trainer.callbacks+=tests.helpers.faults.KillAt",
@@ -62,10 +64,10 @@ def test_a_run_whose_schedule_spans_its_length_resumes_only_with_that_length(tmp
     run_dir = tmp_path / "logs" / "mnist1d_resnet_bn" / "version_0"
     before, restored_lr = snapshot(run_dir), state(run_dir)["lr_schedulers"][0]["_last_lr"][0]
 
-    # the config's max_epochs (150): the one-cycle schedule of the 3-epoch run would be spent for 147 epochs
+    # the config's max_epochs: the one-cycle schedule of the 3-epoch run would be spent for the rest
     longer = run_cli(*fit(tmp_path, "--ckpt_path=last"), cwd=tmp_path, check=False)
     refused(longer, "OneCycleLR learning-rate schedule was laid out over its length (max_epochs=3)",
-            "max_epochs=150 would train past the schedule's end", "Resume it with --trainer.max_epochs=3")  # fmt: skip
+            f"max_epochs={EPOCHS} would train past the schedule's end", "Resume it with --trainer.max_epochs=3")  # fmt: skip
     best = next(run_dir.glob("checkpoints/epoch*.ckpt"))
     from_file = run_cli(
         *fit(tmp_path, "--trainer.max_epochs=5", f"--ckpt_path={best}"), cwd=tmp_path, check=False
@@ -76,7 +78,7 @@ def test_a_run_whose_schedule_spans_its_length_resumes_only_with_that_length(tmp
     # its own length: it continues, and the start line gives the rate restored, not a fresh schedule's
     out = run_cli(*fit(tmp_path, "--trainer.max_epochs=3", "--ckpt_path=last"), cwd=tmp_path)
     now, peak = start_lr(out.stdout + out.stderr)
-    assert now == pytest.approx(restored_lr, rel=1e-3) and peak == pytest.approx(0.01, rel=1e-3)
+    assert now == pytest.approx(restored_lr, rel=1e-3) and peak == pytest.approx(PEAK, rel=1e-3)
     assert state(run_dir)["epoch"] == 2 and state(run_dir)["global_step"] == 42
 
     # finished: nothing left to train, and the command says what to do instead
