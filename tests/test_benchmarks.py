@@ -100,7 +100,8 @@ def test_speed_measures_project_bare_trainer_and_hand_loop_side_by_side(tmp_path
         assert r[f"{side}_s"] > 0 and r[f"{side}_samples_per_s"] > 0
     assert r["a_over_a0"] > 0 and r["a_over_b"] > 0 and r["startup_s"] > 0 and r["steps_per_epoch"] > 0
     lines = speed.verdicts("mnist1d_resnet_bn", r)
-    assert lines[0].startswith("a/a0 <= 1.05") and "a/b" in lines[1]
+    assert lines[0].startswith("a/a0 <= 1.10") and "a/b" in lines[1]
+    assert speed.verdicts("mnist1d_resconv_bn", r)[0].startswith("a/a0 <= 1.05")
     assert len(speed.table([("mnist1d_resnet_bn", r)])) == 3
 
 
