@@ -237,8 +237,14 @@ def test_speed_command_prints_its_tables_and_writes_json(tmp_path: Path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert (
         "# Summary" in out.stdout
-        and "a/a0 <= 1.05" in out.stdout
+        and "a/a0 <= 1.10" in out.stdout
         and "| mnist1d_resnet_bn | (c) |" in out.stdout
     )
+    # the command and the machine's load, at the start and again at the end
+    assert out.stdout.startswith(
+        "command: BN_NUM_THREADS=1 python -m benchmarks.speed --pairs mnist1d_resnet_bn"
+    )
+    assert out.stdout.count("command: ") == 2 and "load average at the start" in out.stdout
+    assert "load average at the end" in out.stdout
     report = json.loads((tmp_path / "speed.json").read_text())
     assert report["import_s"] > 0 and report["pairs"]["mnist1d_resnet_bn"]["verdicts"]
