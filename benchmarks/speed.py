@@ -26,8 +26,12 @@ sensitive to other jobs' load than wall time), samples/s, a/a0 and a/b. Then (un
 counted): time to the target accuracies, and the start-up of (a), from the CLI call to its first
 training step.
 
-Goals (issue 15): a/a0 <= 1.05 per epoch for every pair; a/b <= 1.10 for pairs whose hand-loop
-step takes >= 5 ms (the others are reported); on one GPU, Fashion-MNIST to >= 0.90 test accuracy in
+The output starts with the command line and the machine's load average (as ``uptime`` prints
+it), and ends with the same, before the summary: the figures move with the load of other jobs.
+
+Goals (issues 15 and 24): a/a0 <= 1.05 per epoch (<= 1.10 for the MNIST-1D residual MLP, whose
+0.2 s epoch makes fixed per-epoch work weigh most); a/b <= 1.10 for pairs whose hand-loop step
+takes >= 5 ms (the others are reported); on one GPU, Fashion-MNIST to >= 0.90 test accuracy in
 <= 5 s of training and an AG News epoch of 10,429 rows in <= 1 s.
 """
 
@@ -38,6 +42,7 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -48,9 +53,12 @@ from typing import Any
 import torch
 
 from benchmarks.loops import Clock, EpochClock, LoopOptions, hand_loop, seed_style, steps_per_epoch
+from benchmarks.results import load_average
 from benchmarks.runner import PAIRS, ROOT, Pair, build, local_data
 
 SIDES = ("a", "a0", "b")
+A_OVER_A0_GOAL = 1.05
+A_OVER_A0_GOALS = {"mnist1d_resnet_bn": 1.10}  # issue 24: a 0.2 s epoch of 35 short steps
 AG_NEWS_ROWS = 10_429
 
 
@@ -334,11 +342,11 @@ def import_time() -> float:
 
 # ---------------------------------------------------------------------------------------- report
 def verdicts(name: str, r: dict[str, Any], full: dict[str, Any] | None = None) -> list[str]:
-    """The goals of issue 15 for one pair's figures."""
+    """The goals of issues 15 and 24 for one pair's figures."""
     lines = []
-    ratio = r["a_over_a0"]
+    ratio, goal = r["a_over_a0"], A_OVER_A0_GOALS.get(name, A_OVER_A0_GOAL)
     lines.append(
-        f"a/a0 <= 1.05: {ratio:.3f} (CPU time {r['a_over_a0_cpu']:.3f}) -> {'met' if ratio <= 1.05 else 'NOT met'}"
+        f"a/a0 <= {goal:.2f}: {ratio:.3f} (CPU time {r['a_over_a0_cpu']:.3f}) -> {'met' if ratio <= goal else 'NOT met'}"
     )
     ab = r["a_over_b"]
     if r["b_step_ms"] >= 5:
@@ -427,16 +435,15 @@ def main(argv: list[str] | None = None) -> None:
         "extra", nargs="*", help="CLI overrides for every run of (a), (a0), (b), (c) (after --)"
     )
     args = parser.parse_args(argv)
+    threads = f"BN_NUM_THREADS={os.environ.get('BN_NUM_THREADS', 'default')}"
+    command = f"{threads} python -m benchmarks.speed {shlex.join(sys.argv[1:] if argv is None else argv)}"
+    print(f"command: {command}\nload average at the start (1, 5, 15 min): {load_average()}", flush=True)
     os.chdir(ROOT)  # the configs' data caches are relative to the repository root
     if args.device == "cpu":
         torch.set_num_threads(int(os.environ.get("BN_NUM_THREADS", 1)))
     save_dir = tempfile.mkdtemp(prefix="bench_speed_")
     rows, fulls, report = [], [], {}
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(
-        f"speed: {args.device} {args.precision}, {torch.get_num_threads()} torch thread(s), load {load:.2f}",
-        flush=True,
-    )
+    print(f"speed: {args.device} {args.precision}, {torch.get_num_threads()} torch thread(s)", flush=True)
     imports = import_time()
     print(
         f"A new process imports the CLI in {imports:.1f} s (before the start-up column's CLI call).",
@@ -473,10 +480,8 @@ def main(argv: list[str] | None = None) -> None:
         for line in results["verdicts"]:
             print(f"- {line}", flush=True)
         report[name] = results
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(
-        f"\n# Summary ({args.device} {args.precision}, load at the end {load:.2f}; importing the CLI: {imports:.1f} s)\n"
-    )
+    print(f"\ncommand: {command}\nload average at the end (1, 5, 15 min): {load_average()}")
+    print(f"\n# Summary ({args.device} {args.precision}; importing the CLI: {imports:.1f} s)\n")
     print("\n".join(table(rows)))
     if fulls:
         print(

@@ -100,7 +100,8 @@ def test_speed_measures_project_bare_trainer_and_hand_loop_side_by_side(tmp_path
         assert r[f"{side}_s"] > 0 and r[f"{side}_samples_per_s"] > 0
     assert r["a_over_a0"] > 0 and r["a_over_b"] > 0 and r["startup_s"] > 0 and r["steps_per_epoch"] > 0
     lines = speed.verdicts("mnist1d_resnet_bn", r)
-    assert lines[0].startswith("a/a0 <= 1.05") and "a/b" in lines[1]
+    assert lines[0].startswith("a/a0 <= 1.10") and "a/b" in lines[1]
+    assert speed.verdicts("mnist1d_resconv_bn", r)[0].startswith("a/a0 <= 1.05")
     assert len(speed.table([("mnist1d_resnet_bn", r)])) == 3
 
 
@@ -236,8 +237,14 @@ def test_speed_command_prints_its_tables_and_writes_json(tmp_path: Path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert (
         "# Summary" in out.stdout
-        and "a/a0 <= 1.05" in out.stdout
+        and "a/a0 <= 1.10" in out.stdout
         and "| mnist1d_resnet_bn | (c) |" in out.stdout
     )
+    # the command and the machine's load, at the start and again at the end
+    assert out.stdout.startswith(
+        "command: BN_NUM_THREADS=1 python -m benchmarks.speed --pairs mnist1d_resnet_bn"
+    )
+    assert out.stdout.count("command: ") == 2 and "load average at the start" in out.stdout
+    assert "load average at the end" in out.stdout
     report = json.loads((tmp_path / "speed.json").read_text())
     assert report["import_s"] > 0 and report["pairs"]["mnist1d_resnet_bn"]["verdicts"]

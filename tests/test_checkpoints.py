@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import signal
 import subprocess
@@ -215,3 +216,110 @@ def test_an_unreadable_checkpoint_names_the_whole_ones_beside_it(tmp_path: Path)
     message = str(info.value)
     assert "Other checkpoints in its folder: " in message and message.endswith("pass one of those.")
     assert "last.ckpt" in message and "epoch002.ckpt" in message and "junk.ckpt" not in message
+
+
+# ---------------------------------------------------------------------------------- one serialisation per state
+def _state(w: torch.Tensor, step: int = 1) -> dict:
+    """A fresh checkpoint dict over the live tensor ``w`` (as ``state_dict()`` detaches it) with a fresh
+    small tensor of the same value each time (as metric and random-generator states are)."""
+    return {"state_dict": {"w": w.detach()}, "rng": torch.tensor([7, 8, 9]), "global_step": step}
+
+
+def _counting(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(obj["global_step"])
+        real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    return calls
+
+
+@pytest.mark.parametrize("background_sync", [True, False])
+def test_an_unchanged_state_is_linked_once_and_a_later_save_gets_its_own_inode(
+    tmp_path: Path, monkeypatch, background_sync: bool
+):
+    calls = _counting(monkeypatch)
+    io_ = SafeCheckpointIO(background_sync=background_sync)
+    w = torch.zeros(1000)
+    best, last = tmp_path / "best.ckpt", tmp_path / "last.ckpt"
+    io_.save_checkpoint(_state(w), best)
+    with io_.reusing_the_last_save():
+        io_.save_checkpoint(_state(w), last)
+    io_.flush()
+    assert calls == [1]  # serialised once
+    assert best.stat().st_ino == last.stat().st_ino and best.read_bytes() == last.read_bytes()
+
+    w.add_(1.0)  # a training step changes the weights in place; last.ckpt is saved again
+    with io_.reusing_the_last_save():
+        io_.save_checkpoint(_state(w, step=2), last)
+    io_.teardown()
+    assert calls == [1, 2]
+    assert best.stat().st_ino != last.stat().st_ino  # the atomic replace made a new inode
+    assert (load_checkpoint(best)["global_step"], load_checkpoint(best)["state_dict"]["w"][0]) == (1, 0.0)
+    assert (load_checkpoint(last)["global_step"], load_checkpoint(last)["state_dict"]["w"][0]) == (2, 1.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
+def test_any_difference_in_the_state_is_serialised(tmp_path: Path, monkeypatch):
+    calls = _counting(monkeypatch)
+    io_ = SafeCheckpointIO()
+    w = torch.zeros(10)
+    io_.save_checkpoint(_state(w), tmp_path / "a.ckpt")
+    io_.save_checkpoint(_state(w), tmp_path / "b.ckpt")  # not asked to reuse
+    with io_.reusing_the_last_save():
+        # fresh tensors with other bytes, a value more, 1 where there was 1.0
+        io_.save_checkpoint({**_state(w), "rng": torch.tensor([7, 8, 0])}, tmp_path / "c.ckpt")
+        io_.save_checkpoint({**_state(w), "callbacks": {"x": 1.0}}, tmp_path / "d.ckpt")
+        io_.save_checkpoint({**_state(w), "callbacks": {"x": 1}}, tmp_path / "e.ckpt")
+        io_.save_checkpoint({**_state(w), "callbacks": {"x": 1}}, tmp_path / "f.ckpt")  # the same: linked
+        io_.flush()
+        assert (tmp_path / "e.ckpt").stat().st_ino == (tmp_path / "f.ckpt").stat().st_ino
+        io_.remove_checkpoint(tmp_path / "f.ckpt")  # nothing may link to a file that goes
+        io_.save_checkpoint({**_state(w), "callbacks": {"x": 1}}, tmp_path / "g.ckpt")
+        io_.save_checkpoint({**_state(w), "x": float("nan")}, tmp_path / "h.ckpt")  # NaN: never vouched for
+        io_.save_checkpoint({**_state(w), "x": float("nan")}, tmp_path / "i.ckpt")
+    io_.teardown()
+    assert len(calls) == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{c}.ckpt" for c in "abcdeghi"]
+
+
+def test_where_hard_links_fail_the_state_is_copied(tmp_path: Path, monkeypatch):
+    def no_links(*args):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    io_ = SafeCheckpointIO()
+    w = torch.zeros(10)
+    io_.save_checkpoint(_state(w), tmp_path / "best.ckpt")
+    with io_.reusing_the_last_save():
+        io_.save_checkpoint(_state(w), tmp_path / "last.ckpt")
+    io_.teardown()
+    best, last = tmp_path / "best.ckpt", tmp_path / "last.ckpt"
+    assert best.stat().st_ino != last.stat().st_ino and best.read_bytes() == last.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
+@pytest.mark.slow
+def test_a_best_and_last_epoch_is_serialised_once_and_both_files_load_as_before(tmp_path: Path):
+    """Epoch 0 is the best so far and the last: one serialisation, two names. Epoch 1 is serialised
+    once too, as last.ckpt alone or as a new best that last.ckpt links to."""
+    from tests.helpers.cli import config, run_cli
+    from tests.helpers.data import quiet, tiny_mnist1d
+
+    run_cli(
+        "fit", "--config", config("mnist1d_resnet_bn"), *tiny_mnist1d(tmp_path), *quiet(tmp_path, max_epochs=2),
+        "--trainer.callbacks+=tests.helpers.saves.CountSaves",
+    )  # fmt: skip
+    run = tmp_path / "logs" / "mnist1d_resnet_bn" / "version_0"
+    assert json.loads((run / "serialised_steps.json").read_text()) == [14, 28]  # 14 steps an epoch
+    last = run / "checkpoints" / "last.ckpt"
+    (best,) = (run / "checkpoints").glob("epoch*.ckpt")
+    a, b = load_checkpoint(best), load_checkpoint(last)
+    assert b["epoch"] == 1 and a["epoch"] == int(best.name[5:8])
+    assert (best.stat().st_ino == last.stat().st_ino) == (a["epoch"] == 1)
+    for ckpt_ in (a, b):  # both carry the ModelCheckpoint bookkeeping naming the best file
+        (bookkeeping,) = (v for k, v in ckpt_["callbacks"].items() if k.startswith("ModelCheckpoint"))
+        assert Path(bookkeeping["best_model_path"]) == best

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
 
+from src.runtime.checkpoints import SafeCheckpointIO
 from src.runtime.value_types import NonNegativeInt
 
 if TYPE_CHECKING:
@@ -28,6 +30,11 @@ class LastCheckpoint(Checkpoint):
 
     A step save that falls on an epoch's last batch is left to the epoch-end save that follows, so
     no checkpoint holds a finished epoch whose validation has not run.
+
+    When the state is the one just saved (the best checkpoint of an improving epoch, which
+    ``ModelCheckpoint`` writes just before in the same epoch-end pass), the run's
+    :class:`~src.runtime.checkpoints.SafeCheckpointIO` makes ``last.ckpt`` a hard link to that file
+    instead of serialising the same state again.
 
     Args:
         every_n_train_steps: also save every this many optimiser steps (0: only at epoch ends).
@@ -79,7 +86,9 @@ class LastCheckpoint(Checkpoint):
             return
         if self._saved_at == (trainer.global_step, phase):
             return
-        trainer.save_checkpoint(self.path, weights_only=False)
+        io = trainer.strategy.checkpoint_io
+        with io.reusing_the_last_save() if isinstance(io, SafeCheckpointIO) else contextlib.nullcontext():
+            trainer.save_checkpoint(self.path, weights_only=False)
         self._saved_at = (trainer.global_step, phase)
 
 

@@ -2,7 +2,9 @@
 
 - :class:`SafeCheckpointIO` writes each checkpoint to a hidden temporary file in the same folder,
   flushes it to disk and renames it over the target, so a crash, a kill or a full disk mid-save
-  leaves the previous file intact and no temporary file behind. It loads with
+  leaves the previous file intact and no temporary file behind. A save that holds the same state as
+  the one before it (``last.ckpt`` right after the best checkpoint of the same epoch) is not
+  serialised again: it becomes a hard link to that file. It loads with
   ``torch.load(weights_only=True)`` only.
 - :func:`load_checkpoint` is that safe load with a clear :class:`CheckpointError`.
 - :func:`check_ckpt_path` checks a command's ``--ckpt_path`` before anything reads it.
@@ -13,12 +15,15 @@ The CLI installs the plugin in every run (``trainer.plugins``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import itertools
 import os
 import pickle
 import re
+import shutil
 import zipfile
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -30,6 +35,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 
 from src.runtime.errors import RunFailure, UsageError
+from src.runtime.same_state import StateFingerprint
 
 WHAT_TO_PASS = (
     "Pass a .ckpt written by this project, e.g. lightning_logs/<name>/version_N/checkpoints/last.ckpt."
@@ -197,6 +203,15 @@ class SafeCheckpointIO(TorchCheckpointIO):
     the next save. Under ``torch.distributed`` (other ranks may read the file) and with
     ``background_sync=False`` everything happens before ``save_checkpoint`` returns.
 
+    Inside :meth:`reusing_the_last_save`, a save whose checkpoint holds the same state as this
+    process's previous save (same step, same values, the same tensors unchanged:
+    :class:`~src.runtime.same_state.StateFingerprint`) is not serialised: once the previous file is
+    on disk, the new one is made a hard link to it (a flushed byte copy where the filesystem has no
+    hard links) and renamed into place, atomic as every save. Both names then share one inode until
+    one of them is saved again, which replaces it with a new inode (a rename), so the other keeps its
+    bytes. Tools that rewrite a checkpoint in place (open and truncate it) would change both: write a
+    new file and rename it instead. A save of the same state to the same file writes nothing.
+
     Args:
         background_sync: fsync and rename on a background thread (single process only).
     """
@@ -207,18 +222,35 @@ class SafeCheckpointIO(TorchCheckpointIO):
         self._executor: ThreadPoolExecutor | None = None
         self._pending: dict[str, Future] = {}  # target path -> its latest fsync/rename (or removal)
         self._tmp_ids = itertools.count()
+        self._last_save: tuple[Path, StateFingerprint] | None = None  # the previous save's file and state
+        self._reuse = False
+
+    @contextlib.contextmanager
+    def reusing_the_last_save(self) -> Iterator[None]:
+        """Saves in this block link to the previous save's file when they hold the same state."""
+        self._reuse = True
+        try:
+            yield
+        finally:
+            self._reuse = False
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any = None) -> None:
+        previous, self._last_save = self._last_save, None
         if storage_options is not None or "://" in str(path):
             self.flush()
             return super().save_checkpoint(checkpoint, path, storage_options)
         self._raise_failed()
         target = Path(path)
+        state = StateFingerprint(checkpoint)
+        if self._reuse and previous is not None and previous[1] == state:
+            self._last_save = (target, state)
+            if previous[0] != target:
+                self._link(previous[0], target)
+            return
         earlier = self._pending.get(str(target))
         if earlier is not None:  # never two writes of one file in flight
             earlier.result()
-        # Hidden and not ending in .ckpt: never mistaken for a checkpoint.
-        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}.{next(self._tmp_ids)}")
+        tmp = self._tmp_name(target)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             f = open(tmp, "wb")  # noqa: SIM115  (closed by _commit, or by _discard on failure)
@@ -236,12 +268,35 @@ class SafeCheckpointIO(TorchCheckpointIO):
             if cause is not None:
                 raise _write_error(target, cause) from err
             raise
-        if self.background_sync and not (dist.is_available() and dist.is_initialized()):
+        if self._in_background():
             self._pending[str(target)] = self._submit(_commit, f, tmp, target)
         else:
             _commit(f, tmp, target)
+        self._last_save = (target, state)
+
+    def _link(self, source: Path, target: Path) -> None:
+        """``target`` made to hold ``source``'s bytes, after the saves queued so far (``source``'s
+        own flush and rename among them)."""
+        earlier = self._pending.get(str(target))
+        if earlier is not None:
+            earlier.result()
+        tmp = self._tmp_name(target)
+        if self._in_background():
+            self._pending[str(target)] = self._submit(_link_commit, source, tmp, target)
+        else:
+            self.flush()
+            _link_commit(source, tmp, target)
+
+    def _tmp_name(self, target: Path) -> Path:
+        # Hidden and not ending in .ckpt: never mistaken for a checkpoint.
+        return target.with_name(f".{target.name}.tmp{os.getpid()}.{next(self._tmp_ids)}")
+
+    def _in_background(self) -> bool:
+        return self.background_sync and not (dist.is_available() and dist.is_initialized())
 
     def remove_checkpoint(self, path: _PATH) -> None:
+        if self._last_save is not None and self._last_save[0] == Path(path):
+            self._last_save = None  # nothing may link to a file that is going
         if self._executor is None:
             return super().remove_checkpoint(path)
         # After the saves already queued (the new best file is in place before the old one goes).
@@ -262,6 +317,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
         self._raise_failed()
 
     def teardown(self) -> None:
+        self._last_save = None  # and with it the tensors its fingerprint keeps alive
         try:
             self.flush()
         finally:
@@ -308,6 +364,29 @@ def _commit(f: Any, tmp: Path, target: Path) -> None:
         os.replace(tmp, target)
     except BaseException as err:
         _discard(f, tmp)
+        if isinstance(err, OSError):
+            raise _write_error(target, err) from err
+        raise
+    _fsync_dir(target.parent)
+
+
+def _link_commit(source: Path, tmp: Path, target: Path) -> None:
+    """Make ``target`` hold the bytes of ``source`` (on disk already): a hard link, or a copy flushed
+    to disk where the filesystem has none, renamed over ``target`` (atomic)."""
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError as err:
+            if err.errno in (errno.ENOENT, errno.ENOSPC, errno.EROFS):
+                raise
+            shutil.copyfile(source, tmp)
+            with open(tmp, "rb+") as copy:
+                os.fsync(copy.fileno())
+        os.replace(tmp, target)
+        # Renaming a link over another link to the same file leaves both names (POSIX).
+        tmp.unlink(missing_ok=True)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
         if isinstance(err, OSError):
             raise _write_error(target, err) from err
         raise

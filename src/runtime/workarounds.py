@@ -80,3 +80,15 @@ def keep_csv_history(logger: Any, until_step: int | None) -> None:
     if rows:
         writer.metrics[:0] = rows
         writer.metrics_keys[:0] = [k for k in keys if k not in writer.metrics_keys]
+
+
+def tensor_version(tensor: Any) -> int | None:
+    """The autograd version counter of ``tensor`` (``Tensor._version``): it goes up with every
+    in-place change made through PyTorch's operations (an optimiser step, a BatchNorm statistics
+    update, ``copy_``), not with writes through ``.data``. PyTorch has no public accessor for it
+    (pytorch/pytorch#30291 asks for a way to set it; reading it is as private). ``None`` where a
+    tensor has none (one made under ``torch.inference_mode``)."""
+    try:
+        return int(tensor._version)
+    except RuntimeError:
+        return None
