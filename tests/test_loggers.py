@@ -11,6 +11,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import yaml
 
 from src.runtime.summary import read_summary
 from tests.helpers.cli import ROOT, config, run_cli
@@ -20,6 +21,7 @@ pytestmark = pytest.mark.slow
 
 PACKAGE = {"csv": None, "mlflow": "mlflow", "wandb": "wandb"}
 LOGS = "lightning_logs"  # the presets' and the pair config's save_dir, under the working directory
+SHIPPED_LR = yaml.safe_load(Path(config("mnist1d_resnet_bn")).read_text())["model"]["init_args"]["lr"]
 
 
 def need(preset: str) -> None:
@@ -69,7 +71,7 @@ def check_mlflow(root: Path, run: Path, name: str, summary: dict) -> None:
     assert name in runs, list(runs)  # one MLflow run per run folder, a resumed one included
     found = runs[name]
     assert found.data.tags["run_folder"] == str(run.resolve())
-    assert found.data.params["lr"] == "0.01" and found.data.params["model"] == "ResidualBN"
+    assert float(found.data.params["lr"]) == SHIPPED_LR and found.data.params["model"] == "ResidualBN"
     history = [m.value for m in client.get_metric_history(found.info.run_id, "val_acc")]
     assert history == pytest.approx([e["val_acc"] for e in summary["epochs"]], abs=1e-6)
     assert found.data.metrics["hp/best_val_acc"] == pytest.approx(summary["best"]["value"], abs=1e-6)
