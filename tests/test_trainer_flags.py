@@ -85,6 +85,13 @@ def check_no_logger(tmp_path: Path, out) -> None:
     assert not (tmp_path / "checkpoints").exists()
 
 
+def check_no_logger_in_a_root_dir(tmp_path: Path, out) -> None:
+    # the best checkpoint and last.ckpt side by side in the run folder under default_root_dir
+    (folder,) = (tmp_path / "logs" / "root").glob("lightning_logs/version_*/checkpoints")
+    assert (folder / "last.ckpt").is_file() and list(folder.glob("epoch*.ckpt"))
+    assert not (tmp_path / "logs" / "root" / "checkpoints").exists()
+
+
 def check_no_checkpoints(tmp_path: Path, out) -> None:
     check_left_out("--trainer.enable_checkpointing=false", "ModelCheckpoint", "LastCheckpoint")(tmp_path, out)
     assert not list(tmp_path.rglob("*.ckpt"))
@@ -139,6 +146,7 @@ FLAGS = {
     "lr_finder": (["--trainer.callbacks+=LearningRateFinder", "--trainer.callbacks.num_training_steps=20"], check_lr_finder),
     "batch_size_finder": (["--trainer.callbacks+=BatchSizeFinder"], check_batch_size_finder),
     "no_logger": (["--trainer.logger=false"], check_no_logger),
+    "no_logger_root_dir": (["--trainer.logger=false", "--trainer.default_root_dir=LOGS/root"], check_no_logger_in_a_root_dir),
     "no_checkpointing": (["--trainer.enable_checkpointing=false", "--test_after_fit=true"], check_no_checkpoints),
     "ddp_preset_one_process": (["--config", str(ROOT / "configs" / "presets" / "ddp.yaml"), "--trainer.accelerator=cpu",
                                 "--trainer.devices=1"], check_one_process_preset),

@@ -281,6 +281,10 @@ class SafeCheckpointIO(TorchCheckpointIO):
         if earlier is not None:
             earlier.result()
         tmp = self._tmp_name(target)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise _write_error(target, err) from err
         if self._in_background():
             self._pending[str(target)] = self._submit(_link_commit, source, tmp, target)
         else:

@@ -145,8 +145,9 @@ def _run_ids(resume_dir: Path | None) -> dict[str, str]:
 
 def checkpoints_into(trainer_callbacks: list[Any], loggers: list[Logger], folder: Path | None) -> None:
     """Checkpoint callbacks without a ``dirpath`` save into ``<run folder>/checkpoints`` when the first
-    logger is not the run folder's (Lightning would put them under that logger's own layout)."""
-    if folder is None or (loggers and isinstance(loggers[0], VERSIONED)) or not loggers:
+    logger is not the run folder's, or there is none (Lightning would put them under that logger's
+    own layout, or under ``default_root_dir``)."""
+    if folder is None or (loggers and isinstance(loggers[0], VERSIONED)):
         return
     for cb in trainer_callbacks:
         if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
