@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers.cli import config, refused, run_cli
+from tests.helpers.cli import ROOT, config, refused, run_cli
 from tests.helpers.data import tiny_mnist1d
 
 pytestmark = pytest.mark.slow
@@ -60,15 +60,18 @@ def test_the_learning_rate_finders_pick_is_what_trains_and_what_is_recorded(tmp_
     assert ckpt["lr_schedulers"][0]["total_steps"] == ckpt["global_step"] == 28
 
 
-def test_a_learning_rate_pick_that_would_not_train_is_refused(tmp_path: Path):
-    # 3 epochs give the finder 42 of its 100 steps: the loss never falls, and Lightning picks ~1e-7
-    out = run_cli(*fit(tmp_path, "--trainer.callbacks+=LearningRateFinder", "--trainer.max_epochs=3"),
+@pytest.mark.parametrize("preset", [[], ["--config", str(ROOT / "configs" / "presets" / "csv.yaml")]],
+                         ids=["tensorboard", "csv-stacked"])  # fmt: skip
+def test_a_learning_rate_pick_that_would_not_train_is_refused(tmp_path: Path, preset: list[str]):
+    # 3 epochs give the finder 42 of its 100 steps before its loss diverges: its pick is from part
+    # of its range
+    out = run_cli(*fit(tmp_path, *preset, "--trainer.callbacks+=LearningRateFinder", "--trainer.max_epochs=3"),
                   cwd=tmp_path, check=False)  # fmt: skip
     refused(
         out, "the learning-rate finder found no learning rate", "42 of 100 steps", "--model.init_args.lr="
     )
     # no run folder, no config.yaml recording a rate that never trained
-    assert not (tmp_path / "logs").exists()
+    assert not (tmp_path / "logs").exists() and not list(tmp_path.rglob("version_*"))
 
 
 def test_the_batch_size_finders_pick_sets_the_schedules_length(tmp_path: Path):

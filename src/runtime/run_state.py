@@ -32,6 +32,10 @@ class StopNow(BaseException):
         self.signum, self.message = signum, message
 
 
+# What a run folder holds before its run starts (see RunState.discard_unused).
+_BEFORE_START = (".lock", "provenance.json", "hparams.yaml")
+
+
 @dataclass
 class RunState:
     """The command as the user gave it, the run folders it claimed and the locks it holds
@@ -89,12 +93,13 @@ class RunState:
 
     def discard_unused(self) -> None:
         """Remove the run folders claimed for a run that stopped on an error before it started
-        (before its ``config.yaml`` was written: at most a lock, an empty event file and
-        ``provenance.json`` inside), so a refused command leaves no empty ``version_N`` behind."""
+        (before its ``config.yaml`` was written: at most a lock, ``provenance.json`` and what the
+        loggers write on creation, an empty event file or CSV's ``hparams.yaml``), so a refused
+        command leaves no empty ``version_N`` behind."""
         for folder in self.claimed:
             names = {p.name for p in folder.iterdir()} if folder.is_dir() else {"config.yaml"}
             if "config.yaml" not in names and all(
-                n in (".lock", "provenance.json") or n.startswith("events.out.tfevents") for n in names
+                n in _BEFORE_START or n.startswith("events.out.tfevents") for n in names
             ):
                 shutil.rmtree(folder, ignore_errors=True)
 
