@@ -267,11 +267,13 @@ def test_a_run_being_resumed_cannot_be_resumed_twice_and_a_kill_frees_it(tmp_pat
     try:
         lock = tmp_path / "logs" / "mnist1d_resnet_bn" / "version_0" / ".lock"
         deadline = time.monotonic() + 120
-        while not (lock.is_file() and "process" in lock.read_text()) or first.poll() is not None:
+        while not (lock.is_file() and lock.read_text() == f"process {first.pid}"):  # not the 1-epoch run's
             assert first.poll() is None, first.communicate()[1][-3000:]
             assert time.monotonic() < deadline
             time.sleep(0.2)
-        time.sleep(1)  # let it get going
+        # Paused, it holds its lock however fast the machine: early stopping cannot end it meanwhile.
+        first.send_signal(signal.SIGSTOP)
+        assert first.poll() is None, "the first run ended before it could be paused"
         second = run_cli(
             *short(tmp_path, "--trainer.max_epochs=100000", "--ckpt_path=last"), cwd=tmp_path, check=False
         )
