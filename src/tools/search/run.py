@@ -16,19 +16,25 @@ import yaml
 from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from src.runtime.errors import Interrupted, RunFailure, UsageError
+from src.runtime.errors import RunFailure, UsageError
 from src.tools.search import study as studies
 from src.tools.search.space import baseline_params, build_pruner, format_value, labels
 from src.tools.search.trial import CALLBACK, Search, TrialFailed
 
-DIGITS = {"value": "{:.4f}", "duration_s": "{:.0f}", "cpu_s": "{:.0f}"}  # trials.md; other floats: 4 digits
+DIGITS = {"value": "{:.4f}", "duration_s": "{:.0f}", "cpu_s": "{:.0f}"}  # other floats: 4 digits
 
 
 def run(search: Search, resumable: list[str], command: str) -> int:
     """Run the search; its exit status (errors are raised)."""
     args = search.args
-    contract = {"config": studies.trial_config(search.base, resumable), "overrides": search.extra, "command": command,
-                "space": sorted(p.spec for p in search.space), "metric": args.metric, "direction": args.direction}  # fmt: skip
+    contract = {
+        "config": studies.trial_config(search.base, resumable),
+        "overrides": search.extra,
+        "command": command,
+        "space": sorted(p.spec for p in search.space),
+        "metric": args.metric,
+        "direction": args.direction,
+    }
     study = _open(search, contract)
     args.output.mkdir(parents=True, exist_ok=True)
     if args.baseline:
@@ -37,22 +43,23 @@ def run(search: Search, resumable: list[str], command: str) -> int:
             print(f"info: --baseline: the config's own values are outside the space ({', '.join(outside)})")
         elif not any(t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)):
             study.enqueue_trial(params, user_attrs={"baseline": True})
-    command = study.user_attrs[studies.CONTRACT]["command"]  # the tables show the command that made the study
-    _optimize(study, search, command)
+    _optimize(study, search)
     if args.final_seeds > 0:
         _wait_for_other_workers(study, search)
-    write_tables(study, search, command)
+        write_tables(study, search)
     best_config = write_best_config(study, search)
     for line in write_plots(study, search):
         print(line)
     print(f"wrote the trials' tables{', best_config.yaml' if best_config else ''} and plots in {args.output}")
-    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    best = best_trial(study)
+    if best is None:
         raise RunFailure("no trial completed; see trials.md and the trials' trial.log")
-    best = study.best_trial
     print(f"best: trial {best.number}, {args.metric}={best.value:.4f}, {best.params}")
     if best_config is None:
-        print(f"info: trial {best.number} ran on {best.user_attrs['worker']['host']}: its run folder "
-              f"{best.user_attrs.get('run_dir')} is there, and best_config.yaml is written there")  # fmt: skip
+        host, run_dir = best.user_attrs["worker"]["host"], best.user_attrs.get("run_dir")
+        print(
+            f"info: trial {best.number} ran on {host}: its run folder {run_dir} is there, and best_config.yaml is written there"
+        )
     else:
         print(f"best config: {best_config}")
         if args.final_seeds > 0:
@@ -66,40 +73,50 @@ def _open(search: Search, contract: dict) -> optuna.Study:
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     try:
-        study = studies.open_study(studies.open_storage(url, heartbeat=True), url, args.study, contract)
-    except UsageError:
-        raise
+        storage = studies.open_storage(url, heartbeat=True)
     except Exception as err:  # a URL Optuna cannot open: a missing driver, no server, no rights
-        first = (str(err).splitlines() or [""])[0]
-        raise UsageError(
-            f"--storage {studies.mask(url)}: cannot open it: {type(err).__name__}: {first}"
-        ) from None
+        said = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+        raise UsageError(f"--storage {studies.mask(url)}: cannot open it: {said}") from None
+    study = studies.open_study(storage, url, args.study, contract)
     # A resumed search must not draw its first values again: offset the seed by the trials there.
     seed = None if args.seed is None else args.seed + len(study.get_trials(deepcopy=False))
-    study.sampler = (
-        optuna.samplers.RandomSampler(seed=seed) if args.sampler == "random"
-        else optuna.samplers.TPESampler(seed=seed, n_startup_trials=args.startup_trials, constant_liar=True)
-    )  # fmt: skip
+    if args.sampler == "random":
+        study.sampler = optuna.samplers.RandomSampler(seed=seed)
+    else:
+        study.sampler = optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=args.startup_trials, constant_liar=True
+        )
     study.pruner = build_pruner(args.pruner)
     return study
 
 
-def _optimize(study: optuna.Study, search: Search, command: str) -> None:
-    """``Study.optimize`` until the study has ``--trials`` counted trials (or ``--timeout``)."""
-    args = search.args
+def _optimize(study: optuna.Study, search: Search) -> None:
+    """``Study.optimize`` until the study has ``--trials`` counted trials (or ``--timeout``); it stops
+    after ``--max_failures`` failed trials in a row."""
+    args, failures, stop_reason = search.args, 0, None
     if dead := studies.fail_dead_workers(study):
         print(f"trials {dead} were left running by a search that stopped: marked FAIL, run again")
-    where = f"{args.study!r} ({studies.mask(args.storage)})"
-    print(f"study {where}: {len(studies.counted(study))} of {args.trials} trials counted; {args.metric} "
-          f"{args.direction}; trials in {search.folder(0).parent}", flush=True)  # fmt: skip
+    print(
+        f"study {args.study!r} ({studies.mask(args.storage)}): {len(studies.counted(study))} of {args.trials} "
+        f"trials counted; {args.metric} {args.direction}; trials in {search.folder(0).parent}",
+        flush=True,
+    )
 
     def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+        nonlocal failures, stop_reason
         studies.fail_dead_workers(study)
-        write_tables(study, search, command)
+        write_tables(study, search)
         write_best_config(study, search)
-        if not trial.user_attrs.get("note", "").startswith("not run"):
-            print(progress_line(study, search, trial), flush=True)
-        if search.children.signum is not None:
+        if trial.user_attrs.get("note", "").startswith("not run"):
+            return
+        print(progress_line(study, search, trial), flush=True)
+        failures = failures + 1 if trial.state == TrialState.FAIL else 0
+        if args.max_failures and failures >= args.max_failures:
+            log = search.folder(trial.number) / "trial.log"
+            stop_reason = (
+                f"{failures} trials in a row failed; the last: {trial.user_attrs['note']} (its output: {log})"
+            )
+        if stop_reason or search.children.signum is not None:
             study.stop()
 
     started = time.monotonic()
@@ -110,14 +127,11 @@ def _optimize(study: optuna.Study, search: Search, command: str) -> None:
             study.optimize(
                 search, timeout=args.timeout, catch=(TrialFailed,), callbacks=[budget, after_trial]
             )
-    except (Interrupted, UsageError) as stop:
-        if isinstance(stop, Interrupted):
-            studies.retry(study, studies.frozen(study, search.current))  # the stopped trial, to run again
-        write_tables(study, search, command)
-        raise
+    finally:
+        write_tables(study, search)
     search.children.check(f"interrupted after trial {search.current}; the same command resumes the search")
-    if search.stop_reason:
-        raise RunFailure(search.stop_reason)
+    if stop_reason:
+        raise RunFailure(stop_reason)
     if args.timeout is not None and time.monotonic() - started > args.timeout:
         print(f"--timeout {args.timeout:g} s reached: no new trial")
 
@@ -144,32 +158,44 @@ def _final_step(search: Search, best_config: Path, number: int) -> None:
         except BlockingIOError:
             print("another worker runs the final step; skipped here")
             return
-        runs = sweep([str(best_config)], [], seeds, folder, [], 0.8, folder / "runs", search.children)
-    accs = [r.test_acc for r in runs]
+        accs = [
+            r.test_acc
+            for r in sweep([str(best_config)], [], seeds, folder, [], 0.8, folder / "runs", search.children)
+        ]
     std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-    print(f"final: trial {number}'s config re-trained over {seeds} seeds: test_acc "
-          f"{statistics.mean(accs):.4f} ± {std:.4f} ({folder / 'summary.md'})")  # fmt: skip
+    summary = f"test_acc {statistics.mean(accs):.4f} ± {std:.4f} ({folder / 'summary.md'})"
+    print(f"final: trial {number}'s config re-trained over {seeds} seeds: {summary}")
 
 
 # ---------------------------------------------------------------------- what the search writes
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    """``Study.best_trial``, or ``None`` while no trial is complete."""
+    try:
+        return study.best_trial
+    except ValueError:
+        return None
+
+
+def cell(column: str, value: Any) -> str:
+    """A value as ``trials.md`` and the progress lines show it."""
+    if value is None or value == "" or (isinstance(value, float) and pd.isna(value)):
+        return "" if column in ("note", "run_dir") else "—"
+    return DIGITS.get(column, "{:.4g}").format(value) if isinstance(value, float) else str(value)
+
+
 def trial_table(study: optuna.Study, search: Search) -> pd.DataFrame:
     """One row per trial: number, state, value, the searched values, epochs, times, run folder, note."""
-    names = labels(search.space)
+    names = {f"params_{k}": v for k, v in labels(search.space).items()}
+    attrs = {f"user_attrs_{k}": k for k in ("epochs", "cpu_s", "run_dir", "note", "exit_code")}
     columns = ["trial", "state", "value", *names.values(), "epochs", "duration_s", "cpu_s", "run_dir", "note"]
-    renamed = {"number": "trial", **{f"params_{k}": v for k, v in names.items()}}
-    renamed.update({f"user_attrs_{k}": k for k in ("epochs", "cpu_s", "run_dir", "note", "exit_code")})
     df = study.trials_dataframe(attrs=("number", "state", "value", "duration", "params", "user_attrs"))
-    if df.empty:
-        return pd.DataFrame(columns=columns)
-    df = df.rename(columns=renamed).reindex(columns=[*columns, "duration", "exit_code"])
+    df = df.rename(columns={"number": "trial", **names, **attrs}).reindex(
+        columns=[*columns, "duration", "exit_code"]
+    )
     df["duration_s"] = pd.to_timedelta(df["duration"]).dt.total_seconds().round(1)
     output = search.args.output
     df["run_dir"] = [
-        ""
-        if not isinstance(r, str)
-        else str(Path(r).relative_to(output))
-        if Path(r).is_relative_to(output)
-        else r
+        str(Path(r).relative_to(output)) if isinstance(r, str) and Path(r).is_relative_to(output) else r
         for r in df["run_dir"]
     ]
     again = studies.rerun_of(study.get_trials(deepcopy=False))
@@ -189,56 +215,63 @@ def _note(number: int, state: str, note: Any, code: Any, again: dict[int, int]) 
     return "; ".join(n for n in (note, later) if n)
 
 
-def write_tables(study: optuna.Study, search: Search, command: str) -> None:
+def write_tables(study: optuna.Study, search: Search) -> None:
     """``trials.csv`` (every digit) and ``trials.md`` (rounded, with a header) in the output folder."""
-    table, metric, best = trial_table(study, search), search.args.metric, _best(study)
-    table.to_csv(search.args.output / "trials.csv", index=False)
-
-    def cell(column: str, v: Any) -> str:
-        if v is None or v == "" or (isinstance(v, float) and pd.isna(v)):
-            return "" if column in ("note", "run_dir") else "—"
-        return DIGITS.get(column, "{:.4g}").format(v) if isinstance(v, float) else str(v).replace("|", "\\|")
-
+    table, args, best = trial_table(study, search), search.args, best_trial(study)
+    table.to_csv(args.output / "trials.csv", index=False)
     states = ", ".join(f"{k} {v}" for k, v in table["state"].value_counts().sort_index().items())
-    best_line = (
-        f"best: trial {best.number}, {metric} = {best.value:.4f}" if best else "best: no complete trial yet"
+    best_text = (
+        f"best: trial {best.number}, {args.metric} = {best.value:.4f}"
+        if best
+        else "best: no complete trial yet"
     )
+    rows = ([cell(c, row[c]).replace("|", "\\|") for c in table.columns] for _, row in table.iterrows())
     lines = [
-        f"# Study `{search.args.study}`: {metric} ({search.args.direction}), {len(studies.counted(study))} trials counted",
+        f"# Study `{args.study}`: {args.metric} ({args.direction}), {len(studies.counted(study))} trials counted",
         "",
-        f"States: {states}; {best_line}. `value` is the best {metric} over the trial's epochs "
+        f"States: {states}; {best_text}. `value` is the best {args.metric} over the trial's epochs "
         "(the last reported one for PRUNED).",
         "",
-        f"Command: `{command}`",
+        f"Command: `{study.user_attrs[studies.CONTRACT]['command']}`",  # the command that made the study
         "",
-        "| " + " | ".join(table.columns) + " |",
-        "|" + "---|" * len(table.columns),
-        *("| " + " | ".join(cell(c, row[c]) for c in table.columns) + " |" for _, row in table.iterrows()),
+        *(
+            "| " + " | ".join(cells) + " |"
+            for cells in [list(table.columns), ["---"] * len(table.columns), *rows]
+        ),
     ]
-    (search.args.output / "trials.md").write_text("\n".join(lines) + "\n")
+    (args.output / "trials.md").write_text("\n".join(lines) + "\n")
 
 
-def _best(study: optuna.Study) -> FrozenTrial | None:
-    try:
-        return study.best_trial
-    except ValueError:
-        return None
+def progress_line(study: optuna.Study, search: Search, trial: FrozenTrial) -> str:
+    """The line printed after each trial (docs/search.md)."""
+    args, attrs, best = search.args, trial.user_attrs, best_trial(study)
+    shown = ", ".join(
+        f"{name}={cell(name, trial.params.get(key))}" for key, name in labels(search.space).items()
+    )
+    value = "" if trial.value is None else f" {args.metric}={cell('value', trial.value)}"
+    note = f" ({attrs['note']})" if attrs.get("note") else ""
+    done = sum(t.state != TrialState.RUNNING for t in studies.counted(study))
+    epochs = attrs.get("epochs") or 0
+    return (
+        f"[{done}/{args.trials}] trial {trial.number} {trial.state.name}{value}{note} | "
+        f"{f'best {best.value:.4f} (trial {best.number})' if best else 'best —'} | {shown} | "
+        f"{epochs} epoch{'' if epochs == 1 else 's'}, {attrs.get('cpu_s') or 0:.0f} s CPU"
+    )
 
 
 def write_best_config(study: optuna.Study, search: Search) -> Path | None:
     """The best trial's ``config.yaml`` as the command would run it: without the search's callback,
     its loggers, progress bar and testing as in the command's own config. ``None`` when no trial
     completed, or the best one ran on another machine (its run folder is there)."""
-    best = _best(study)
+    best = best_trial(study)
     source = Path(best.user_attrs.get("run_dir") or "/nonexistent", "config.yaml") if best else None
-    if best is None or not source.is_file():
+    if source is None or not source.is_file():
         return None
     config = yaml.safe_load(source.read_text())
     trainer, own = config["trainer"], search.base["trainer"]
+    callbacks = trainer.get("callbacks") or []
     trainer["callbacks"] = [
-        c
-        for c in trainer.get("callbacks") or []
-        if not (isinstance(c, dict) and c.get("class_path") == CALLBACK)
+        c for c in callbacks if not (isinstance(c, dict) and c.get("class_path") == CALLBACK)
     ]
     trainer.update({key: own.get(key) for key in ("logger", "default_root_dir", "enable_progress_bar")})
     config["test_after_fit"] = search.base.get("test_after_fit")
@@ -264,10 +297,9 @@ def write_plots(study: optuna.Study, search: Search) -> list[str]:
     if not complete:
         return ["info: no complete trial, so no history.png"]
     varying = [p.key for p in search.space if len({format_value(t.params.get(p.key)) for t in complete}) > 1]
-    metric = search.args.metric
-    plots = {"history.png": (ovm.plot_optimization_history(study, target_name=metric), (7, 4.2))}
+    plots = {"history.png": (ovm.plot_optimization_history(study, target_name=search.args.metric), (7, 4.2))}
     if len(complete) >= 2 and varying:
-        ax = ovm.plot_param_importances(study, params=varying, target_name=metric)
+        ax = ovm.plot_param_importances(study, params=varying, target_name=search.args.metric)
         plots["importance.png"] = (ax, (9, 1.6 + 0.45 * len(varying)))
     for name, (ax, size) in plots.items():
         ax.figure.set_size_inches(*size)
@@ -277,19 +309,3 @@ def write_plots(study: optuna.Study, search: Search) -> list[str]:
     if len(plots) == 1:
         return ["info: parameter importance needs 2 complete trials with different values; no importance.png"]
     return []
-
-
-def progress_line(study: optuna.Study, search: Search, trial: FrozenTrial) -> str:
-    names, best = labels(search.space), _best(study)
-    shown = ", ".join(
-        f"{names[k]}={v:.4g}" if isinstance(v, float) else f"{names[k]}={v}" for k, v in trial.params.items()
-    )
-    value = "" if trial.value is None else f" {search.args.metric}={trial.value:.4f}"
-    note = f" ({trial.user_attrs['note']})" if trial.user_attrs.get("note") else ""
-    done = sum(t.state != TrialState.RUNNING for t in studies.counted(study))
-    epochs = trial.user_attrs.get("epochs") or 0
-    return (
-        f"[{done}/{search.args.trials}] trial {trial.number} {trial.state.name}{value}{note} | "
-        f"{f'best {best.value:.4f} (trial {best.number})' if best else 'best —'} | {shown} | "
-        f"{epochs} epoch{'' if epochs == 1 else 's'}, {trial.user_attrs.get('cpu_s') or 0:.0f} s CPU"
-    )

@@ -17,9 +17,8 @@ from src.runtime.errors import Interrupted, UsageError
 from src.tools.child_run import Children, Finished, child_env, cli_command, into_folder, log_tail, run_folder
 from src.tools.search.pruning import PID_ENV, STORAGE_ENV
 from src.tools.search.space import Param
-from src.tools.search.study import frozen, within_budget, worker_info
+from src.tools.search.study import frozen, retry, within_budget, worker_info
 
-RUNS = "runs"  # the trials' folders: OUTPUT/runs/trial_NNNN
 CALLBACK = "src.tools.search.pruning.OptunaPruning"
 # A trial's outcome, recorded by the search and its callback; cleared when a failed trial runs again.
 OUTCOME = ("run_dir", "pruned_epoch", "missing_metric", "error", "epochs", "cpu_s", "exit_code")
@@ -38,17 +37,20 @@ class Search:
     space: list[Param]
     base: dict[str, Any]  # the command's resolved config, without any searched value
     children: Children
-    failures: int = 0  # failed trials in a row
-    stop_reason: str | None = None  # set when --max_failures stopped the search
     current: int | None = None  # the trial this worker runs
 
     def folder(self, number: int) -> Path:
-        return self.args.output / RUNS / f"trial_{number:04d}"
+        return self.args.output / "runs" / f"trial_{number:04d}"
 
     def command(self, values: dict[str, Any], number: int) -> list[str]:
         by_key = {p.key: p for p in self.space}
-        callback = {"study_name": self.args.study, "trial_number": number, "monitor": self.args.metric,
-                    "pruner": self.args.pruner, "watch_parent": "true"}  # fmt: skip
+        callback = {
+            "study_name": self.args.study,
+            "trial_number": number,
+            "monitor": self.args.metric,
+            "pruner": self.args.pruner,
+            "watch_parent": "true",
+        }
         return cli_command(
             self.args.config,
             "--trainer.enable_progress_bar=false",  # the console goes to a file
@@ -63,67 +65,53 @@ class Search:
         )
 
     def __call__(self, trial: optuna.trial.Trial) -> float:
-        study = trial.study
-        if not within_budget(study, trial.number, self.args.trials):
-            trial.set_user_attr("note", "not run: the study's last trials were taken by other workers")
+        study, number = trial.study, trial.number
+        if not within_budget(study, number, self.args.trials):
+            _record(trial, note="not run: the study's last trials were taken by other workers")
             study.stop()
             raise TrialFailed("over the budget")
         values = {p.key: p.suggest(trial) for p in self.space}
-        retried = RetryHeartbeatStaleTrialCallback.retry_history(frozen(study, trial.number))
-        note = (
-            f"runs trial {retried[-1]} again" if retried
-            else "the config's own values (--baseline)" if trial.user_attrs.get("baseline")
-            else ""
-        )  # fmt: skip
-        _set(trial, {"worker": worker_info(), "note": note, **dict.fromkeys(OUTCOME)})
-        self.current = trial.number
-        log = self.folder(trial.number) / "trial.log"
+        note = "the config's own values (--baseline)" if trial.user_attrs.get("baseline") else ""
+        if retried := RetryHeartbeatStaleTrialCallback.retry_history(frozen(study, number)):
+            note = f"runs trial {retried[-1]} again"
+        _record(trial, **dict.fromkeys(OUTCOME), worker=worker_info(), note=note)
+        self.current, log = number, self.folder(number) / "trial.log"
         env = child_env(**{STORAGE_ENV: self.args.storage, PID_ENV: str(os.getpid())})
-        done = self.children.run(self.command(values, trial.number), log, env)
+        done = self.children.run(self.command(values, number), log, env)
         return self._result(trial, done, log)
 
     def _result(self, trial: optuna.trial.Trial, done: Finished, log: Path) -> float:
-        run = run_folder(self.folder(trial.number))
-        stored = frozen(trial.study, trial.number)  # with what the trial's callback recorded
+        study, number, run = trial.study, trial.number, run_folder(self.folder(trial.number))
+        stored = frozen(study, number)  # with what the trial's callback recorded
         reported, attrs = stored.intermediate_values, stored.user_attrs
         run_dir = str(run) if run else None
-        _set(
-            trial, {"run_dir": run_dir, "epochs": len(reported), "cpu_s": done.cpu_s, "exit_code": done.code}
-        )
+        _record(trial, run_dir=run_dir, epochs=len(reported), cpu_s=done.cpu_s, exit_code=done.code)
+        if done.code != 0 and self.children.signum is not None:
+            _record(trial, note="stopped with the interrupted search")
+            retry(study, frozen(study, number))  # its values run again as a new trial
+            raise Interrupted(
+                self.children.signum, f"interrupted: trial {number} stopped; the same command runs it again"
+            )
         if done.code != 0:
-            if self.children.signum is not None:
-                trial.set_user_attr("note", "stopped with the interrupted search")
-                again = f"interrupted: trial {trial.number} stopped; the same command runs it again"
-                raise Interrupted(self.children.signum, again)
             tail = log_tail(log)
-            trial.set_user_attr("error", tail)
             last = next((line for line in reversed(tail.splitlines()) if line.strip()), "")
-            self._failed(trial, f"exit {done.code}: {last.strip()[:200]}")
+            _record(trial, error=tail, note=f"exit {done.code}: {last.strip()[:200]}")
+            raise TrialFailed(f"exit {done.code}")
         if attrs.get("missing_metric") is not None:
             raise UsageError(
                 f"the runs do not log '{self.args.metric}' (they log: {', '.join(attrs['missing_metric'])}); "
                 "pass one of those with --metric"
             )
-        finite = [v for v in reported.values() if not math.isnan(v)]
         if attrs.get("pruned_epoch") is not None:
-            self.failures = 0
-            trial.set_user_attr("note", f"pruned after epoch {attrs['pruned_epoch']}")
+            _record(trial, note=f"pruned after epoch {attrs['pruned_epoch']}")
             raise optuna.TrialPruned()  # Optuna keeps the last reported value
+        finite = [v for v in reported.values() if not math.isnan(v)]
         if not finite:
-            self._failed(trial, f"the run reported no finite '{self.args.metric}'")
-        self.failures = 0
-        return max(finite) if trial.study.direction == optuna.study.StudyDirection.MAXIMIZE else min(finite)
-
-    def _failed(self, trial: optuna.trial.Trial, note: str) -> None:
-        trial.set_user_attr("note", note)
-        self.failures += 1
-        if self.args.max_failures and self.failures >= self.args.max_failures:
-            log = self.folder(trial.number) / "trial.log"
-            self.stop_reason = f"{self.failures} trials in a row failed; the last: {note} (its output: {log})"
-            trial.study.stop()
-        raise TrialFailed(note)
+            _record(trial, note=f"the run reported no finite '{self.args.metric}'")
+            raise TrialFailed("no finite value")
+        return (max if self.args.direction == "maximize" else min)(finite)
 
 
-def _set(trial: optuna.trial.Trial, attrs: dict[str, Any]) -> None:
+def _record(trial: optuna.trial.Trial, **attrs: Any) -> None:
     for key, value in attrs.items():
         trial.set_user_attr(key, value)
