@@ -116,15 +116,9 @@ def _check_args(args: argparse.Namespace, extra: list[str]) -> list[Param]:
 def check_with_cli(
     configs: list[str], extra: list[str], space: list[Param]
 ) -> tuple[dict[str, Any], list[str]]:
-    """Run the CLI's own parser (``--print_config``, no training) on the command and its trials.
-
-    Both ends of every range and every choice are tried, so an unknown key or a value the CLI
-    refuses stops the search before any trial runs. Returns the command's resolved config (the
-    config's own values of the searched keys) and its DataModule's ``resumable_options``.
-
-    Raises:
-        UsageError: the CLI's message, or why the config cannot be searched (no validation).
-    """
+    """Run the CLI's own parser (``--print_config``, no training) on the command and on its trials with
+    both ends of every range and every choice; the command's resolved config and its DataModule's
+    ``resumable_options``, or a :class:`UsageError` with the CLI's message."""
     probes = max([2, *(len(p.probe_values()) for p in space)])
     values: list[dict[str, Any]] = [{}] + [
         {p.key: p.probe_values()[min(i, len(p.probe_values()) - 1)] for p in space} for i in range(probes)
@@ -139,10 +133,10 @@ def check_with_cli(
             said = parsed.message()
             named = [s for k, s in shown.items() if re.search(rf"\b{k.rsplit('.', 1)[-1]}\b", said)]
             raise UsageError(f"the CLI refused {', '.join(named) or 'the command line'}: {said}")
-        data = ((parsed.config or {}).get("data") or {}).get("init_args") or {}
-        trainer = (parsed.config or {}).get("trainer") or {}
-        if data.get("val_size") == 0 or trainer.get("limit_val_batches") in (0, 0.0):
-            which = "val_size=0" if data.get("val_size") == 0 else "limit_val_batches=0"
+        config = parsed.config or {}
+        val_size = ((config.get("data") or {}).get("init_args") or {}).get("val_size")
+        if val_size == 0 or (config.get("trainer") or {}).get("limit_val_batches") == 0:
+            which = "val_size=0" if val_size == 0 else "limit_val_batches=0"
             searched = "".join(f" (from --space {s})" for k, s in shown.items() if k.endswith("val_size"))
             raise UsageError(
                 f"{which}{searched}: a search needs validation to score its trials; keep a validation split"

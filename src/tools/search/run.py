@@ -5,7 +5,6 @@ the best trial's config ready for ``--config``, Optuna's plots, and the final st
 from __future__ import annotations
 
 import fcntl
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -48,8 +47,7 @@ def run(search: Search, resumable: list[str], command: str) -> int:
         _wait_for_other_workers(study, search)
         write_tables(study, search)
     best_config = write_best_config(study, search)
-    for line in write_plots(study, search):
-        print(line)
+    write_plots(study, search)
     print(f"wrote the trials' tables{', best_config.yaml' if best_config else ''} and plots in {args.output}")
     best = best_trial(study)
     if best is None:
@@ -58,7 +56,7 @@ def run(search: Search, resumable: list[str], command: str) -> int:
     if best_config is None:
         host, run_dir = best.user_attrs["worker"]["host"], best.user_attrs.get("run_dir")
         print(
-            f"info: trial {best.number} ran on {host}: its run folder {run_dir} is there, and best_config.yaml is written there"
+            f"info: trial {best.number} ran on {host}: its run folder {run_dir} and best_config.yaml are there"
         )
     else:
         print(f"best config: {best_config}")
@@ -148,7 +146,7 @@ def _wait_for_other_workers(study: optuna.Study, search: Search, poll_s: float =
 def _final_step(search: Search, best_config: Path, number: int) -> None:
     """Re-train the best config over ``--final_seeds`` seeds with ``src.tools.ablate`` (fit + test), in
     ``OUTPUT/final/trial_NNNN``: run again, it resumes its runs; one worker per output folder runs it."""
-    from src.tools.ablate import sweep
+    from src.tools.ablate import summarise, sweep
 
     folder, seeds = search.args.output / "final" / f"trial_{number:04d}", search.args.final_seeds
     folder.mkdir(parents=True, exist_ok=True)
@@ -158,13 +156,12 @@ def _final_step(search: Search, best_config: Path, number: int) -> None:
         except BlockingIOError:
             print("another worker runs the final step; skipped here")
             return
-        accs = [
-            r.test_acc
-            for r in sweep([str(best_config)], [], seeds, folder, [], 0.8, folder / "runs", search.children)
-        ]
-    std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-    summary = f"test_acc {statistics.mean(accs):.4f} ± {std:.4f} ({folder / 'summary.md'})"
-    print(f"final: trial {number}'s config re-trained over {seeds} seeds: {summary}")
+        runs = sweep([str(best_config)], [], seeds, folder, [], 0.8, folder / "runs", search.children)
+    test_acc = summarise(runs, 0.8)[0]
+    print(
+        f"final: trial {number}'s config re-trained over {seeds} seeds: test_acc {test_acc['test_acc_mean']:.4f}"
+        f" ± {test_acc['test_acc_std']:.4f} ({folder / 'summary.md'})"
+    )
 
 
 # ---------------------------------------------------------------------- what the search writes
@@ -285,27 +282,24 @@ def write_best_config(study: optuna.Study, search: Search) -> Path | None:
     return path
 
 
-def write_plots(study: optuna.Study, search: Search) -> list[str]:
-    """Optuna's optimisation history and parameter importances (matplotlib) as PNGs; info lines."""
+def write_plots(study: optuna.Study, search: Search) -> None:
+    """Optuna's optimisation history and parameter importances (matplotlib) as PNGs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
 
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    complete, metric = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), search.args.metric
     if not complete:
-        return ["info: no complete trial, so no history.png"]
+        print("info: no complete trial, so no history.png")
+        return
+    axes = {"history.png": ovm.plot_optimization_history(study, target_name=metric)}
     varying = [p.key for p in search.space if len({format_value(t.params.get(p.key)) for t in complete}) > 1]
-    plots = {"history.png": (ovm.plot_optimization_history(study, target_name=search.args.metric), (7, 4.2))}
     if len(complete) >= 2 and varying:
-        ax = ovm.plot_param_importances(study, params=varying, target_name=search.args.metric)
-        plots["importance.png"] = (ax, (9, 1.6 + 0.45 * len(varying)))
-    for name, (ax, size) in plots.items():
-        ax.figure.set_size_inches(*size)
-        ax.figure.tight_layout()
-        ax.figure.savefig(search.args.output / name, dpi=100)
+        axes["importance.png"] = ovm.plot_param_importances(study, params=varying, target_name=metric)
+    else:
+        print("info: parameter importance needs 2 complete trials with different values; no importance.png")
+    for name, ax in axes.items():
+        ax.figure.savefig(search.args.output / name, dpi=100, bbox_inches="tight")
         plt.close(ax.figure)
-    if len(plots) == 1:
-        return ["info: parameter importance needs 2 complete trials with different values; no importance.png"]
-    return []

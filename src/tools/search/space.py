@@ -72,14 +72,12 @@ def parse_space(text: str) -> Param:
         raise UsageError(f"{where}: expected {_TYPES} after '=', {_EXAMPLE}")
     kind, args = match["kind"], split_top_level(match["args"])
     if kind == "choice":
-        problem = (
-            "an empty choice; remove the extra comma" if "" in args
-            else "choice needs at least two values (a fixed value goes after `--`)" if len(args) < 2
-            else "a choice is repeated" if len(set(args)) != len(args)
-            else None
-        )  # fmt: skip
-        if problem:
-            raise UsageError(f"{where}: {problem}")
+        if "" in args:
+            raise UsageError(f"{where}: an empty choice; remove the extra comma")
+        if len(args) < 2:
+            raise UsageError(f"{where}: choice needs at least two values (a fixed value goes after `--`)")
+        if len(set(args)) != len(args):
+            raise UsageError(f"{where}: a choice is repeated")
         return Param(key, "choice", choices=tuple(args))
     if kind not in ("float", "int"):
         raise UsageError(f"{where}: unknown type {kind!r}; use {_TYPES}")
@@ -92,14 +90,12 @@ def parse_space(text: str) -> Param:
         raise UsageError(
             f"{where}: LOW and HIGH must be {'numbers' if kind == 'float' else 'integers'}"
         ) from None
-    problem = (
-        "LOW and HIGH must be finite" if not (math.isfinite(low) and math.isfinite(high))
-        else "LOW must be below HIGH (a fixed value goes after `--`)" if low >= high
-        else "a log range needs LOW > 0" if log and low <= 0
-        else None
-    )  # fmt: skip
-    if problem:
-        raise UsageError(f"{where}: {problem}")
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise UsageError(f"{where}: LOW and HIGH must be finite")
+    if low >= high:
+        raise UsageError(f"{where}: LOW must be below HIGH (a fixed value goes after `--`)")
+    if log and low <= 0:
+        raise UsageError(f"{where}: a log range needs LOW > 0")
     return Param(key, kind, low, high, log)
 
 
@@ -147,8 +143,10 @@ def _yaml_value(text: str) -> Any:
         return text
 
 
-PRUNERS = dict(median="MedianPruner", halving="SuccessiveHalvingPruner", hyperband="HyperbandPruner",
-               threshold="ThresholdPruner", none="NopPruner")  # fmt: skip
+# --pruner NAME: Optuna's NAME + "Pruner" class
+PRUNERS = dict(
+    median="Median", halving="SuccessiveHalving", hyperband="Hyperband", threshold="Threshold", none="Nop"
+)
 
 
 def build_pruner(spec: str) -> optuna.pruners.BasePruner:
@@ -167,6 +165,6 @@ def build_pruner(spec: str) -> optuna.pruners.BasePruner:
             raise UsageError(f"--pruner {spec!r}: arguments are NAME=VALUE, e.g. n_warmup_steps=3")
         kwargs[k.strip()] = yaml.safe_load(v)
     try:
-        return getattr(optuna.pruners, PRUNERS[name.strip()])(**kwargs)
+        return getattr(optuna.pruners, PRUNERS[name.strip()] + "Pruner")(**kwargs)
     except (TypeError, ValueError) as err:
         raise UsageError(f"--pruner {spec!r}: {err}") from None

@@ -57,17 +57,15 @@ def open_storage(url: str, heartbeat: bool = False) -> optuna.storages.RDBStorag
     return optuna.storages.RDBStorage(url, **kwargs)
 
 
-def open_study(storage: Any, url: str, name: str, contract: dict[str, Any], **kwargs: Any) -> optuna.Study:
+def open_study(storage: Any, url: str, name: str, contract: dict[str, Any]) -> optuna.Study:
     """Create the study with ``contract``, or load it and refuse it if it was made for other trials.
     Of several workers starting together one creates it (atomically) and records the contract."""
     try:
-        study = optuna.create_study(
-            study_name=name, storage=storage, direction=contract["direction"], **kwargs
-        )
+        study = optuna.create_study(study_name=name, storage=storage, direction=contract["direction"])
         study.set_user_attr(CONTRACT, contract)
         return study
     except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=name, storage=storage, **kwargs)
+        study = optuna.load_study(study_name=name, storage=storage)
     for _ in range(20):  # its creator writes the contract right after creating it
         if (stored := study.user_attrs.get(CONTRACT)) is not None:
             break
