@@ -119,16 +119,15 @@ def check_with_cli(
     """Run the CLI's own parser (``--print_config``, no training) on the command and on its trials with
     both ends of every range and every choice; the command's resolved config and its DataModule's
     ``resumable_options``, or a :class:`UsageError` with the CLI's message."""
-    probes = max([2, *(len(p.probe_values()) for p in space)])
-    values: list[dict[str, Any]] = [{}] + [
-        {p.key: p.probe_values()[min(i, len(p.probe_values()) - 1)] for p in space} for i in range(probes)
+    n = max([2, *(len(p.probe_values()) for p in space)])
+    probes = [{}] + [
+        {p: p.probe_values()[min(i, len(p.probe_values()) - 1)] for p in space} for i in range(n)
     ]
-    by_key = {p.key: p for p in space}
     results = print_configs(
-        [cli_command(configs, *extra, *(by_key[k].override(x) for k, x in v.items()))[3:] for v in values]
+        [cli_command(configs, *extra, *(p.override(v) for p, v in probe.items()))[3:] for probe in probes]
     )
-    for probe, parsed in zip(values, results, strict=False):
-        shown = {k: f"{k}={format_value(v)}" for k, v in probe.items()}
+    for probe, parsed in zip(probes, results, strict=False):
+        shown = {p.key: f"{p.key}={format_value(v)}" for p, v in probe.items()}
         if parsed.code != 0:
             said = parsed.message()
             named = [s for k, s in shown.items() if re.search(rf"\b{k.rsplit('.', 1)[-1]}\b", said)]

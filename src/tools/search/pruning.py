@@ -20,34 +20,24 @@ from src.tools.search.study import open_storage
 PID_ENV = "BN_SEARCH_PID"  # the search's pid: a trial kills itself when its search is gone
 # How a trial gets the storage URL: in its environment, so credentials stay out of its config.yaml.
 STORAGE_ENV = "BN_SEARCH_STORAGE"
-_GO_ON, _STOP = 0, 1
 
 
 class OptunaPruning(Callback):
     """Report ``monitor`` to an Optuna trial after each validation epoch; stop when it is pruned.
+    Started by a search (``BN_SEARCH_PID`` set), the run kills its process group once the search is gone.
 
     Args:
         study_name: the Optuna study.
         trial_number: the trial's number in the study.
         monitor: the metric reported every validation epoch (e.g. ``val_acc``).
         pruner: the search's ``--pruner`` spec (a study's pruner is not kept in its storage).
-        watch_parent: kill this run's process group as soon as the search process (its pid in
-            ``BN_SEARCH_PID``) is gone, so a killed search leaves no trial training.
     """
 
-    def __init__(
-        self,
-        study_name: str,
-        trial_number: int,
-        monitor: str = "val_acc",
-        pruner: str = "median",
-        watch_parent: bool = False,
-    ) -> None:
+    def __init__(self, study_name: str, trial_number: int, monitor: str = "val_acc", pruner: str = "median"):
         self.study_name, self.trial_number = study_name, trial_number
         self.monitor, self.pruner = monitor, pruner
         self._trial: optuna.trial.Trial | None = None
-        if watch_parent:
-            start_parent_watchdog()
+        start_parent_watchdog()
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if trainer.is_global_zero and self._trial is None:  # the other ranks never touch the storage
@@ -62,30 +52,31 @@ class OptunaPruning(Callback):
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:  # the sanity check is not an epoch of the trial
             return
-        decision = self._decide(trainer) if trainer.is_global_zero else _GO_ON
+        stop = self._should_stop(trainer) if trainer.is_global_zero else False
         # All ranks must stop together, or the ones still training wait forever in a collective.
-        if trainer.strategy.broadcast(decision, src=0) == _STOP:
+        if trainer.strategy.broadcast(stop, src=0):
             trainer.should_stop = True
 
-    def _decide(self, trainer: Trainer) -> int:
+    def _should_stop(self, trainer: Trainer) -> bool:
         assert self._trial is not None
         value, epoch = trainer.callback_metrics.get(self.monitor), trainer.current_epoch
         if value is None:  # every trial would fail the same way: tell the search what is logged
             logged = sorted(k for k in trainer.callback_metrics if not k.startswith("hp/"))
             self._trial.set_user_attr("missing_metric", logged)
             rank_zero_info(f"'{self.monitor}' is not logged; stopping this trial.")
-            return _STOP
+            return True
         self._trial.report(float(value), step=epoch)
         if not self._trial.should_prune():
-            return _GO_ON
+            return False
         self._trial.set_user_attr("pruned_epoch", epoch)
         rank_zero_info(f"Optuna pruned this trial after epoch {epoch} ({self.monitor}={float(value):.4f}).")
-        return _STOP
+        return True
 
 
 def start_parent_watchdog(interval_s: float = 1.0) -> None:
     """Kill this process group (the trial, DDP ranks included) as soon as the search that started it
-    is gone, seen as a changed parent pid. Only in the process the search started: it leads the group."""
+    (``BN_SEARCH_PID``) is gone, seen as a changed parent pid. Only in the process the search started:
+    it leads the group."""
     search_pid = int(os.environ.get(PID_ENV) or 0)
     if not search_pid or os.getpgrp() != os.getpid():
         return

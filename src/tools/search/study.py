@@ -133,14 +133,9 @@ def within_budget(study: optuna.Study, number: int, budget: int) -> bool:
     return sum(t.number < number for t in counted(study)) < budget
 
 
-def frozen(study: optuna.Study, number: int) -> FrozenTrial:
-    return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
-
-
 def rerun_of(trials: list[FrozenTrial]) -> dict[int, int]:
     """``{failed trial number: number of the trial that runs it again}``."""
-    history = RetryHeartbeatStaleTrialCallback.retry_history
-    return {history(t)[-1]: t.number for t in trials if t.system_attrs.get("retry_history")}
+    return {h[-1]: t.number for t in trials if (h := RetryHeartbeatStaleTrialCallback.retry_history(t))}
 
 
 # ---------------------------------------------------------------------- workers

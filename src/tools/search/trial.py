@@ -17,7 +17,7 @@ from src.runtime.errors import Interrupted, UsageError
 from src.tools.child_run import Children, Finished, child_env, cli_command, into_folder, log_tail, run_folder
 from src.tools.search.pruning import PID_ENV, STORAGE_ENV
 from src.tools.search.space import Param
-from src.tools.search.study import frozen, retry, within_budget, worker_info
+from src.tools.search.study import retry, within_budget, worker_info
 
 CALLBACK = "src.tools.search.pruning.OptunaPruning"
 # A trial's outcome, recorded by the search and its callback; cleared when a failed trial runs again.
@@ -43,16 +43,10 @@ class Search:
         return self.args.output / "runs" / f"trial_{number:04d}"
 
     def command(self, values: dict[str, Any], number: int) -> list[str]:
-        by_key = {p.key: p for p in self.space}
-        callback = {
-            "study_name": self.args.study,
-            "trial_number": number,
-            "monitor": self.args.metric,
-            "pruner": self.args.pruner,
-            "watch_parent": "true",
-        }
+        args, by_key = self.args, {p.key: p for p in self.space}
+        callback = dict(study_name=args.study, trial_number=number, monitor=args.metric, pruner=args.pruner)
         return cli_command(
-            self.args.config,
+            args.config,
             "--trainer.enable_progress_bar=false",  # the console goes to a file
             *self.extra,
             *(by_key[k].override(v) for k, v in values.items()),
@@ -71,9 +65,11 @@ class Search:
             study.stop()
             raise TrialFailed("over the budget")
         values = {p.key: p.suggest(trial) for p in self.space}
-        note = "the config's own values (--baseline)" if trial.user_attrs.get("baseline") else ""
-        if retried := RetryHeartbeatStaleTrialCallback.retry_history(frozen(study, number)):
+        retried = RetryHeartbeatStaleTrialCallback.retry_history(study.get_trials(deepcopy=False)[number])
+        if retried:
             note = f"runs trial {retried[-1]} again"
+        else:
+            note = "the config's own values (--baseline)" if trial.user_attrs.get("baseline") else ""
         _record(trial, **dict.fromkeys(OUTCOME), worker=worker_info(), note=note)
         self.current, log = number, self.folder(number) / "trial.log"
         env = child_env(**{STORAGE_ENV: self.args.storage, PID_ENV: str(os.getpid())})
@@ -82,13 +78,13 @@ class Search:
 
     def _result(self, trial: optuna.trial.Trial, done: Finished, log: Path) -> float:
         study, number, run = trial.study, trial.number, run_folder(self.folder(trial.number))
-        stored = frozen(study, number)  # with what the trial's callback recorded
+        stored = study.get_trials(deepcopy=False)[number]  # with what the trial's callback recorded
         reported, attrs = stored.intermediate_values, stored.user_attrs
         run_dir = str(run) if run else None
         _record(trial, run_dir=run_dir, epochs=len(reported), cpu_s=done.cpu_s, exit_code=done.code)
         if done.code != 0 and self.children.signum is not None:
             _record(trial, note="stopped with the interrupted search")
-            retry(study, frozen(study, number))  # its values run again as a new trial
+            retry(study, stored)  # its values run again as a new trial
             raise Interrupted(
                 self.children.signum, f"interrupted: trial {number} stopped; the same command runs it again"
             )
