@@ -1,6 +1,5 @@
 """Hyperparameter search with Optuna, where every trial is a normal CLI run: ``python -m src.tools.search``
 (docs/search.md). ``space``: the ``--space``/``--pruner`` specs; ``study``: the storage, the study's
-contract (what defines its trials), the budget, dead workers; ``trial``: a trial's command line and
-the objective that runs it in a child process; ``run``: ``Study.optimize`` and what follows it
-(tables, best config, plots, the final step); ``pruning``: the callback each trial runs with.
+contract (what defines its trials), the budget, dead workers; ``run``: the objective, ``Study.optimize``
+and what follows it (tables, best config, plots, the final step); ``pruning``: each trial's callback.
 """

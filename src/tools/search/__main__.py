@@ -72,9 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             import optuna
         except ImportError:
             raise UsageError("the search needs Optuna: pip install -e '.[search]'") from None
-        from src.tools.search.run import run
+        from src.tools.search.run import Search, run
         from src.tools.search.study import mask
-        from src.tools.search.trial import Search
 
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # the search prints its own line per trial
         # Heartbeat, retry and Matplotlib plots are marked experimental; pyproject pins the Optuna they work with.
@@ -84,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         children.check("interrupted: nothing was started")
         search = Search(args, extra, space, base, children)
         if args.check:
-            example = search.command({p.key: p.probe_values()[0] for p in space}, 0)
+            example = search.command({p: p.probe_values()[0] for p in space}, 0)
             print(f"ok: the CLI accepts every probe; a trial runs:\n  {shlex.join(['python', *example[1:]])}")
             return 0
         return run(search, resumable, mask(shlex.join(["python", "-m", "src.tools.search", *argv])))

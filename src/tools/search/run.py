@@ -1,26 +1,125 @@
-"""A search once its command is checked: open the study (or refuse it), ``Study.optimize`` until the
-budget is used, then what it writes under ``--output``: the trials table (``Study.trials_dataframe``),
-the best trial's config ready for ``--config``, Optuna's plots, and the final step."""
+"""A search once its command is checked: the objective (each trial a normal CLI run in a child
+process, its result read back from the study's storage), ``Study.optimize`` until the budget is used,
+then what it writes under ``--output``: the trials table (``Study.trials_dataframe``), the best
+trial's config ready for ``--config``, Optuna's plots, and the final step."""
 
 from __future__ import annotations
 
+import argparse
 import fcntl
+import math
+import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pandas as pd
 import yaml
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from src.runtime.errors import RunFailure, UsageError
+from src.runtime.errors import Interrupted, RunFailure, UsageError
+from src.tools.child_run import Children, Finished, child_env, cli_command, into_folder, log_tail, run_folder
 from src.tools.search import study as studies
-from src.tools.search.space import baseline_params, build_pruner, format_value, labels
-from src.tools.search.trial import CALLBACK, Search, TrialFailed
+from src.tools.search.pruning import PID_ENV, STORAGE_ENV
+from src.tools.search.space import Param, baseline_params, build_pruner, format_value, labels
 
+CALLBACK = "src.tools.search.pruning.OptunaPruning"
 DIGITS = {"value": "{:.4f}", "duration_s": "{:.0f}", "cpu_s": "{:.0f}"}  # other floats: 4 digits
+# A trial's outcome, recorded by the search and its callback; cleared when a failed trial runs again.
+OUTCOME = ("run_dir", "pruned_epoch", "missing_metric", "error", "epochs", "cpu_s", "exit_code")
+
+
+class TrialFailed(Exception):
+    """A trial that did not give a result; the study records it FAIL and goes on."""
+
+
+@dataclass
+class Search:
+    """What every trial is made of, and the objective that runs one (``study.optimize(search)``)."""
+
+    args: argparse.Namespace  # the command line, its defaults filled in (study, output, storage, direction)
+    extra: list[str]  # the overrides after `--`
+    space: list[Param]
+    base: dict[str, Any]  # the command's resolved config, without any searched value
+    children: Children
+    current: int | None = None  # the trial this worker runs
+
+    def folder(self, number: int) -> Path:
+        return self.args.output / "runs" / f"trial_{number:04d}"
+
+    def command(self, values: dict[Param, Any], number: int) -> list[str]:
+        args = self.args
+        callback = dict(study_name=args.study, trial_number=number, monitor=args.metric, pruner=args.pruner)
+        return cli_command(
+            args.config,
+            "--trainer.enable_progress_bar=false",  # the console goes to a file
+            *self.extra,
+            *(p.override(v) for p, v in values.items()),
+            "--test_after_fit=false",  # trials decide on validation; --final_seeds tests the best config
+            *into_folder(self.base["trainer"], self.folder(number)),
+            # Appended last, so that `--trainer.callbacks.init_args.*` among the overrides after `--`
+            # still address the config's own last callback.
+            f"--trainer.callbacks+={CALLBACK}",
+            *(f"--trainer.callbacks.init_args.{k}={v}" for k, v in callback.items()),
+        )
+
+    def __call__(self, trial: optuna.trial.Trial) -> float:
+        study, number = trial.study, trial.number
+        if not studies.within_budget(study, number, self.args.trials):
+            _record(trial, note="not run: the study's last trials were taken by other workers")
+            study.stop()
+            raise TrialFailed("over the budget")
+        values = {p: p.suggest(trial) for p in self.space}
+        retried = RetryHeartbeatStaleTrialCallback.retry_history(study.get_trials(deepcopy=False)[number])
+        if retried:
+            note = f"runs trial {retried[-1]} again"
+        else:
+            note = "the config's own values (--baseline)" if trial.user_attrs.get("baseline") else ""
+        _record(trial, **dict.fromkeys(OUTCOME), worker=studies.worker_info(), note=note)
+        self.current, log = number, self.folder(number) / "trial.log"
+        env = child_env(**{STORAGE_ENV: self.args.storage, PID_ENV: str(os.getpid())})
+        done = self.children.run(self.command(values, number), log, env)
+        return self._result(trial, done, log)
+
+    def _result(self, trial: optuna.trial.Trial, done: Finished, log: Path) -> float:
+        study, number, run = trial.study, trial.number, run_folder(self.folder(trial.number))
+        stored = study.get_trials(deepcopy=False)[number]  # with what the trial's callback recorded
+        reported, attrs = stored.intermediate_values, stored.user_attrs
+        run_dir = str(run) if run else None
+        _record(trial, run_dir=run_dir, epochs=len(reported), cpu_s=done.cpu_s, exit_code=done.code)
+        if done.code != 0 and self.children.signum is not None:
+            _record(trial, note="stopped with the interrupted search")
+            studies.retry(study, stored)  # its values run again as a new trial
+            raise Interrupted(
+                self.children.signum, f"interrupted: trial {number} stopped; the same command runs it again"
+            )
+        if done.code != 0:
+            tail = log_tail(log)
+            last = next((line for line in reversed(tail.splitlines()) if line.strip()), "")
+            _record(trial, error=tail, note=f"exit {done.code}: {last.strip()[:200]}")
+            raise TrialFailed(f"exit {done.code}")
+        if attrs.get("missing_metric") is not None:
+            raise UsageError(
+                f"the runs do not log '{self.args.metric}' (they log: {', '.join(attrs['missing_metric'])}); "
+                "pass one of those with --metric"
+            )
+        if attrs.get("pruned_epoch") is not None:
+            _record(trial, note=f"pruned after epoch {attrs['pruned_epoch']}")
+            raise optuna.TrialPruned()  # Optuna keeps the last reported value
+        finite = [v for v in reported.values() if not math.isnan(v)]
+        if not finite:
+            _record(trial, note=f"the run reported no finite '{self.args.metric}'")
+            raise TrialFailed("no finite value")
+        return (max if self.args.direction == "maximize" else min)(finite)
+
+
+def _record(trial: optuna.trial.Trial, **attrs: Any) -> None:
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)
 
 
 def run(search: Search, resumable: list[str], command: str) -> int:
@@ -217,16 +316,12 @@ def write_tables(study: optuna.Study, search: Search) -> None:
     table, args, best = trial_table(study, search), search.args, best_trial(study)
     table.to_csv(args.output / "trials.csv", index=False)
     states = ", ".join(f"{k} {v}" for k, v in table["state"].value_counts().sort_index().items())
-    best_text = (
-        f"best: trial {best.number}, {args.metric} = {best.value:.4f}"
-        if best
-        else "best: no complete trial yet"
-    )
+    best_text = f"trial {best.number}, {args.metric} = {best.value:.4f}" if best else "no complete trial yet"
     rows = ([cell(c, row[c]).replace("|", "\\|") for c in table.columns] for _, row in table.iterrows())
     lines = [
         f"# Study `{args.study}`: {args.metric} ({args.direction}), {len(studies.counted(study))} trials counted",
         "",
-        f"States: {states}; {best_text}. `value` is the best {args.metric} over the trial's epochs "
+        f"States: {states}; best: {best_text}. `value` is the best {args.metric} over the trial's epochs "
         "(the last reported one for PRUNED).",
         "",
         f"Command: `{study.user_attrs[studies.CONTRACT]['command']}`",  # the command that made the study
