@@ -94,9 +94,8 @@ class Search:
         if done.code != 0 and self.children.signum is not None:
             _record(trial, note="stopped with the interrupted search")
             studies.retry(study, stored)  # its values run again as a new trial
-            raise Interrupted(
-                self.children.signum, f"interrupted: trial {number} stopped; the same command runs it again"
-            )
+            again = f"interrupted: trial {number} stopped; the same command runs it again"
+            raise Interrupted(self.children.signum, again)
         if done.code != 0:
             tail = log_tail(log)
             last = next((line for line in reversed(tail.splitlines()) if line.strip()), "")
@@ -154,9 +153,7 @@ def run(search: Search, resumable: list[str], command: str) -> int:
     print(f"best: trial {best.number}, {args.metric}={best.value:.4f}, {best.params}")
     if best_config is None:
         host, run_dir = best.user_attrs["worker"]["host"], best.user_attrs.get("run_dir")
-        print(
-            f"info: trial {best.number} ran on {host}: its run folder {run_dir} and best_config.yaml are there"
-        )
+        print(f"info: the best trial ran on {host}: its run folder {run_dir} and best_config.yaml are there")
     else:
         print(f"best config: {best_config}")
         if args.final_seeds > 0:
@@ -209,10 +206,8 @@ def _optimize(study: optuna.Study, search: Search) -> None:
         print(progress_line(study, search, trial), flush=True)
         failures = failures + 1 if trial.state == TrialState.FAIL else 0
         if args.max_failures and failures >= args.max_failures:
-            log = search.folder(trial.number) / "trial.log"
-            stop_reason = (
-                f"{failures} trials in a row failed; the last: {trial.user_attrs['note']} (its output: {log})"
-            )
+            log, note = search.folder(trial.number) / "trial.log", trial.user_attrs["note"]
+            stop_reason = f"{failures} trials in a row failed; the last: {note} (its output: {log})"
         if stop_reason or search.children.signum is not None:
             study.stop()
 
@@ -220,10 +215,8 @@ def _optimize(study: optuna.Study, search: Search) -> None:
     search.children.check("interrupted: no trial was started")
     try:
         if len(studies.counted(study)) < args.trials:
-            budget = MaxTrialsCallback(args.trials, states=studies.COUNTED)
-            study.optimize(
-                search, timeout=args.timeout, catch=(TrialFailed,), callbacks=[budget, after_trial]
-            )
+            callbacks = [MaxTrialsCallback(args.trials, states=studies.COUNTED), after_trial]
+            study.optimize(search, timeout=args.timeout, catch=(TrialFailed,), callbacks=callbacks)
     finally:
         write_tables(study, search)
     search.children.check(f"interrupted after trial {search.current}; the same command resumes the search")
@@ -245,7 +238,7 @@ def _wait_for_other_workers(study: optuna.Study, search: Search, poll_s: float =
 def _final_step(search: Search, best_config: Path, number: int) -> None:
     """Re-train the best config over ``--final_seeds`` seeds with ``src.tools.ablate`` (fit + test), in
     ``OUTPUT/final/trial_NNNN``: run again, it resumes its runs; one worker per output folder runs it."""
-    from src.tools.ablate import summarise, sweep
+    from src.tools.ablate import sweep
 
     folder, seeds = search.args.output / "final" / f"trial_{number:04d}", search.args.final_seeds
     folder.mkdir(parents=True, exist_ok=True)
@@ -255,12 +248,8 @@ def _final_step(search: Search, best_config: Path, number: int) -> None:
         except BlockingIOError:
             print("another worker runs the final step; skipped here")
             return
-        runs = sweep([str(best_config)], [], seeds, folder, [], 0.8, folder / "runs", search.children)
-    test_acc = summarise(runs, 0.8)[0]
-    print(
-        f"final: trial {number}'s config re-trained over {seeds} seeds: test_acc {test_acc['test_acc_mean']:.4f}"
-        f" ± {test_acc['test_acc_std']:.4f} ({folder / 'summary.md'})"
-    )
+        sweep([str(best_config)], [], seeds, folder, [], 0.8, folder / "runs", search.children)
+    print(f"final: trial {number}'s config re-trained over {seeds} seeds: {folder / 'summary.md'}")
 
 
 # ---------------------------------------------------------------------- what the search writes
