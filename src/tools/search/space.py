@@ -85,7 +85,7 @@ def parse_space(text: str) -> Param:
     if len(args) not in (2, 3) or (len(args) == 3 and not log):
         raise UsageError(f"{where}: {kind} takes LOW,HIGH and optionally log, e.g. {kind}(1,10,log)")
     try:
-        low, high = (float(a) if kind == "float" else _parse_int(a) for a in args[:2])
+        low, high = map(float if kind == "float" else int, args[:2])
     except ValueError:
         raise UsageError(
             f"{where}: LOW and HIGH must be {'numbers' if kind == 'float' else 'integers'}"
@@ -97,11 +97,6 @@ def parse_space(text: str) -> Param:
     if log and low <= 0:
         raise UsageError(f"{where}: a log range needs LOW > 0")
     return Param(key, kind, low, high, log)
-
-
-def _parse_int(text: str) -> int:
-    value = float(text)
-    return int(value) if value.is_integer() else int(text)  # int("1.5") raises the ValueError
 
 
 def format_value(value: Any) -> str:
