@@ -306,7 +306,6 @@ def write_tables(study: optuna.Study, search: Search) -> None:
     table.to_csv(args.output / "trials.csv", index=False)
     states = ", ".join(f"{k} {v}" for k, v in table["state"].value_counts().sort_index().items())
     best_text = f"trial {best.number}, {args.metric} = {best.value:.4f}" if best else "no complete trial yet"
-    rows = ([cell(c, row[c]).replace("|", "\\|") for c in table.columns] for _, row in table.iterrows())
     lines = [
         f"# Study `{args.study}`: {args.metric} ({args.direction}), {len(studies.counted(study))} trials counted",
         "",
@@ -315,9 +314,11 @@ def write_tables(study: optuna.Study, search: Search) -> None:
         "",
         f"Command: `{study.user_attrs[studies.CONTRACT]['command']}`",  # the command that made the study
         "",
+        "| " + " | ".join(table.columns) + " |",
+        "|" + "---|" * len(table.columns),
         *(
-            "| " + " | ".join(cells) + " |"
-            for cells in [list(table.columns), ["---"] * len(table.columns), *rows]
+            "| " + " | ".join(cell(c, row[c]).replace("|", "\\|") for c in table.columns) + " |"
+            for _, row in table.iterrows()
         ),
     ]
     (args.output / "trials.md").write_text("\n".join(lines) + "\n")
