@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers.cli import config, read_only, refused, run_cli
+from tests.helpers.cli import config, env, read_only, refused, run_cli
 from tests.helpers.data import quiet, tiny_ag_news, tiny_mnist1d, write_tiny_ag_news
 
 pytestmark = pytest.mark.slow
@@ -29,9 +31,10 @@ def snapshot(root: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def mnist1d_run(tmp_path_factory) -> Path:
-    """A finished tiny MNIST-1D run that bad commands must leave untouched."""
+    """A finished tiny MNIST-1D run that bad commands must leave untouched; its learning rate has no
+    schedule laid over its length, so a resume may extend it (tests that change it take a copy)."""
     root = tmp_path_factory.mktemp("mnist1d")
-    run_cli("fit", "--config", MNIST1D, *tiny_mnist1d(root), *quiet(root), cwd=root)
+    run_cli(*fit(root, "--model.init_args.lr_scheduler=null"), cwd=root)
     return root
 
 
@@ -50,14 +53,12 @@ def fit(root: Path, *extra: str, cfg: str = MNIST1D) -> list[str]:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--data.init_args.val_size=100000"], "val_size=100000 leaves no training or no validation data"),
         (["--trainer.max_epochs=0"], "--trainer.max_epochs=0 trains nothing"),
-        (["--trainer.limit_train_batches=0"], "--trainer.limit_train_batches=0 trains nothing"),
         (["--trainer.accelerator=cpu", "--trainer.devices=100000"], "asks for 100000 CPU device(s)"),
         (["--model=BNCNN"], "BNCNN reads token ids (text), but MNIST1D yields feature vectors"),
     ],
-    ids=["val-size", "max-epochs-0", "limit-train-0", "devices", "pairing"],
-)
+    ids=["max-epochs-0", "devices", "pairing"],
+)  # a bad val_size: tests/test_refused_commands.py; limit_train_batches=0 meets max_epochs=0's check
 def test_settings_that_cannot_run(unharmed: Path, tmp_path: Path, extra: list[str], message: str):
     refused(run_cli(*fit(unharmed, *extra), cwd=tmp_path, check=False), message)
     assert not list((unharmed / "logs").rglob("version_1"))  # no empty run folder left behind
@@ -109,14 +110,7 @@ def test_a_non_finite_loss_says_which_checkpoints_exist(tmp_path: Path, step: in
 
 
 # ---------------------------------------------------------------------------------- checkpoints
-def test_missing_and_corrupt_checkpoints_touch_nothing(tmp_path: Path):
-    refused(run_cli("test", "--ckpt_path", str(tmp_path / "nope.ckpt"), check=False), "is not a file")
-    bad = tmp_path / "bad.ckpt"
-    bad.write_bytes(b"garbage")
-    refused(run_cli("test", "--ckpt_path", str(bad), check=False), "not a PyTorch Lightning checkpoint")
-    assert bad.read_bytes() == b"garbage"
-
-
+# A missing or corrupt --ckpt_path, on every subcommand: tests/test_refused_commands.py.
 def test_a_checkpoint_of_other_sizes_or_data(unharmed: Path, tmp_path: Path):
     ckpt = next((unharmed / "logs").rglob("last.ckpt"))
     other_length = run_cli("test", "--config", MNIST1D, *tiny_mnist1d(unharmed), "--data.init_args.length=60",
@@ -210,19 +204,18 @@ def test_a_predictions_file_is_checked_before_predicting(ag_news_ckpt, tmp_path:
     )
     refused(out, "already exists", "--trainer.callbacks.overwrite=true")
     assert existing.read_text() == "keep me"
-    run_cli(
-        "predict",
-        "--ckpt_path",
-        str(ckpt),
-        f"--trainer.callbacks.output={existing}",
-        "--trainer.callbacks.overwrite=true",
-        cwd=tmp_path,
-    )
-    assert existing.read_text().startswith("index,predicted")
+    # Overwritten with the predictions of texts given as a JSON list (an empty one and non-ASCII ones too).
+    texts = json.dumps(["Stocks rise", "", "Café 東京"])
+    out = run_cli(
+        "predict", "--ckpt_path", str(ckpt), f"--data.init_args.predict_texts={texts}",
+        f"--trainer.callbacks.output={existing}", "--trainer.callbacks.overwrite=true", cwd=tmp_path,
+    )  # fmt: skip
+    assert "Wrote 3 predictions" in out.stdout + out.stderr
+    assert existing.read_text().startswith("index,predicted") and len(existing.read_text().splitlines()) == 4
 
 
-def test_a_truncated_data_cache_is_rebuilt(tmp_path: Path):
-    run_cli(*fit(tmp_path), cwd=tmp_path)
+def test_a_truncated_data_cache_is_rebuilt(mnist1d_run: Path, tmp_path: Path):
+    shutil.copytree(mnist1d_run / "cache", tmp_path / "cache")  # the cache a fit of these settings wrote
     cache = next((tmp_path / "cache").glob("mnist1d_*.pt"))
     cache.write_bytes(cache.read_bytes()[:1000])
     out = run_cli(*fit(tmp_path), cwd=tmp_path)
@@ -230,8 +223,8 @@ def test_a_truncated_data_cache_is_rebuilt(tmp_path: Path):
     assert torch.load(cache, weights_only=True)["x"].shape == (480, 40)
 
 
-def test_a_read_only_data_cache_is_enough_to_resume(tmp_path: Path):
-    run_cli(*fit(tmp_path, "--model.init_args.lr_scheduler=null"), cwd=tmp_path)  # a run a resume may extend
+def test_a_read_only_data_cache_is_enough_to_resume(mnist1d_run: Path, tmp_path: Path):
+    shutil.copytree(mnist1d_run, tmp_path, dirs_exist_ok=True)  # a run a resume may extend, and its cache
     prefix = read_only(tmp_path / "cache")
     if prefix is None:
         pytest.skip(
@@ -243,25 +236,12 @@ def test_a_read_only_data_cache_is_enough_to_resume(tmp_path: Path):
             *fit(tmp_path, "--trainer.max_epochs=2", "--model.init_args.lr_scheduler=null"),
             "--ckpt_path=last",
         ]
-        import subprocess
-
-        from tests.helpers.cli import env
-
         out = subprocess.run([*prefix, sys.executable, "-m", "src.cli", *args], cwd=tmp_path, env=env(),
                              capture_output=True, text=True, timeout=300)  # fmt: skip
     finally:
         (tmp_path / "cache").chmod(0o755)
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert torch.load(next(tmp_path.rglob("last.ckpt")), weights_only=True)["epoch"] == 1
-
-
-def test_ag_news_texts_in_a_json_list_predict(ag_news_ckpt, tmp_path: Path):
-    _, ckpt = ag_news_ckpt
-    texts = json.dumps(["Stocks rise", "", "Café 東京"])
-    out = run_cli(
-        "predict", "--ckpt_path", str(ckpt), f"--data.init_args.predict_texts={texts}", cwd=tmp_path
-    )
-    assert "Wrote 3 predictions" in out.stdout + out.stderr
 
 
 def test_write_tiny_ag_news_is_deterministic(tmp_path: Path):
