@@ -46,9 +46,10 @@ def trained_weights(run: Path) -> dict[str, torch.Tensor]:
 def test_observing_callbacks_and_the_eval_batch_size_leave_the_weights_alone(name: str, tmp_path: Path):
     path = config(name)
     data = TINY_DATA[data_class(path)](tmp_path)
+    # Each observed run differs from the plain one in both the observers and the eval batch size: equal
+    # weights pin both (a change by one would have to be undone exactly by the other).
     runs = {
         "plain, eval batches of 10": (False, 10),
-        "observed, eval batches of 10": (True, 10),
         "observed, eval batches of 500": (True, 500),
         "observed, eval batches of 1": (True, 1),
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -138,15 +139,17 @@ def mnist1d_reference(tmp_path_factory) -> tuple[Path, Path]:
     return root, root / "logs"
 
 
-def random_chain(seed: int, every_n_train_steps: int) -> list[tuple[int, str]]:
-    """At least three kills at increasing seeded random steps, including epoch boundaries."""
+def random_chain(
+    seed: int, every_n_train_steps: int, at_boundaries: tuple[str, ...]
+) -> list[tuple[int, str]]:
+    """Kills at increasing seeded random steps: mid-epoch before and after an epoch boundary, at
+    boundaries (one of ``at_boundaries`` each, at distinct seeded epoch ends) and during a save."""
     rng = random.Random(seed)
-    boundary = STEPS_PER_EPOCH * rng.randint(1, EPOCHS - 1)
-    points = {
-        (rng.randrange(2, boundary - 1), "batch_end"),
-        (boundary, rng.choice(["before_validation", "before_epoch_save"])),
-        (rng.randrange(boundary + 1, STEPS_PER_EPOCH * EPOCHS - 1), "batch_end"),
-    }
+    ends = [STEPS_PER_EPOCH * e for e in range(1, EPOCHS)]
+    boundaries = sorted(rng.sample(ends, len(at_boundaries)))
+    points = set(zip(boundaries, at_boundaries, strict=True))
+    mid_epoch = [s for s in range(boundaries[0] + 1, STEPS_PER_EPOCH * EPOCHS - 1) if s not in ends]
+    points |= {(rng.randrange(2, boundaries[0] - 1), "batch_end"), (rng.choice(mid_epoch), "batch_end")}
     if every_n_train_steps:
         save_step = every_n_train_steps * rng.randint(
             1, (STEPS_PER_EPOCH * EPOCHS - 2) // every_n_train_steps
@@ -157,18 +160,26 @@ def random_chain(seed: int, every_n_train_steps: int) -> list[tuple[int, str]]:
     return sorted(points)
 
 
+# Between them the chains kill at every kind of point: mid-epoch, between training and validation,
+# before the epoch-end save, at the start of the next epoch, and half-way through an epoch-end and a
+# step save.
+CHAINS = {
+    "epoch-ends": (0, 7, ("before_epoch_save",)),
+    "every-3-steps": (3, 2, ("before_validation", "after_epoch_save")),
+}
+
+
 @pytest.mark.parametrize(
-    ("every_n_train_steps", "seed"),
-    [(0, 1), (3, 2), (1, 3)],
-    ids=["epoch-ends", "every-3-steps", "every-step"],
+    ("every_n_train_steps", "seed", "at_boundaries"), list(CHAINS.values()), ids=list(CHAINS)
 )
 def test_any_chain_of_sigkills_resumes_to_the_uninterrupted_run(
-    tmp_path: Path, mnist1d_reference, every_n_train_steps: int, seed: int
+    tmp_path: Path, mnist1d_reference, every_n_train_steps: int, seed: int, at_boundaries: tuple[str, ...]
 ):
     data_root, reference = mnist1d_reference
     run_dir = tmp_path / "logs"
     args = fit_args(data_root, run_dir, every_n_train_steps)
-    chain = random_chain(seed, every_n_train_steps)
+    chain = random_chain(seed, every_n_train_steps, at_boundaries)
+    assert {where for _, where in chain} >= {"batch_end", "during_save", *at_boundaries}
     for i, (step, where) in enumerate(chain):
         out = run_cli(
             *args, *(["--ckpt_path=last"] if i else []), *kill(step, where), cwd=tmp_path, check=False
@@ -185,9 +196,9 @@ def test_a_kill_chain_on_ag_news_with_weight_averaging_and_mixup(tmp_path: Path)
     steps = 6  # 86 training texts in batches of 16
     reference, run_dir = tmp_path / "reference", tmp_path / "logs"
     run_cli(*fit_args(tmp_path, reference, 2, ag_news), cwd=tmp_path)
-    for i, (step, where) in enumerate(
-        [(3, "batch_end"), (steps, "before_validation"), (2 * steps + 2, "during_save")]
-    ):
+    # Mid-epoch (mixup, word dropout) and between training and validation (EMA swaps its weights in);
+    # the mnist1d chains kill during saves.
+    for i, (step, where) in enumerate([(3, "batch_end"), (steps, "before_validation")]):
         out = run_cli(
             *fit_args(tmp_path, run_dir, 2, ag_news),
             *(["--ckpt_path=last"] if i else []),
@@ -202,20 +213,22 @@ def test_a_kill_chain_on_ag_news_with_weight_averaging_and_mixup(tmp_path: Path)
 
 
 # ---------------------------------------------------------------------------------- stop signals
-@pytest.mark.parametrize(
-    ("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"]
-)
-def test_a_stop_signal_saves_last_ckpt_exits_non_zero_and_resumes_exactly(
-    tmp_path: Path, mnist1d_reference, signum: int, code: int
-):
+def test_a_stop_signal_saves_last_ckpt_exits_non_zero_and_resumes_exactly(tmp_path: Path, mnist1d_reference):
+    """SIGTERM (a scheduler) and SIGINT (Ctrl-C) each stop at step 20 with a one-line message and save
+    the same state there; the SIGTERM-stopped run resumes to the uninterrupted run."""
     data_root, reference = mnist1d_reference
-    run_dir = tmp_path / "logs"
-    out = run_cli(*fit_args(data_root, run_dir), *kill(20, "batch_end", signum), cwd=tmp_path, check=False)
-    said = refused(
-        out, f"Stopped by {signal.Signals(signum).name} at training step 20.", "--ckpt_path=last", code=code
-    )
-    assert "last.ckpt holds step 20" in said
-    assert last_state(run_dir)["global_step"] == 20
+    stopped = {}
+    for signum, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        run_dir = tmp_path / signum.name
+        out = run_cli(
+            *fit_args(data_root, run_dir), *kill(20, "batch_end", signum), cwd=tmp_path, check=False
+        )
+        said = refused(out, f"Stopped by {signum.name} at training step 20.", "--ckpt_path=last", code=code)
+        assert "last.ckpt holds step 20" in said
+        assert last_state(run_dir)["global_step"] == 20
+        stopped[signum] = next(run_dir.rglob("last.ckpt"))
+    assert_same_state(stopped[signal.SIGTERM], stopped[signal.SIGINT])
+    run_dir = tmp_path / signal.SIGTERM.name
     run_cli(*fit_args(data_root, run_dir), "--ckpt_path=last", cwd=tmp_path)
     assert_same_run(reference, run_dir, 20)
 
@@ -230,10 +243,32 @@ def short(tmp_path: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def test_ckpt_path_last_resumes_only_the_run_the_command_describes(tmp_path: Path):
-    a = ["--model.init_args.lr=0.001"]
+# Settings other than the config's (optimiser, rate), so a resume or a refusal shows it went by them.
+SETTINGS = [
+    "--model.init_args.lr=0.001",
+    "--model.init_args.optimizer=RMSprop",
+    "--model.init_args.optimizer.init_args.alpha=0.9",
+]
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory) -> Path:
+    """A finished one-epoch run of :func:`short` with :data:`SETTINGS` (data cache and logs), fitted
+    once for the module."""
+    root = tmp_path_factory.mktemp("one_epoch")
+    run_cli(*short(root, *SETTINGS, "--trainer.max_epochs=1"), cwd=root)
+    return root
+
+
+def copy_of(one_epoch: Path, tmp_path: Path) -> None:
+    """The one-epoch run copied into ``tmp_path``, where :func:`short` (tmp_path) resumes it."""
+    shutil.copytree(one_epoch, tmp_path, dirs_exist_ok=True)
+
+
+def test_ckpt_path_last_resumes_only_the_run_the_command_describes(tmp_path: Path, one_epoch: Path):
+    a = SETTINGS  # lr 0.001
     b = ["--model.init_args.lr=0.05", "--model.init_args.dropout=0.4"]
-    run_cli(*short(tmp_path, *a, "--trainer.max_epochs=1"), cwd=tmp_path)  # version_0
+    copy_of(one_epoch, tmp_path)  # version_0
     run_cli(*short(tmp_path, *b, "--trainer.max_epochs=1"), cwd=tmp_path)  # version_1, the newest
     root = tmp_path / "logs" / "mnist1d_resnet_bn"
 
@@ -247,7 +282,7 @@ def test_ckpt_path_last_resumes_only_the_run_the_command_describes(tmp_path: Pat
 
     # settings of no run: refused, naming the runs and what differs; nothing is written
     other = run_cli(
-        *short(tmp_path, "--model.init_args.lr=0.02", "--ckpt_path=last"), cwd=tmp_path, check=False
+        *short(tmp_path, *a, "--model.init_args.lr=0.02", "--ckpt_path=last"), cwd=tmp_path, check=False
     )
     said = refused(other, "--ckpt_path=last: no run under", "version_0: model.init_args.lr: 0.001 -> 0.02")
     assert f"version_1: model.init_args.dropout: 0.4 -> {DROPOUT}" in said
@@ -261,9 +296,11 @@ def test_ckpt_path_last_resumes_only_the_run_the_command_describes(tmp_path: Pat
     refused(mismatch, f"version_1: model.init_args.dropout: 0.4 -> {DROPOUT}")
 
 
-def test_a_run_being_resumed_cannot_be_resumed_twice_and_a_kill_frees_it(tmp_path: Path):
-    run_cli(*short(tmp_path, "--trainer.max_epochs=1"), cwd=tmp_path)
-    first = start_cli(*short(tmp_path, "--trainer.max_epochs=100000", "--ckpt_path=last"), cwd=tmp_path)
+def test_a_run_being_resumed_cannot_be_resumed_twice_and_a_kill_frees_it(tmp_path: Path, one_epoch: Path):
+    copy_of(one_epoch, tmp_path)
+    first = start_cli(
+        *short(tmp_path, *SETTINGS, "--trainer.max_epochs=100000", "--ckpt_path=last"), cwd=tmp_path
+    )
     try:
         lock = tmp_path / "logs" / "mnist1d_resnet_bn" / "version_0" / ".lock"
         deadline = time.monotonic() + 120
@@ -275,20 +312,26 @@ def test_a_run_being_resumed_cannot_be_resumed_twice_and_a_kill_frees_it(tmp_pat
         first.send_signal(signal.SIGSTOP)
         assert first.poll() is None, "the first run ended before it could be paused"
         second = run_cli(
-            *short(tmp_path, "--trainer.max_epochs=100000", "--ckpt_path=last"), cwd=tmp_path, check=False
+            *short(tmp_path, *SETTINGS, "--trainer.max_epochs=100000", "--ckpt_path=last"),
+            cwd=tmp_path,
+            check=False,
         )
         refused(second, "version_0 is in use by process", "Wait for it to finish")
     finally:
         first.send_signal(signal.SIGKILL)
         first.communicate()
     epoch = last_state(tmp_path / "logs")["epoch"]
-    again = run_cli(*short(tmp_path, f"--trainer.max_epochs={epoch + 2}", "--ckpt_path=last"), cwd=tmp_path)
+    again = run_cli(
+        *short(tmp_path, *SETTINGS, f"--trainer.max_epochs={epoch + 2}", "--ckpt_path=last"), cwd=tmp_path
+    )
     assert "Restored all states" in again.stdout + again.stderr
 
 
-def test_fit_from_a_file_keeps_the_configured_optimizer_and_refuses_other_model_settings(tmp_path: Path):
-    rms = ["--model.init_args.optimizer=RMSprop", "--model.init_args.optimizer.init_args.alpha=0.9"]
-    run_cli(*short(tmp_path, *rms, "--trainer.max_epochs=1"), cwd=tmp_path)
+def test_fit_from_a_file_keeps_the_configured_optimizer_and_refuses_other_model_settings(
+    tmp_path: Path, one_epoch: Path
+):
+    rms = SETTINGS
+    copy_of(one_epoch, tmp_path)
     ckpt = next((tmp_path / "logs").rglob("last.ckpt"))
     run_cli(*short(tmp_path, *rms, "--trainer.max_epochs=2", f"--ckpt_path={ckpt}"), cwd=tmp_path)
     state = torch.load(ckpt, weights_only=True)  # the same run folder's last.ckpt, continued
@@ -317,12 +360,14 @@ def _limit_file_size() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # events fit, a checkpoint does not
 
 
-def test_a_full_disk_during_a_save_is_a_one_line_error_and_keeps_the_previous_checkpoint(tmp_path: Path):
-    run_cli(*short(tmp_path, "--trainer.max_epochs=1"), cwd=tmp_path)
+def test_a_full_disk_during_a_save_is_a_one_line_error_and_keeps_the_previous_checkpoint(
+    tmp_path: Path, one_epoch: Path
+):
+    copy_of(one_epoch, tmp_path)
     last = next((tmp_path / "logs").rglob("last.ckpt"))
     before = last.read_bytes()
     proc = subprocess.run(
-        [sys.executable, "-m", "src.cli", *short(tmp_path, "--trainer.max_epochs=3", "--ckpt_path=last")],
+        [sys.executable, "-m", "src.cli", *short(tmp_path, *SETTINGS, "--trainer.max_epochs=3", "--ckpt_path=last")],
         cwd=tmp_path, env=env(), capture_output=True, text=True, preexec_fn=_limit_file_size, timeout=300,
     )  # fmt: skip
     refused(proc, "error: could not write checkpoint", "The previous checkpoints are intact", code=1)
@@ -330,8 +375,8 @@ def test_a_full_disk_during_a_save_is_a_one_line_error_and_keeps_the_previous_ch
     assert not [p for p in last.parent.iterdir() if ".tmp" in p.name]
 
 
-def test_a_read_only_checkpoint_folder_is_a_one_line_error(tmp_path: Path):
-    run_cli(*short(tmp_path, "--trainer.max_epochs=1"), cwd=tmp_path)
+def test_a_read_only_checkpoint_folder_is_a_one_line_error(tmp_path: Path, one_epoch: Path):
+    copy_of(one_epoch, tmp_path)
     last = next((tmp_path / "logs").rglob("last.ckpt"))
     before = last.read_bytes()
     prefix = read_only(last.parent)
@@ -342,7 +387,7 @@ def test_a_read_only_checkpoint_folder_is_a_one_line_error(tmp_path: Path):
     last.parent.chmod(0o555)  # for a non-root user; root gets a read-only mount
     try:
         proc = subprocess.run(
-            [*prefix, sys.executable, "-m", "src.cli", *short(tmp_path, "--trainer.max_epochs=3", "--ckpt_path=last")],
+            [*prefix, sys.executable, "-m", "src.cli", *short(tmp_path, *SETTINGS, "--trainer.max_epochs=3", "--ckpt_path=last")],
             cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300,
         )  # fmt: skip
     finally:

@@ -59,9 +59,24 @@ def start_lr(output: str) -> tuple[float, float]:
     return float(found.group(1)), float(found.group(2))
 
 
-def test_a_run_whose_schedule_spans_its_length_resumes_only_with_that_length(tmp_path: Path):
-    stopped(fit(tmp_path, "--trainer.max_epochs=3"), tmp_path)
-    run_dir = tmp_path / "logs" / "mnist1d_resnet_bn" / "version_0"
+@pytest.fixture(scope="module")
+def stopped_at_20(tmp_path_factory) -> Path:
+    """A three-epoch run stopped by SIGTERM at step 20 (data cache and logs), made once for the module."""
+    root = tmp_path_factory.mktemp("stopped")
+    stopped(fit(root, "--trainer.max_epochs=3"), root)
+    return root
+
+
+def copy_of(stopped_at_20: Path, folder: Path) -> Path:
+    """The stopped run copied into ``folder`` (``folder/logs``, ``folder/cache``); its run folder."""
+    shutil.copytree(stopped_at_20, folder, dirs_exist_ok=True)
+    return folder / "logs" / "mnist1d_resnet_bn" / "version_0"
+
+
+def test_a_run_whose_schedule_spans_its_length_resumes_only_with_that_length(
+    tmp_path: Path, stopped_at_20: Path
+):
+    run_dir = copy_of(stopped_at_20, tmp_path)
     before, restored_lr = snapshot(run_dir), state(run_dir)["lr_schedulers"][0]["_last_lr"][0]
 
     # the config's max_epochs: the one-cycle schedule of the 3-epoch run would be spent for the rest
@@ -125,11 +140,13 @@ def test_a_run_that_early_stopping_ended_is_not_continued(tmp_path: Path):
     )
 
 
-def test_a_copied_run_folder_continues_there_with_its_best_checkpoint_record(tmp_path: Path):
-    stopped(fit(tmp_path, "--trainer.max_epochs=4", save_dir=tmp_path / "a"), tmp_path)
-    shutil.copytree(tmp_path / "a", tmp_path / "b")
-    original = snapshot(tmp_path / "a")
-    out = run_cli(*fit(tmp_path, "--trainer.max_epochs=4", "--ckpt_path=last", "--test_after_fit=true",
+def test_a_copied_run_folder_continues_there_with_its_best_checkpoint_record(
+    tmp_path: Path, stopped_at_20: Path
+):
+    copy_of(stopped_at_20, tmp_path)
+    shutil.copytree(tmp_path / "logs", tmp_path / "b")
+    original = snapshot(tmp_path / "logs")
+    out = run_cli(*fit(tmp_path, "--trainer.max_epochs=3", "--ckpt_path=last", "--test_after_fit=true",
                        save_dir=tmp_path / "b"), cwd=tmp_path)  # fmt: skip
     assert "dirpath has changed" not in out.stderr
     run_dir = tmp_path / "b" / "mnist1d_resnet_bn" / "version_0"
@@ -138,39 +155,43 @@ def test_a_copied_run_folder_continues_there_with_its_best_checkpoint_record(tmp
     record = next(v for k, v in state(run_dir)["callbacks"].items() if k.startswith("ModelCheckpoint"))
     assert Path(record["best_model_path"]) == bests[0] and Path(record["dirpath"]) == run_dir / "checkpoints"
     val_acc = [v for (tag, _), v in scalars(run_dir).items() if tag == "val_acc"]
-    assert len(val_acc) == 4 and float(record["best_model_score"]) == pytest.approx(max(val_acc))
+    assert len(val_acc) == 3 and float(record["best_model_score"]) == pytest.approx(max(val_acc))
     # the test after fit tests that file
     assert f"Restoring states from the checkpoint path at {bests[0]}" in out.stdout + out.stderr
-    assert snapshot(tmp_path / "a") == original
+    assert snapshot(tmp_path / "logs") == original
 
 
-def test_a_run_resumed_by_its_path_from_another_directory_continues_in_its_own_folder(tmp_path: Path):
+def test_a_run_resumed_by_its_path_from_another_directory_continues_in_its_own_folder(
+    tmp_path: Path, stopped_at_20: Path
+):
     home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
-    home.mkdir(), elsewhere.mkdir()
-    stopped(fit(tmp_path, "--trainer.max_epochs=3", save_dir="logs"), home)  # a relative save_dir
-    last = home / "logs" / "mnist1d_resnet_bn" / "version_0" / "checkpoints" / "last.ckpt"
-    run_cli(*fit(tmp_path, "--trainer.max_epochs=3", f"--ckpt_path={last}", save_dir="logs"), cwd=elsewhere)
+    elsewhere.mkdir()
+    last = copy_of(stopped_at_20, home) / "checkpoints" / "last.ckpt"
+    # a relative save_dir: resolved where the command runs, it names no folder of this run
+    run_cli(*fit(home, "--trainer.max_epochs=3", f"--ckpt_path={last}", save_dir="logs"), cwd=elsewhere)
     assert not list(elsewhere.iterdir())  # no new run folder where the command ran
     assert [p.name for p in (home / "logs" / "mnist1d_resnet_bn").iterdir()] == ["version_0"]
     assert torch.load(last, weights_only=True)["epoch"] == 2
     assert len(list(last.parent.glob("epoch*.ckpt"))) == 1
 
 
-def test_a_datamodule_declares_the_options_a_resume_may_change(tmp_path: Path):
+def test_a_datamodule_declares_the_options_a_resume_may_change(tmp_path: Path, stopped_at_20: Path):
+    run_dir = copy_of(stopped_at_20, tmp_path)
+    shutil.copytree(tmp_path / "cache", tmp_path / "moved_cache")
     moved = [f"--data.init_args.cache_dir={tmp_path / 'moved_cache'}"]
-    for data, declared in (("MNIST1D", True), ("tests.helpers.datamodules.MNIST1DOwnCache", False)):
-        logs = tmp_path / data
-        stopped(fit(tmp_path, f"--data={data}", "--trainer.max_epochs=2", save_dir=logs), tmp_path)
-        if not (tmp_path / "moved_cache").exists():
-            shutil.copytree(tmp_path / "cache", tmp_path / "moved_cache")
-        resumed = fit(
-            tmp_path, f"--data={data}", "--trainer.max_epochs=2", "--ckpt_path=last", *moved, save_dir=logs
-        )
-        if declared:  # MNIST1D lists cache_dir (where its data is read from) in its resumable_options
-            other = run_cli(*resumed, "--data.init_args.shift_augment=1", cwd=tmp_path, check=False)
-            refused(other, "version_0: data.init_args.shift_augment: 3 -> 1")  # what the data is
-            run_cli(*resumed, cwd=tmp_path)
-            assert state(logs / "mnist1d_resnet_bn" / "version_0")["epoch"] == 1
-        else:
-            out = run_cli(*resumed, cwd=tmp_path, check=False)
-            refused(out, "version_0: data.init_args.cache_dir: ")
+
+    # MNIST1D lists cache_dir (where its data is read from) in its resumable_options
+    resumed = fit(tmp_path, "--trainer.max_epochs=3", "--ckpt_path=last", *moved)
+    other = run_cli(*resumed, "--data.init_args.shift_augment=1", cwd=tmp_path, check=False)
+    refused(other, "version_0: data.init_args.shift_augment: 3 -> 1")  # what the data is
+    run_cli(*resumed, cwd=tmp_path)
+    assert state(run_dir)["epoch"] == 2
+
+    own_cache, logs = "--data=tests.helpers.datamodules.MNIST1DOwnCache", tmp_path / "own_cache"
+    stopped(fit(tmp_path, own_cache, "--trainer.max_epochs=2", save_dir=logs), tmp_path)
+    out = run_cli(
+        *fit(tmp_path, own_cache, "--trainer.max_epochs=2", "--ckpt_path=last", *moved, save_dir=logs),
+        cwd=tmp_path,
+        check=False,
+    )
+    refused(out, "version_0: data.init_args.cache_dir: ")

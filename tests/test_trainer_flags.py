@@ -8,9 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from src.runtime.checkpoints import CONFIG_KEY
 from tests.helpers.cli import ROOT, config, run_cli
 from tests.helpers.data import tiny_mnist1d
 from tests.helpers.tensorboard import scalars
@@ -97,57 +95,45 @@ def check_no_checkpoints(tmp_path: Path, out) -> None:
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
-def check_lr_finder(tmp_path: Path, out) -> None:
-    chosen = yaml.safe_load((run_folder(tmp_path) / "config.yaml").read_text())["model"]["init_args"]["lr"]
-    checkpoint = last(tmp_path)
-    assert chosen != 0.01 and checkpoint["hyper_parameters"]["lr"] == chosen
-    # the finder saves (and restores) a checkpoint before the tuned value is known
-    assert yaml.safe_load(checkpoint[CONFIG_KEY])["model"]["init_args"]["lr"] == chosen
-    assert "The tuner chose model.init_args.lr=" in out.stdout + out.stderr
+def both(*checks: Callable) -> Callable:
+    def check(tmp_path: Path, out) -> None:
+        for one in checks:
+            one(tmp_path, out)
 
-
-def check_batch_size_finder(tmp_path: Path, out) -> None:
-    chosen = yaml.safe_load((run_folder(tmp_path) / "config.yaml").read_text())["data"]["init_args"][
-        "batch_size"
-    ]
-    checkpoint = last(tmp_path)
-    assert chosen != 32 and chosen <= 1024
-    assert checkpoint["datamodule_hyper_parameters"]["batch_size"] == chosen
-    assert yaml.safe_load(checkpoint[CONFIG_KEY])["data"]["init_args"]["batch_size"] == chosen
+    return check
 
 
 def check_one_process_preset(tmp_path: Path, out) -> None:
     assert "SyncBatchNorm" not in out.stderr or "Traceback" not in out.stderr
 
 
+# The learning-rate and batch-size finders are tuners: tests/test_tuners.py runs them through the CLI.
 FLAGS = {
     "overfit_batches": (
         ["--trainer.overfit_batches=1", "--trainer.max_epochs=30", "--data.init_args.shift_augment=0",
          "--model.init_args.dropout=0", "--model.init_args.label_smoothing=0", "--model.init_args.lr=0.01",
          "--model.init_args.lr_scheduler=null"], check_overfit),
-    "val_check_interval": (["--trainer.val_check_interval=0.5"], check_val_twice_per_epoch),
+    "val_check_interval": (["--trainer.val_check_interval=0.5", "--trainer.max_epochs=2"], check_val_twice_per_epoch),
     "check_val_every_n_epoch": (["--trainer.check_val_every_n_epoch=2", "--trainer.max_epochs=4"], check_val_every_other_epoch),
-    "accumulate_grad_batches": (["--trainer.accumulate_grad_batches=2"], check_accumulation),
-    # Flags that only need to run cleanly share a run (each pair is a common combination).
-    "gradient_clip_val+bf16-mixed": (["--trainer.gradient_clip_val=0.5", "--trainer.gradient_clip_algorithm=norm",
-                                      "--trainer.precision=bf16-mixed"], None),
-    "detect_anomaly+profiler+model_summary": (["--trainer.detect_anomaly=true", "--trainer.profiler=simple",
-                                               "--trainer.callbacks+=ModelSummary", "--trainer.callbacks.max_depth=3",
-                                               "--trainer.max_epochs=1"], check_profiler_and_summary),
-    "max_steps": (["--trainer.max_steps=5"], check_max_steps),
-    "max_time": (["--trainer.max_time=00:00:00:02", "--trainer.max_epochs=1000"], None),
-    "ddp_spawn": (["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp_spawn", "--trainer.max_epochs=1"], None),
-    "csv_logger": (["--trainer.logger=CSVLogger", "--trainer.logger.init_args.save_dir=LOGS"], check_csv_logger),
-    "two_loggers": (
-        ["--trainer.logger+=CSVLogger", "--trainer.logger.init_args.save_dir=LOGS", "--trainer.logger.init_args.name=csv"],
-        check_two_loggers),
-    "swa": (["--trainer.callbacks+=StochasticWeightAveraging", "--trainer.callbacks.swa_lrs=0.005",
-             "--trainer.callbacks.swa_epoch_start=1"], None),
-    "lr_finder": (["--trainer.callbacks+=LearningRateFinder", "--trainer.callbacks.num_training_steps=20"], check_lr_finder),
-    "batch_size_finder": (["--trainer.callbacks+=BatchSizeFinder"], check_batch_size_finder),
-    "no_logger": (["--trainer.logger=false"], check_no_logger),
+    # Flags with checks of their own that cannot interfere share a run too.
+    "accumulate_grad_batches+no_logger": (["--trainer.accumulate_grad_batches=2", "--trainer.max_epochs=2",
+                                           "--trainer.logger=false"], both(check_accumulation, check_no_logger)),
+    # Flags that only need to run cleanly share a run (each group is a common combination).
+    "gradient_clip_val+bf16-mixed+swa": (["--trainer.gradient_clip_val=0.5", "--trainer.gradient_clip_algorithm=norm",
+                                          "--trainer.precision=bf16-mixed", "--trainer.callbacks+=StochasticWeightAveraging",
+                                          "--trainer.callbacks.swa_lrs=0.005", "--trainer.callbacks.swa_epoch_start=1",
+                                          "--trainer.max_epochs=2"], None),
+    "detect_anomaly+profiler+model_summary+max_time": (
+        ["--trainer.detect_anomaly=true", "--trainer.profiler=simple", "--trainer.callbacks+=ModelSummary",
+         "--trainer.callbacks.max_depth=3", "--trainer.max_time=00:00:00:02", "--trainer.max_epochs=1000"],
+        check_profiler_and_summary),
+    "ddp_spawn": (["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp_spawn"], None),
+    "csv_logger+max_steps": (["--trainer.logger=CSVLogger", "--trainer.logger.init_args.save_dir=LOGS",
+                              "--trainer.max_steps=5"], both(check_csv_logger, check_max_steps)),
+    "two_loggers+no_checkpointing": (
+        ["--trainer.logger+=CSVLogger", "--trainer.logger.init_args.save_dir=LOGS", "--trainer.logger.init_args.name=csv",
+         "--trainer.enable_checkpointing=false", "--test_after_fit=true"], both(check_two_loggers, check_no_checkpoints)),
     "no_logger_root_dir": (["--trainer.logger=false", "--trainer.default_root_dir=LOGS/root"], check_no_logger_in_a_root_dir),
-    "no_checkpointing": (["--trainer.enable_checkpointing=false", "--test_after_fit=true"], check_no_checkpoints),
     "ddp_preset_one_process": (["--config", str(ROOT / "configs" / "presets" / "ddp.yaml"), "--trainer.accelerator=cpu",
                                 "--trainer.devices=1"], check_one_process_preset),
 }  # fmt: skip
@@ -159,7 +145,7 @@ def test_trainer_flag_through_the_cli(flag: str, tmp_path: Path):
     extra = [e.replace("LOGS", str(tmp_path / "logs")) for e in extra]
     args = [
         "fit", "--config", MNIST1D, *tiny_mnist1d(tmp_path), f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
-        "--trainer.max_epochs=2", "--trainer.enable_progress_bar=false", "--test_after_fit=false", *extra,
+        "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false", "--test_after_fit=false", *extra,
     ]  # fmt: skip
     out = run_cli(*args, cwd=tmp_path)
     assert "Traceback" not in out.stderr

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from src.runtime.checkpoints import CONFIG_KEY
 from tests.helpers.cli import ROOT, config, refused, run_cli
 from tests.helpers.data import tiny_mnist1d
 
@@ -53,6 +54,9 @@ def test_the_learning_rate_finders_pick_is_what_trains_and_what_is_recorded(tmp_
     settings, ckpt = recorded(tmp_path)
     lr = settings["model"]["init_args"]["lr"]
     assert lr != 0.01 and ckpt["hyper_parameters"]["lr"] == lr
+    # the finder saves (and restores) a checkpoint before the tuned value is known
+    assert yaml.safe_load(ckpt[CONFIG_KEY])["model"]["init_args"]["lr"] == lr
+    assert "The tuner chose model.init_args.lr=" in out.stdout + out.stderr
     group = ckpt["optimizer_states"][0]["param_groups"][0]
     assert group["max_lr"] == pytest.approx(lr)  # the one-cycle peak
     assert group["initial_lr"] == pytest.approx(lr / 25)  # its start (div_factor 25)
@@ -78,7 +82,9 @@ def test_the_batch_size_finders_pick_sets_the_schedules_length(tmp_path: Path):
     run_cli(*fit(tmp_path, "--trainer.callbacks+=BatchSizeFinder"), cwd=tmp_path)
     settings, ckpt = recorded(tmp_path)
     batch_size = settings["data"]["init_args"]["batch_size"]
-    assert batch_size != 32 and ckpt["datamodule_hyper_parameters"]["batch_size"] == batch_size
+    assert batch_size != 32 and batch_size <= 1024
+    assert ckpt["datamodule_hyper_parameters"]["batch_size"] == batch_size
+    assert yaml.safe_load(ckpt[CONFIG_KEY])["data"]["init_args"]["batch_size"] == batch_size
     schedule = ckpt["lr_schedulers"][0]
     assert schedule["total_steps"] == schedule["last_epoch"] == ckpt["global_step"]  # it ended with the run
 
