@@ -228,7 +228,8 @@ def test_finite_losses_pass_every_check():
 
 @pytest.mark.slow
 def test_speed_command_prints_its_tables_and_writes_json(tmp_path: Path):
-    flags = tiny("mnist1d_resnet_bn", tmp_path)
+    # 300 signals (6 steps per epoch): its (c) run trains the notebook's 60 epochs on them
+    flags = [*tiny("mnist1d_resnet_bn", tmp_path), "--data.init_args.num_samples=300"]
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.speed", "--pairs", "mnist1d_resnet_bn", "--epochs", "2", "--repeats", "1",
          "--json", str(tmp_path / "speed.json"), "--", *flags, "--trainer.max_epochs=2"],
