@@ -421,15 +421,14 @@ def test_two_trial_search_end_to_end_with_a_pruned_trial(e2e: tuple[Path, str]):
 
 @pytest.mark.slow
 def test_a_resume_must_be_the_same_experiment(e2e: tuple[Path, str], cache: Path):
-    """Another config and other overrides after `--` would add trials of another experiment to the
-    study: refused, listing each difference, with nothing written. The same space in another order
+    """Another config (stacked on the study's) and other overrides after `--` would add trials of
+    another experiment to the study: refused, listing each difference, with nothing written. The same space in another order
     is the same study."""
     out, _ = e2e
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-    other = [
-        a if a != CONFIG else str(ROOT / "configs" / "mnist1d_resconv_bn.yaml")
-        for a in command(*e2e_args(out, cache, epochs=3))
-    ]
+    conv = out.parent / "conv.yaml"  # a config stacked on the study's, outside the search's folder
+    conv.write_text("model:\n  init_args:\n    block: conv\n")
+    other = command("--config", str(conv), *e2e_args(out, cache, epochs=3))
     proc = subprocess.run(other, cwd=out.parent, env=env(), capture_output=True, text=True, timeout=400)
     said = proc.stderr
     assert proc.returncode == 2 and "Traceback" not in said, said[-3000:]
@@ -438,6 +437,7 @@ def test_a_resume_must_be_the_same_experiment(e2e: tuple[Path, str], cache: Path
     )
     for difference in ("model.init_args.block: 'linear' -> 'conv'", "trainer.max_epochs: 2 -> 3"):
         assert f"  {difference}\n" in said, said
+    assert "  overrides after `--`: --trainer.max_epochs=2 -> --trainer.max_epochs=3\n" in said, said
     assert "Resume it with the study's settings" in said
     assert f"The study's command: python -m src.tools.search --config {CONFIG} --space '{LR_CHOICE}'" in said
     assert len(trials_of(out, "e2e")) == 2
