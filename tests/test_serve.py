@@ -5,8 +5,9 @@ requests; bad requests answered with a 4xx JSON saying what was wrong, on the sa
 connection, while the server keeps serving; a small request answered while a large one is still
 being read; SIGTERM/SIGINT shutdown; bad checkpoint and busy port. Needs the serve extra (litserve,
 httpx); skipped without it. A server takes ~10 s to start on a 2-core machine; each is started
-once for the module, one per kind of input (the configs that share a DataModule differ only in the
-network, which the server runs as `predict` does; tests/test_export.py checks each network).
+once for the module: one per kind of input for the predictions (the configs that share a DataModule
+differ only in the network, which the server runs as `predict` does; tests/test_export.py checks each
+network), and one more to stop with SIGTERM.
 """
 
 from __future__ import annotations
@@ -478,7 +479,8 @@ def test_health_and_info(servers):
 
 # ---------------------------------------------------------------------- start and stop
 def test_sigterm_stops_the_server_and_its_workers(servers, runs_root: Path):
-    server = servers("held")  # the last test to use it
+    server = servers("mnist1d_resnet_bn")
+    assert len(server.predict([[0.0] * 40, [1.0] * 40])) == 2  # stopped after serving
     assert children_of(server.proc.pid)  # HTTP and inference worker processes
     code, took, left = server.stop(signal.SIGTERM)
     assert code == 0 and took < 10 and not left, (code, took, left, server.log.read_text()[-2000:])
