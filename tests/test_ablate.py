@@ -122,15 +122,16 @@ def test_sweep_tabulates_recorded_results_and_resumes(tmp_path: Path):
     assert "| batch_norm=false | 1 |" in (out / "summary.md").read_text()
     assert (out / "val_acc.png").stat().st_size > 0
 
-    # a second call skips both finished runs
-    again = run_module("src.tools.ablate", *args, cwd=tmp_path, timeout=600).stdout
-    assert again.count("finished before, skipped") == 2
-    # an interrupted run (its folder left without test results) is run again, alone
+    # a second call skips the finished run and runs the interrupted one (its folder left without
+    # test results) again, alone
     (summary,) = (runs / "batch_norm=false" / "seed_0").rglob("summary.json")
     summary.unlink()
     again = run_module("src.tools.ablate", *args, cwd=tmp_path, timeout=600).stdout
-    assert again.count("finished before, skipped") == 1 and "batch_norm=false seed 0: running" in again
+    assert again.count("finished before, skipped") == 1 and again.count(": running") == 1
+    assert "batch_norm=true seed 0: finished before, skipped" in again
+    assert "batch_norm=false seed 0: running" in again
     assert list((runs / "batch_norm=false" / "seed_0").rglob("summary.json"))
+    assert {r["variant"] for r in csv.DictReader((out / "summary.csv").open())} == set(rows)
 
 
 def test_a_variant_the_cli_refuses_stops_the_sweep_before_any_run(tmp_path: Path):

@@ -97,7 +97,13 @@ def logged_scalar(run_dir: Path, tag: str) -> float:
     return events.Scalars(tag)[-1].value
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+# The first config of each DataModule: what DDP changes (each rank's shard of the data, the metrics
+# summed over both ranks) is the DataModule's; configs sharing one differ only in the network (the
+# MNIST-1D residual network runs on two processes in the two-node test below).
+ONE_PER_DATA = [c for i, c in enumerate(CONFIGS) if data_class(c) not in map(data_class, CONFIGS[:i])]
+
+
+@pytest.mark.parametrize("config", ONE_PER_DATA, ids=[c.stem for c in ONE_PER_DATA])
 def test_ddp_fit_on_two_cpu_processes(config: Path, tmp_path: Path):
     data = TINY_DATA[data_class(config)](tmp_path)
     out = run_cli("fit", "--config", str(config), *DDP_PRESET, *QUICK, *data, *logs(tmp_path), cwd=tmp_path)

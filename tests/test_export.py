@@ -34,15 +34,33 @@ def _leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if ".tmp" in p.name or ".old" in p.name)
 
 
+@pytest.fixture(scope="module")
+def onnx_export(runs_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``python -m src.tools.export`` (ONNX) of a config's tiny checkpoint, run once per config for the
+    module: its stdout and output folder (each in a folder of its own, to check for leftovers)."""
+    done: dict[str, tuple[str, Path]] = {}
+
+    def get(name: str) -> tuple[str, Path]:
+        if name not in done:
+            out = tmp_path_factory.mktemp(f"onnx_{name}") / "exported"
+            ckpt = tiny_checkpoint(name, runs_root)
+            proc = run_module(
+                "src.tools.export", "--ckpt_path", str(ckpt), "--output", str(out), "--samples", "64"
+            )
+            done[name] = proc.stdout, out
+        return done[name]
+
+    return get
+
+
 @pytest.mark.parametrize("name", CONFIG_NAMES)
-def test_onnx_export_matches_the_checkpoint_through_onnxruntime(name: str, runs_root: Path, tmp_path: Path):
+def test_onnx_export_matches_the_checkpoint_through_onnxruntime(name: str, runs_root: Path, onnx_export):
     ckpt = tiny_checkpoint(name, runs_root)
-    out = tmp_path / "exported"
-    proc = run_module("src.tools.export", "--ckpt_path", str(ckpt), "--output", str(out), "--samples", "64")
-    assert "parity (onnxruntime" in proc.stdout and ": PASS" in proc.stdout, proc.stdout
-    assert "synthetic" not in proc.stdout  # the tiny data is there: real samples
+    stdout, out = onnx_export(name)
+    assert "parity (onnxruntime" in stdout and ": PASS" in stdout, stdout
+    assert "synthetic" not in stdout  # the tiny data is there: real samples
     assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.onnx"]
-    assert _leftovers(tmp_path) == []
+    assert _leftovers(out.parent) == []
 
     meta = json.loads((out / "model.json").read_text(encoding="utf-8"))
     model, datamodule = load_for_inference(ckpt)
@@ -110,10 +128,9 @@ def _sidecar_encode(texts: list[str], meta: dict) -> np.ndarray:
     return np.array([row + [pre["pad_id"]] * (width - len(row)) for row in ids], dtype=np.int64)
 
 
-def test_text_sidecar_encodes_raw_text_without_project_code(runs_root: Path, tmp_path: Path):
+def test_text_sidecar_encodes_raw_text_without_project_code(runs_root: Path, onnx_export):
     ckpt = tiny_checkpoint("ag_news_cnn_bn", runs_root)
-    out = tmp_path / "ag"
-    run_module("src.tools.export", "--ckpt_path", str(ckpt), "--output", str(out), "--samples", "16")
+    _, out = onnx_export("ag_news_cnn_bn")  # the export the parity test above checked
     meta = json.loads((out / "model.json").read_text(encoding="utf-8"))
     texts = [
         "Wall St.\\band #36;5 &lt;b&gt;Bears&lt;/b&gt; can't stop",

@@ -58,8 +58,16 @@ def assert_measured_points_only(tb: TensorBoard, run: str) -> None:
         assert min(step for step, _ in points) >= first_validation, (tag, points)
 
 
-def test_hparams_tab_shows_settings_beside_best_validation_and_test_figures(tmp_path: Path):
-    run_cli(*fit(tmp_path, "--model.init_args.lr=0.01", "--test_after_fit=true"), cwd=tmp_path)
+def test_hparams_tab_shows_runs_side_by_side_and_a_resumed_run_keeps_its_curves(tmp_path: Path):
+    """Two runs of other learning rates, the first SIGKILLed in epoch 1 and resumed: the tab shows both
+    runs' settings beside their best validation and test figures; the resumed run's curves and best
+    validation accuracy are whole."""
+    lr_a = ("--model.init_args.lr=0.01",)
+    kill = ["--trainer.callbacks+=tests.helpers.faults.KillAt", "--trainer.callbacks.step=20",
+            f"--trainer.callbacks.signum={int(signal.SIGKILL)}"]  # fmt: skip
+    out = run_cli(*fit(tmp_path, *lr_a, "--test_after_fit=false"), *kill, cwd=tmp_path, check=False)
+    assert out.returncode == -signal.SIGKILL
+    run_cli(*fit(tmp_path, *lr_a, "--test_after_fit=true", "--ckpt_path=last"), cwd=tmp_path)
     run_cli(*fit(tmp_path, "--model.init_args.lr=0.003", "--test_after_fit=true"), cwd=tmp_path)
     with TensorBoard(tmp_path / "logs") as tb:
         experiment = tb.get("/data/plugin/hparams/experiment", {"experimentName": ""})
@@ -72,28 +80,12 @@ def test_hparams_tab_shows_settings_beside_best_validation_and_test_figures(tmp_
         assert set(SETTINGS_SHOWN) <= shown, set(SETTINGS_SHOWN) - shown
         groups = session_groups(tb)
         assert len(groups) == 2 and {g["param:lr"] for g in groups.values()} == {0.01, 0.003}  # side by side
-        for run in ("mnist1d_resnet_bn/version_0", "mnist1d_resnet_bn/version_1"):
+        for run, lr in (("mnist1d_resnet_bn/version_0", 0.01), ("mnist1d_resnet_bn/version_1", 0.003)):
             values = next(g for name, g in groups.items() if run in name)
+            assert values["param:lr"] == lr
             val_acc = curve(tb, run, "val_acc")
-            assert len(val_acc) == 3, val_acc  # the whole curve, nothing hidden
+            # the whole curve, one point per epoch, none lost or doubled by the resume
+            assert [step for step, _ in val_acc] == [13, 27, 41], val_acc
             assert values["hp/best_val_acc"] == pytest.approx(max(v for _, v in val_acc))
             assert not math.isnan(values["hp/test_acc"]) and 0 < values["hp/test_f1"] <= 1
             assert_measured_points_only(tb, run)
-
-
-def test_a_resumed_run_keeps_its_curves_and_best_validation_accuracy(tmp_path: Path):
-    kill = ["--trainer.callbacks+=tests.helpers.faults.KillAt", "--trainer.callbacks.step=20",
-            f"--trainer.callbacks.signum={int(signal.SIGKILL)}"]  # fmt: skip
-    out = run_cli(*fit(tmp_path, "--test_after_fit=false"), *kill, cwd=tmp_path, check=False)
-    assert out.returncode == -signal.SIGKILL
-    run_cli(*fit(tmp_path, "--test_after_fit=true", "--ckpt_path=last"), cwd=tmp_path)
-    with TensorBoard(tmp_path / "logs") as tb:
-        run = "mnist1d_resnet_bn/version_0"
-        val_acc = curve(tb, run, "val_acc")
-        assert [step for step, _ in val_acc] == [13, 27, 41], (
-            val_acc
-        )  # one point per epoch, none lost or doubled
-        values = next(iter(session_groups(tb).values()))
-        assert values["hp/best_val_acc"] == pytest.approx(max(v for _, v in val_acc))
-        assert not math.isnan(values["hp/test_acc"])
-        assert_measured_points_only(tb, run)
