@@ -142,8 +142,8 @@ def test_results_prints_the_table_of_its_variants(tmp_path: Path):
 def test_device_check_dry_run_writes_its_report(tmp_path: Path):
     out = tmp_path / "out"
     proc = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "device_check.sh"), str(out), "--dry-run", "--budget-s", "240"],
-        cwd=ROOT, env={**env(), "PYTHON": sys.executable}, capture_output=True, text=True, timeout=600,
+        ["bash", str(ROOT / "scripts" / "device_check.sh"), str(out), "--dry-run", "--budget-s", "1200"],
+        cwd=ROOT, env={**env(), "PYTHON": sys.executable}, capture_output=True, text=True, timeout=1500,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     names = sorted(p.name for p in out.iterdir())

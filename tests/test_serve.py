@@ -483,7 +483,8 @@ def test_sigterm_stops_the_server_and_its_workers(servers, runs_root: Path):
     assert len(server.predict([[0.0] * 40, [1.0] * 40])) == 2  # stopped after serving
     assert children_of(server.proc.pid)  # HTTP and inference worker processes
     code, took, left = server.stop(signal.SIGTERM)
-    assert code == 0 and took < 10 and not left, (code, took, left, server.log.read_text()[-2000:])
+    # Under uvicorn's 30 s graceful wait for the client's open keep-alive connection: it did not wait.
+    assert code == 0 and took < 25 and not left, (code, took, left, server.log.read_text()[-2000:])
     assert "Traceback" not in server.log.read_text()
     with socket.socket() as s:  # the port is free again
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
