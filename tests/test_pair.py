@@ -10,8 +10,10 @@ failing here is a tool that does not yet take any new pair.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
 import shutil
 import signal
 import socket
@@ -227,7 +229,9 @@ def serving(ckpt: Path, log: Path) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "src.tools.serve", "--ckpt_path", str(ckpt), "--port", str(port)]
     with log.open("w") as sink:
-        proc = subprocess.Popen(command, cwd=log.parent, env=env(), stdout=sink, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            command, cwd=log.parent, env=env(), stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -242,11 +246,12 @@ def serving(ckpt: Path, log: Path) -> Iterator[str]:
         yield url
     finally:
         proc.send_signal(signal.SIGINT)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        # Its HTTP and inference processes too, so none outlives the test (and slows the next ones).
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def test_serve_answers_raw_vectors_with_the_probabilities_predict_gives(
