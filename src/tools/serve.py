@@ -413,6 +413,21 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+class MonitorGoneAtShutdown(logging.Filter):
+    """Drop LitServe's "Monitoring worker crashed" when the crash is only its shutdown.
+
+    LitServe 0.2's worker-monitoring thread (``LitServer._start_worker_monitoring``) polls the
+    shutdown event of a multiprocessing manager every 2 s; when it wakes after the shutdown stopped
+    that manager, the poll fails with a broken connection and it logs a traceback although nothing
+    crashed, so a clean Ctrl+C or SIGTERM ended with a Traceback. Any other failure is still logged.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        gone = isinstance(error, (EOFError, OSError))  # BrokenPipeError, ConnectionResetError, ...
+        return not (gone and record.getMessage() == "Monitoring worker crashed")
+
+
 def build_server(
     args: argparse.Namespace, datamodule: ClassificationDataModule, metadata: dict[str, Any]
 ) -> Any:
@@ -458,6 +473,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     del model  # the inference workers load their own copy
     logging.getLogger("litserve").setLevel(args.log_level.upper())
+    logging.getLogger("litserve.server").addFilter(MonitorGoneAtShutdown())
     server = build_server(args, datamodule, metadata)
     _stop_on_sigterm()
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "127.0.0.1") else f"[{args.host}]"
