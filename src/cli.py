@@ -28,7 +28,7 @@ from src.data import ClassificationDataModule
 from src.models import ClassifierModule
 from src.runtime.checkpoints import with_stored_config
 from src.runtime.devices import cpu_threads
-from src.runtime.errors import Interrupted, UsageError, exit_on_error
+from src.runtime.errors import Interrupted, UsageError, exit_on_error, fast_exit
 from src.runtime.hparams import HParamsTab
 from src.runtime.lightning_cli import ClassifierCLI
 from src.runtime.provenance import RunProvenance
@@ -107,4 +107,5 @@ def _stopped(signum: int, state: RunState) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    with fast_exit():
+        main()

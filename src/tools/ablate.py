@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from src.runtime.errors import RunFailure, UsageError, exit_on_error
+from src.runtime.errors import RunFailure, UsageError, exit_on_error, fast_exit
 from src.tools.child_run import (
     Children,
     child_env,
@@ -371,4 +371,5 @@ def _grid_type(text: str) -> tuple[str, list[str]]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with fast_exit():
+        main(sys.argv[1:])

@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from src.runtime.errors import Interrupted, UsageError
+from src.runtime.errors import Interrupted, UsageError, fast_exit
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -208,4 +208,5 @@ def _children_cpu_s() -> float:
 
 
 if __name__ == "__main__":
-    print(json.dumps(parse_each(json.load(sys.stdin))))
+    with fast_exit():
+        print(json.dumps(parse_each(json.load(sys.stdin))))

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from src.data.base import ClassificationDataModule
 from src.runtime.devices import cpu_threads
-from src.runtime.errors import RunFailure, UsageError, exit_on_error
+from src.runtime.errors import RunFailure, UsageError, exit_on_error, fast_exit
 from src.tools.inference import load_for_inference
 
 FORMAT_VERSION = 1
@@ -447,4 +447,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with fast_exit():
+        main()

@@ -56,7 +56,7 @@ import torch
 from src.data.base import ClassificationDataModule
 from src.data.raw_inputs import RawInputError, type_name
 from src.runtime.devices import cpu_threads
-from src.runtime.errors import UsageError, exit_on_error
+from src.runtime.errors import UsageError, exit_on_error, fast_exit
 from src.tools.inference import load_for_inference
 
 try:
@@ -492,4 +492,5 @@ if __name__ == "__main__":
     # workers is `src.tools.serve.ClassifierAPI`, not `__main__.ClassifierAPI`.
     from src.tools.serve import main as _main
 
-    _main()
+    with fast_exit():
+        _main()

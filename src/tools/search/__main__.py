@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from src.runtime.errors import UsageError, exit_on_error
+from src.runtime.errors import UsageError, exit_on_error, fast_exit
 from src.tools.child_run import Children, cli_command, print_configs
 from src.tools.search.space import Param, build_pruner, format_value, parse_space
 
@@ -143,4 +143,5 @@ def check_with_cli(
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with fast_exit():
+        sys.exit(main())
