@@ -23,7 +23,6 @@ from optuna.trial import FrozenTrial, TrialState
 from src.runtime.errors import Interrupted, RunFailure, UsageError
 from src.tools.child_run import Children, Finished, child_env, cli_command, into_folder, log_tail, run_folder
 from src.tools.search import study as studies
-from src.tools.search.pruning import PID_ENV, STORAGE_ENV
 from src.tools.search.space import Param, baseline_params, build_pruner, format_value, labels
 
 CALLBACK = "src.tools.search.pruning.OptunaPruning"
@@ -80,7 +79,7 @@ class Search:
             note = "the config's own values (--baseline)" if trial.user_attrs.get("baseline") else ""
         _record(trial, **dict.fromkeys(OUTCOME), worker=studies.worker_info(), note=note)
         self.current, log = number, self.folder(number) / "trial.log"
-        env = child_env(**{STORAGE_ENV: self.args.storage, PID_ENV: str(os.getpid())})
+        env = child_env(**{studies.STORAGE_ENV: self.args.storage, studies.PID_ENV: str(os.getpid())})
         done = self.children.run(self.command(values, number), log, env)
         return self._result(trial, done, log)
 

@@ -24,6 +24,9 @@ MAX_RETRY = 3  # how often a trial whose worker died is run again
 # whose trials keep failing); a failed trial whose worker died runs again as a new, counted trial.
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 CONTRACT = "contract"  # the study's user attribute that records what defines its trials
+PID_ENV = "BN_SEARCH_PID"  # the search's pid: a trial kills itself when its search is gone
+# How a trial gets the storage URL: in its environment, so credentials stay out of its config.yaml.
+STORAGE_ENV = "BN_SEARCH_STORAGE"
 
 
 def retry(study: optuna.Study, trial: FrozenTrial) -> None:
