@@ -312,6 +312,16 @@ def test_help_documents_the_space_syntax():
         assert text in out
 
 
+def test_the_search_process_imports_neither_torch_nor_lightning():
+    """Only the trials and the CLI's parser need them: every search (and worker) starts without them."""
+    code = (
+        "import sys, src.tools.search.__main__, src.tools.search.run; "
+        "print(sorted({'torch', 'lightning'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
+
+
 # ---------------------------------------------------------------------- searches (slow)
 @pytest.mark.slow
 @pytest.mark.parametrize(
