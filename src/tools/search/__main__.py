@@ -12,7 +12,7 @@ from typing import Any
 
 from src.runtime.errors import UsageError, exit_on_error, fast_exit
 from src.tools.child_run import Children, cli_command, print_configs
-from src.tools.search.space import Param, build_pruner, format_value, parse_space
+from src.tools.search.space import Param, build_pruner, format_value, lookup, parse_space
 
 SPACE_HELP = """\
 search space (repeat --space for each setting; KEY is any CLI key, without the leading --):
@@ -54,7 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--startup_trials", type=int, default=10, help="random trials before TPE models (default 10)")
     add("--seed", type=int, default=None, help="sampler seed (offset by the trials already in the study)")
     add("--max_failures", type=int, default=3, help="stop after this many failed trials in a row (0: never)")
-    add("--final_seeds", type=int, default=0, help="re-train and test the best config over K seeds")
     add("--baseline", action="store_true", help="first trial: the config's own values (if inside the space)")
     add("--check", action="store_true", help="only check the space against the CLI; print a trial's command")
     return parser
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         from src.tools.search.study import mask
 
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # the search prints its own line per trial
-        # Heartbeat, retry and Matplotlib plots are marked experimental; pyproject pins the Optuna they work with.
+        # Heartbeat and retry are marked experimental; pyproject pins the Optuna they work with.
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         print(f"checking {len(space)} search settings against the CLI ...", flush=True)
         base, resumable = check_with_cli(args.config, extra, space)
@@ -131,14 +130,13 @@ def check_with_cli(
             said = parsed.message()
             named = [s for k, s in shown.items() if re.search(rf"\b{k.rsplit('.', 1)[-1]}\b", said)]
             raise UsageError(f"the CLI refused {', '.join(named) or 'the command line'}: {said}")
-        config = parsed.config or {}
-        val_size = ((config.get("data") or {}).get("init_args") or {}).get("val_size")
-        if val_size == 0 or (config.get("trainer") or {}).get("limit_val_batches") == 0:
-            which = "val_size=0" if val_size == 0 else "limit_val_batches=0"
-            searched = "".join(f" (from --space {s})" for k, s in shown.items() if k.endswith("val_size"))
-            raise UsageError(
-                f"{which}{searched}: a search needs validation to score its trials; keep a validation split"
-            )
+        for key in ("data.init_args.val_size", "trainer.limit_val_batches"):
+            if lookup(parsed.config, key) == 0:
+                searched = f" (from --space {shown[key]})" if key in shown else ""
+                raise UsageError(
+                    f"{key.rsplit('.', 1)[-1]}=0{searched}: a search needs validation to score its trials; "
+                    "keep a validation split"
+                )
     return results[0].config or {}, results[0].resumable
 
 

@@ -15,11 +15,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from src.tools.search.space import build_pruner
-from src.tools.search.study import open_storage
-
-PID_ENV = "BN_SEARCH_PID"  # the search's pid: a trial kills itself when its search is gone
-# How a trial gets the storage URL: in its environment, so credentials stay out of its config.yaml.
-STORAGE_ENV = "BN_SEARCH_STORAGE"
+from src.tools.search.study import PID_ENV, STORAGE_ENV, open_storage
 
 
 class OptunaPruning(Callback):

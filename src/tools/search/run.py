@@ -1,12 +1,11 @@
 """A search once its command is checked: the objective (each trial a normal CLI run in a child
 process, its result read back from the study's storage), ``Study.optimize`` until the budget is used,
-then what it writes under ``--output``: the trials table (``Study.trials_dataframe``), the best
-trial's config ready for ``--config``, Optuna's plots, and the final step."""
+then what it writes under ``--output``: the trials table (``Study.trials_dataframe``) and the best
+trial's config ready for ``--config``."""
 
 from __future__ import annotations
 
 import argparse
-import fcntl
 import math
 import os
 import time
@@ -24,7 +23,6 @@ from optuna.trial import FrozenTrial, TrialState
 from src.runtime.errors import Interrupted, RunFailure, UsageError
 from src.tools.child_run import Children, Finished, child_env, cli_command, into_folder, log_tail, run_folder
 from src.tools.search import study as studies
-from src.tools.search.pruning import PID_ENV, STORAGE_ENV
 from src.tools.search.space import Param, baseline_params, build_pruner, format_value, labels
 
 CALLBACK = "src.tools.search.pruning.OptunaPruning"
@@ -59,7 +57,7 @@ class Search:
             "--trainer.enable_progress_bar=false",  # the console goes to a file
             *self.extra,
             *(p.override(v) for p, v in values.items()),
-            "--test_after_fit=false",  # trials decide on validation; --final_seeds tests the best config
+            "--test_after_fit=false",  # trials decide on validation, never look at the test split
             *into_folder(self.base["trainer"], self.folder(number)),
             # Appended last, so that `--trainer.callbacks.init_args.*` among the overrides after `--`
             # still address the config's own last callback.
@@ -81,7 +79,7 @@ class Search:
             note = "the config's own values (--baseline)" if trial.user_attrs.get("baseline") else ""
         _record(trial, **dict.fromkeys(OUTCOME), worker=studies.worker_info(), note=note)
         self.current, log = number, self.folder(number) / "trial.log"
-        env = child_env(**{STORAGE_ENV: self.args.storage, PID_ENV: str(os.getpid())})
+        env = child_env(**{studies.STORAGE_ENV: self.args.storage, studies.PID_ENV: str(os.getpid())})
         done = self.children.run(self.command(values, number), log, env)
         return self._result(trial, done, log)
 
@@ -141,13 +139,8 @@ def run(search: Search, resumable: list[str], command: str) -> int:
         elif not any(t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)):
             study.enqueue_trial(params, user_attrs={"baseline": True})
     _optimize(study, search)
-    if args.final_seeds > 0:
-        _wait_for_other_workers(study, search)
-        write_tables(study, search)
-    best_config = write_best_config(study, search)
-    write_plots(study, search)
-    print(f"wrote the trials' tables{', best_config.yaml' if best_config else ''} and plots in {args.output}")
-    best = best_trial(study)
+    best, best_config = best_trial(study), write_best_config(study, search)
+    print(f"wrote the trials' tables{', best_config.yaml' if best_config else ''} in {args.output}")
     if best is None:
         raise RunFailure("no trial completed; see trials.md and the trials' trial.log")
     print(f"best: trial {best.number}, {args.metric}={best.value:.4f}, {best.params}")
@@ -155,9 +148,11 @@ def run(search: Search, resumable: list[str], command: str) -> int:
         host, run_dir = best.user_attrs["worker"]["host"], best.user_attrs.get("run_dir")
         print(f"info: the best trial ran on {host}: its run folder {run_dir} and best_config.yaml are there")
     else:
-        print(f"best config: {best_config}")
-        if args.final_seeds > 0:
-            _final_step(search, best_config, best.number)
+        final = args.output / "final"
+        print(f"best config: {best_config}; to re-train and test it over seeds 0-2 (docs/search.md):")
+        print(
+            f"  python -m src.tools.ablate --config {best_config} --seeds 3 --output {final} --runs_dir {final}/runs"
+        )
     return 0
 
 
@@ -199,11 +194,11 @@ def _optimize(study: optuna.Study, search: Search) -> None:
     def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
         nonlocal failures, stop_reason
         studies.fail_dead_workers(study)
-        write_tables(study, search)
+        table = write_tables(study, search)
         write_best_config(study, search)
         if trial.user_attrs.get("note", "").startswith("not run"):
             return
-        print(progress_line(study, search, trial), flush=True)
+        print(progress_line(table, search, trial.number, best_trial(study)), flush=True)
         failures = failures + 1 if trial.state == TrialState.FAIL else 0
         if args.max_failures and failures >= args.max_failures:
             log, note = search.folder(trial.number) / "trial.log", trial.user_attrs["note"]
@@ -224,32 +219,6 @@ def _optimize(study: optuna.Study, search: Search) -> None:
         raise RunFailure(stop_reason)
     if args.timeout is not None and time.monotonic() - started > args.timeout:
         print(f"--timeout {args.timeout:g} s reached: no new trial")
-
-
-def _wait_for_other_workers(study: optuna.Study, search: Search, poll_s: float = 15.0) -> None:
-    """Before the final step: let other workers' trials finish (or be failed, if their worker died)."""
-    while running := [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]:
-        print(f"waiting for trials {running} of other workers before the final step", flush=True)
-        time.sleep(poll_s)
-        search.children.check("interrupted before the final step; the same command resumes it")
-        studies.fail_dead_workers(study)
-
-
-def _final_step(search: Search, best_config: Path, number: int) -> None:
-    """Re-train the best config over ``--final_seeds`` seeds with ``src.tools.ablate`` (fit + test), in
-    ``OUTPUT/final/trial_NNNN``: run again, it resumes its runs; one worker per output folder runs it."""
-    from src.tools.ablate import sweep
-
-    folder, seeds = search.args.output / "final" / f"trial_{number:04d}", search.args.final_seeds
-    folder.mkdir(parents=True, exist_ok=True)
-    with (folder / "final.lock").open("w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print("another worker runs the final step; skipped here")
-            return
-        sweep([str(best_config)], [], seeds, folder, [], 0.8, folder / "runs", search.children)
-    print(f"final: trial {number}'s config re-trained over {seeds} seeds: {folder / 'summary.md'}")
 
 
 # ---------------------------------------------------------------------- what the search writes
@@ -300,8 +269,9 @@ def _note(number: int, state: str, note: Any, code: Any, again: dict[int, int]) 
     return "; ".join(n for n in (note, later) if n)
 
 
-def write_tables(study: optuna.Study, search: Search) -> None:
-    """``trials.csv`` (every digit) and ``trials.md`` (rounded, with a header) in the output folder."""
+def write_tables(study: optuna.Study, search: Search) -> pd.DataFrame:
+    """``trials.csv`` (every digit) and ``trials.md`` (rounded, with a header) in the output folder;
+    the table they show."""
     table, args, best = trial_table(study, search), search.args, best_trial(study)
     table.to_csv(args.output / "trials.csv", index=False)
     states = ", ".join(f"{k} {v}" for k, v in table["state"].value_counts().sort_index().items())
@@ -322,22 +292,21 @@ def write_tables(study: optuna.Study, search: Search) -> None:
         ),
     ]
     (args.output / "trials.md").write_text("\n".join(lines) + "\n")
+    return table
 
 
-def progress_line(study: optuna.Study, search: Search, trial: FrozenTrial) -> str:
-    """The line printed after each trial (docs/search.md)."""
-    args, attrs, best = search.args, trial.user_attrs, best_trial(study)
-    shown = ", ".join(
-        f"{name}={cell(name, trial.params.get(key))}" for key, name in labels(search.space).items()
-    )
-    value = "" if trial.value is None else f" {args.metric}={cell('value', trial.value)}"
-    note = f" ({attrs['note']})" if attrs.get("note") else ""
-    done = sum(t.state != TrialState.RUNNING for t in studies.counted(study))
-    epochs = attrs.get("epochs") or 0
+def progress_line(table: pd.DataFrame, search: Search, number: int, best: FrozenTrial | None) -> str:
+    """The line printed after trial ``number`` (docs/search.md): its row of the table."""
+    row, metric = table.set_index("trial").loc[number], search.args.metric
+    shown = ", ".join(f"{name}={cell(name, row[name])}" for name in labels(search.space).values())
+    value = f" {metric}={cell('value', row['value'])}" if pd.notna(row["value"]) else ""
+    note = f" ({row['note']})" if row["note"] else ""
+    done = table["state"].isin(("COMPLETE", "PRUNED")).sum()
+    epochs = cell("epochs", row["epochs"])
     return (
-        f"[{done}/{args.trials}] trial {trial.number} {trial.state.name}{value}{note} | "
+        f"[{done}/{search.args.trials}] trial {number} {row['state']}{value}{note} | "
         f"{f'best {best.value:.4f} (trial {best.number})' if best else 'best —'} | {shown} | "
-        f"{epochs} epoch{'' if epochs == 1 else 's'}, {attrs.get('cpu_s') or 0:.0f} s CPU"
+        f"{epochs} epoch{'' if epochs == '1' else 's'}, {cell('cpu_s', row['cpu_s'])} s CPU"
     )
 
 
@@ -365,26 +334,3 @@ def write_best_config(study: optuna.Study, search: Search) -> Path | None:
         f"#   python -m src.cli fit --config {path}\n" + yaml.safe_dump(config, sort_keys=False)
     )
     return path
-
-
-def write_plots(study: optuna.Study, search: Search) -> None:
-    """Optuna's optimisation history and parameter importances (matplotlib) as PNGs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as ovm
-
-    complete, metric = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), search.args.metric
-    if not complete:
-        print("info: no complete trial, so no history.png")
-        return
-    axes = {"history.png": ovm.plot_optimization_history(study, target_name=metric)}
-    varying = [p.key for p in search.space if len({format_value(t.params.get(p.key)) for t in complete}) > 1]
-    if len(complete) >= 2 and varying:
-        axes["importance.png"] = ovm.plot_param_importances(study, params=varying, target_name=metric)
-    else:
-        print("info: parameter importance needs 2 complete trials with different values; no importance.png")
-    for name, ax in axes.items():
-        ax.figure.savefig(search.args.output / name, dpi=100, bbox_inches="tight")
-        plt.close(ax.figure)

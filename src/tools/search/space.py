@@ -116,9 +116,7 @@ def baseline_params(config: dict[str, Any], space: list[Param]) -> tuple[dict[st
     A choice matches when its text reads (as YAML) to the config's value (``[512,256]``, ``true``)."""
     params, outside = {}, []
     for p in space:
-        node: Any = config
-        for part in p.key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
+        node = lookup(config, p.key)
         if p.kind == "choice":
             match = [c for c in p.choices if _yaml_value(c) == node]
             if match:
@@ -129,6 +127,13 @@ def baseline_params(config: dict[str, Any], space: list[Param]) -> tuple[dict[st
             continue
         outside.append(f"{p.key}={node!r}")
     return params, outside
+
+
+def lookup(config: Any, key: str) -> Any:
+    """The value at a dotted ``key`` of a resolved config (``None`` where it has none)."""
+    for part in key.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
 
 
 def _yaml_value(text: str) -> Any:

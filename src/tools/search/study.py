@@ -24,6 +24,9 @@ MAX_RETRY = 3  # how often a trial whose worker died is run again
 # whose trials keep failing); a failed trial whose worker died runs again as a new, counted trial.
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 CONTRACT = "contract"  # the study's user attribute that records what defines its trials
+PID_ENV = "BN_SEARCH_PID"  # the search's pid: a trial kills itself when its search is gone
+# How a trial gets the storage URL: in its environment, so credentials stay out of its config.yaml.
+STORAGE_ENV = "BN_SEARCH_STORAGE"
 
 
 def retry(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -87,11 +90,10 @@ def open_study(storage: Any, url: str, name: str, contract: dict[str, Any]) -> o
 
 def contract_differences(stored: dict[str, Any], mine: dict[str, Any], most: int = 10) -> list[str]:
     """``what: the study's -> this command's`` for each setting that defines a trial and differs."""
-    theirs, ours = set(stored.get("space") or []), set(mine["space"])
-    only = f"only in the study {sorted(theirs - ours)}, only here {sorted(ours - theirs)}"
-    out = [] if theirs == ours else [f"--space: {only}"]
-    out += [
-        f"--{k}: {stored.get(k)} -> {mine[k]}" for k in ("metric", "direction") if stored.get(k) != mine[k]
+    out = [
+        f"--{k}: {stored.get(k)} -> {mine[k]}"
+        for k in ("space", "metric", "direction")
+        if stored.get(k) != mine[k]
     ]
     a, b = _flatten(stored.get("config") or {}), _flatten(mine["config"])
     config = [f"{k}: {_short(a.get(k))} -> {_short(b.get(k))}" for k in sorted(a | b) if a.get(k) != b.get(k)]
