@@ -78,7 +78,10 @@ def test_a_checkpoint_only_command_names_what_differs_in_one_line(fitted: Path, 
     assert notes(same) == []
 
     other = edited(
-        fitted, tmp_path / "other.ckpt", packages={"lightning": "2.5.0"}, code={"commit": "1a2b3c4" * 6}
+        fitted,
+        tmp_path / "other.ckpt",
+        packages={"lightning": "2.5.0"},
+        code={"commit": "1a2b3c4" * 6, "dirty": False},  # whether or not this checkout has local changes
     )
     (line,) = notes(run_cli("test", f"--ckpt_path={other}", *QUIET, cwd=tmp_path))
     assert "lightning 2.5.0 (now " in line and f"code 1a2b3c4 (now {head}" in line, line
