@@ -117,7 +117,7 @@ def test_fit_then_predict_raw_texts_from_checkpoint_with_data_gone(tmp_path: Pat
         "--data.init_args.max_length=20",
         f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
     ]
-    run_cli("fit", "--config", CONFIG, "--trainer.max_epochs=2", *data, cwd=tmp_path)
+    run_cli("fit", "--config", CONFIG, "--trainer.max_epochs=1", *data, cwd=tmp_path)
     run_dir = next((tmp_path / "logs").rglob("version_0"))
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     # the vocabulary travels in the checkpoint (plain types: loads with weights_only=True)

@@ -1,6 +1,11 @@
 """The logger presets (``configs/presets/{csv,mlflow,wandb}.yaml``) beside TensorBoard and instead of it,
 through the CLI, read back through each logger's own library: one run folder (config.yaml,
-checkpoints, summary.json), a stopped run resumed, a checkpoint-only test, the settings and metrics."""
+checkpoints, summary.json), a stopped run resumed, a checkpoint-only test, the settings and metrics.
+
+The presets are stacked (``logger+=``), and :mod:`src.runtime.loggers` places each logger of the list
+in turn, so one run with all of them checks each: all three beside TensorBoard; instead of it, CSV
+(the run folder is its own ``csv/version_N``) and MLflow with W&B (neither has a run folder of its
+own: ``lightning_logs/version_N``)."""
 
 from __future__ import annotations
 
@@ -24,15 +29,18 @@ LOGS = "lightning_logs"  # the presets' and the pair config's save_dir, under th
 SHIPPED_LR = yaml.safe_load(Path(config("mnist1d_resnet_bn")).read_text())["model"]["init_args"]["lr"]
 
 
-def need(preset: str) -> None:
-    package = PACKAGE[preset]
-    if package and importlib.util.find_spec(package) is None:
-        pytest.skip(f"the {preset} preset needs {package}: pip install -e '.[loggers]'")
+def installed(*presets: str) -> list[str]:
+    """The ``presets`` whose package is installed; a test of none of them is skipped."""
+    found = [p for p in presets if not PACKAGE[p] or importlib.util.find_spec(PACKAGE[p]) is not None]
+    if not found:
+        pytest.skip(f"the {'/'.join(presets)} presets need their packages: pip install -e '.[loggers]'")
+    return found
 
 
-def fit(root: Path, preset: str, *extra: str) -> list[str]:
+def fit(root: Path, presets: list[str], *extra: str) -> list[str]:
+    stacked = [a for p in presets for a in ("--config", str(ROOT / "configs" / "presets" / f"{p}.yaml"))]
     return [
-        "fit", "--config", config("mnist1d_resnet_bn"), *extra, "--config", str(ROOT / "configs" / "presets" / f"{preset}.yaml"),
+        "fit", "--config", config("mnist1d_resnet_bn"), *extra, *stacked,
         *tiny_mnist1d(root), "--trainer.enable_progress_bar=false", "--trainer.max_epochs=2", "--test_after_fit=true",
     ]  # fmt: skip
 
@@ -97,15 +105,15 @@ def check_wandb(root: Path, run: Path, name: str, summary: dict) -> None:
 CHECK = {"csv": check_csv, "mlflow": check_mlflow, "wandb": check_wandb}
 
 
-@pytest.mark.parametrize("preset", ["csv", "mlflow", "wandb"])
-def test_beside_tensorboard_in_the_run_folder_and_from_a_checkpoint(preset: str, tmp_path: Path):
-    need(preset)
-    run_cli(*fit(tmp_path, preset), cwd=tmp_path)
+def test_beside_tensorboard_in_the_run_folder_and_from_a_checkpoint(tmp_path: Path):
+    presets = installed("csv", "mlflow", "wandb")
+    run_cli(*fit(tmp_path, presets), cwd=tmp_path)
     runs = tmp_path / LOGS / "mnist1d_resnet_bn"
     run = runs / "version_0"
     summary = assert_run_folder(run)
-    assert list(run.glob("events.out.tfevents.*"))  # TensorBoard's files beside the other logger's
-    CHECK[preset](tmp_path, run, "mnist1d_resnet_bn/version_0", summary)
+    assert list(run.glob("events.out.tfevents.*"))  # TensorBoard's files beside the other loggers'
+    for preset in presets:
+        CHECK[preset](tmp_path, run, "mnist1d_resnet_bn/version_0", summary)
     assert not [p.name for p in tmp_path.iterdir() if p.name in ("mlruns", "wandb", "csv")]
 
     # a checkpoint-only test logs through the same loggers into a run folder of its own
@@ -113,32 +121,32 @@ def test_beside_tensorboard_in_the_run_folder_and_from_a_checkpoint(preset: str,
     assert "Traceback" not in out.stderr
     tested = read_summary(runs / "version_1")
     assert tested["test"]["test_acc"] == pytest.approx(summary["test"]["test_acc"], abs=1e-6)
-    if preset == "mlflow":
+    if "mlflow" in presets:
         _, found = mlflow_runs(tmp_path)
         assert found["mnist1d_resnet_bn/version_1"].data.metrics["test_acc"] == pytest.approx(
             tested["test"]["test_acc"], abs=1e-6
         )
-    if preset == "wandb":
+    if "wandb" in presets:
         assert list((runs / "version_1" / "wandb").glob("offline-run-*"))
-    if preset == "csv":
-        assert (runs / "version_1" / "metrics.csv").is_file()
+    assert (runs / "version_1" / "metrics.csv").is_file()
 
 
-@pytest.mark.parametrize("preset", ["csv", "mlflow", "wandb"])
-def test_instead_of_tensorboard_a_stopped_run_resumes_in_its_folder(preset: str, tmp_path: Path):
-    need(preset)
-    args = fit(tmp_path, preset, "--trainer.logger=null")
+@pytest.mark.parametrize("presets", [["csv"], ["mlflow", "wandb"]], ids=["csv", "mlflow+wandb"])
+def test_instead_of_tensorboard_a_stopped_run_resumes_in_its_folder(presets: list[str], tmp_path: Path):
+    presets = installed(*presets)
+    args = fit(tmp_path, presets, "--trainer.logger=null")
     stopped = run_cli(*args, *STOP, cwd=tmp_path, check=False)
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
     run_cli(*args, "--ckpt_path=last", cwd=tmp_path)
     # CSV keeps its own layout; without a TensorBoard/CSV logger the run folder is lightning_logs/version_N
-    runs = tmp_path / LOGS / ("csv" if preset == "csv" else "")
+    runs = tmp_path / LOGS / ("csv" if presets == ["csv"] else "")
     assert [p.name for p in runs.glob("version_*")] == ["version_0"]
     run = runs / "version_0"
     summary = assert_run_folder(run)
     assert not list(run.glob("events.out.tfevents.*"))
     name = "lightning_logs/version_0"
-    CHECK[preset](tmp_path, run, name, summary)
-    if preset == "mlflow":
+    for preset in presets:
+        CHECK[preset](tmp_path, run, name, summary)
+    if "mlflow" in presets:
         _, found = mlflow_runs(tmp_path)
         assert list(found) == [name] and found[name].info.status == "FINISHED"  # the same run, continued

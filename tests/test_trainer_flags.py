@@ -113,7 +113,10 @@ FLAGS = {
         ["--trainer.overfit_batches=1", "--trainer.max_epochs=30", "--data.init_args.shift_augment=0",
          "--model.init_args.dropout=0", "--model.init_args.label_smoothing=0", "--model.init_args.lr=0.01",
          "--model.init_args.lr_scheduler=null"], check_overfit),
-    "val_check_interval": (["--trainer.val_check_interval=0.5", "--trainer.max_epochs=2"], check_val_twice_per_epoch),
+    # The DDP preset on one CPU process (per-process BatchNorm) counts validations like any other run.
+    "val_check_interval+ddp_preset_one_process": (
+        ["--trainer.val_check_interval=0.5", "--trainer.max_epochs=2", "--config", str(ROOT / "configs" / "presets" / "ddp.yaml"),
+         "--trainer.accelerator=cpu", "--trainer.devices=1"], both(check_val_twice_per_epoch, check_one_process_preset)),
     "check_val_every_n_epoch": (["--trainer.check_val_every_n_epoch=2", "--trainer.max_epochs=4"], check_val_every_other_epoch),
     # Flags with checks of their own that cannot interfere share a run too.
     "accumulate_grad_batches+no_logger": (["--trainer.accumulate_grad_batches=2", "--trainer.max_epochs=2",
@@ -123,19 +126,16 @@ FLAGS = {
                                           "--trainer.precision=bf16-mixed", "--trainer.callbacks+=StochasticWeightAveraging",
                                           "--trainer.callbacks.swa_lrs=0.005", "--trainer.callbacks.swa_epoch_start=1",
                                           "--trainer.max_epochs=2"], None),
-    "detect_anomaly+profiler+model_summary+max_time": (
+    "detect_anomaly+profiler+model_summary+max_time+two_loggers+no_checkpointing": (
         ["--trainer.detect_anomaly=true", "--trainer.profiler=simple", "--trainer.callbacks+=ModelSummary",
-         "--trainer.callbacks.max_depth=3", "--trainer.max_time=00:00:00:02", "--trainer.max_epochs=1000"],
-        check_profiler_and_summary),
-    "ddp_spawn": (["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp_spawn"], None),
-    "csv_logger+max_steps": (["--trainer.logger=CSVLogger", "--trainer.logger.init_args.save_dir=LOGS",
-                              "--trainer.max_steps=5"], both(check_csv_logger, check_max_steps)),
-    "two_loggers+no_checkpointing": (
-        ["--trainer.logger+=CSVLogger", "--trainer.logger.init_args.save_dir=LOGS", "--trainer.logger.init_args.name=csv",
-         "--trainer.enable_checkpointing=false", "--test_after_fit=true"], both(check_two_loggers, check_no_checkpoints)),
-    "no_logger_root_dir": (["--trainer.logger=false", "--trainer.default_root_dir=LOGS/root"], check_no_logger_in_a_root_dir),
-    "ddp_preset_one_process": (["--config", str(ROOT / "configs" / "presets" / "ddp.yaml"), "--trainer.accelerator=cpu",
-                                "--trainer.devices=1"], check_one_process_preset),
+         "--trainer.callbacks.max_depth=3", "--trainer.max_time=00:00:00:02", "--trainer.max_epochs=1000",
+         "--trainer.logger+=CSVLogger", "--trainer.logger.init_args.save_dir=LOGS", "--trainer.logger.init_args.name=csv",
+         "--trainer.enable_checkpointing=false", "--test_after_fit=true"],
+        both(check_profiler_and_summary, check_two_loggers, check_no_checkpoints)),
+    "ddp_spawn+csv_logger+max_steps": (["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp_spawn",
+                                        "--trainer.logger=CSVLogger", "--trainer.logger.init_args.save_dir=LOGS",
+                                        "--trainer.max_steps=5"], both(check_csv_logger, check_max_steps)),
+    # --trainer.logger=false with a default_root_dir: test_deterministic_runs_repeat_to_the_bit
 }  # fmt: skip
 
 
@@ -154,11 +154,20 @@ def test_trainer_flag_through_the_cli(flag: str, tmp_path: Path):
 
 
 def test_deterministic_runs_repeat_to_the_bit(tmp_path: Path):
-    for name in ("a", "b"):
-        run_cli("fit", "--config", MNIST1D, *tiny_mnist1d(tmp_path), "--trainer.deterministic=true", "--trainer.max_epochs=1",
-                f"--trainer.logger.init_args.save_dir={tmp_path / name}", "--trainer.enable_progress_bar=false",
-                "--test_after_fit=false", cwd=tmp_path)  # fmt: skip
-    a, b = (
-        torch.load(next((tmp_path / n).rglob("last.ckpt")), weights_only=True)["state_dict"] for n in "ab"
+    """Two deterministic runs, the second without a logger (logging only observes, so it changes no
+    weight) and with a default_root_dir, which holds its run folder."""
+    a_then_b = (
+        [f"--trainer.logger.init_args.save_dir={tmp_path / 'a'}"],
+        ["--trainer.logger=false", f"--trainer.default_root_dir={tmp_path / 'logs' / 'root'}"],
     )
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for extra in a_then_b:
+        out = run_cli("fit", "--config", MNIST1D, *tiny_mnist1d(tmp_path), "--trainer.deterministic=true",
+                      "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false", "--test_after_fit=false", *extra,
+                      cwd=tmp_path)  # fmt: skip
+        assert "Traceback" not in out.stderr
+    check_no_logger_in_a_root_dir(tmp_path, out)
+    a, b = (
+        torch.load(next(p.rglob("last.ckpt")), weights_only=True)["state_dict"]
+        for p in (tmp_path / "a", tmp_path / "logs")
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -49,9 +49,22 @@ def peak(output: str) -> float:
     return float(found.group(1))
 
 
-def test_the_learning_rate_finders_pick_is_what_trains_and_what_is_recorded(tmp_path: Path):
-    out = run_cli(*fit(tmp_path, *FINDER), cwd=tmp_path)
-    settings, ckpt = recorded(tmp_path)
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A run tuned by the learning-rate finder, stopped by SIGTERM at step 20 and resumed by the same
+    command: each command's output, and the run's config.yaml settings and last.ckpt after each."""
+    root = tmp_path_factory.mktemp("tuned")
+    stop = ["--trainer.callbacks+=tests.helpers.faults.KillAt", "--trainer.callbacks.step=20",
+            f"--trainer.callbacks.signum={int(signal.SIGTERM)}"]  # fmt: skip
+    first = run_cli(*fit(root, *FINDER, *stop), cwd=root, check=False)
+    assert first.returncode == 143, first.stderr[-3000:]
+    stopped = recorded(root)
+    resumed = run_cli(*fit(root, *FINDER, "--ckpt_path=last"), cwd=root)  # the same command resumes it
+    return {"stopped": (first, *stopped), "resumed": (resumed, *recorded(root))}
+
+
+def test_the_learning_rate_finders_pick_is_what_trains_and_what_is_recorded(tuned: dict):
+    out, settings, ckpt = tuned["stopped"]  # the checkpoint written where SIGTERM stopped the run
     lr = settings["model"]["init_args"]["lr"]
     assert lr != 0.01 and ckpt["hyper_parameters"]["lr"] == lr
     # the finder saves (and restores) a checkpoint before the tuned value is known
@@ -61,11 +74,13 @@ def test_the_learning_rate_finders_pick_is_what_trains_and_what_is_recorded(tmp_
     assert group["max_lr"] == pytest.approx(lr)  # the one-cycle peak
     assert group["initial_lr"] == pytest.approx(lr / 25)  # its start (div_factor 25)
     assert peak(out.stdout + out.stderr) == pytest.approx(lr, rel=1e-3)  # the start line says it
-    assert ckpt["lr_schedulers"][0]["total_steps"] == ckpt["global_step"] == 28
+    assert ckpt["lr_schedulers"][0]["total_steps"] == 28  # the 2 epochs' steps
 
 
-@pytest.mark.parametrize("preset", [[], ["--config", str(ROOT / "configs" / "presets" / "csv.yaml")]],
-                         ids=["tensorboard", "csv-stacked"])  # fmt: skip
+# A run with TensorBoard and CSV stacked: neither logger leaves a folder (TensorBoard alone is the
+# first of them).
+@pytest.mark.parametrize("preset", [["--config", str(ROOT / "configs" / "presets" / "csv.yaml")]],
+                         ids=["csv-stacked"])  # fmt: skip
 def test_a_learning_rate_pick_that_would_not_train_is_refused(tmp_path: Path, preset: list[str]):
     # 3 epochs give the finder 42 of its 100 steps before its loss diverges: its pick is from part
     # of its range
@@ -89,17 +104,12 @@ def test_the_batch_size_finders_pick_sets_the_schedules_length(tmp_path: Path):
     assert schedule["total_steps"] == schedule["last_epoch"] == ckpt["global_step"]  # it ended with the run
 
 
-def test_a_resumed_run_keeps_what_it_was_tuned_to(tmp_path: Path):
-    stop = ["--trainer.callbacks+=tests.helpers.faults.KillAt", "--trainer.callbacks.step=20",
-            f"--trainer.callbacks.signum={int(signal.SIGTERM)}"]  # fmt: skip
-    first = run_cli(*fit(tmp_path, *FINDER, *stop), cwd=tmp_path, check=False)
-    assert first.returncode == 143, first.stderr[-3000:]
-    tuned = recorded(tmp_path)[0]["model"]["init_args"]["lr"]
-    out = run_cli(*fit(tmp_path, *FINDER, "--ckpt_path=last"), cwd=tmp_path)  # the same command resumes it
+def test_a_resumed_run_keeps_what_it_was_tuned_to(tuned: dict):
+    tuned_lr = tuned["stopped"][1]["model"]["init_args"]["lr"]
+    out, settings, ckpt = tuned["resumed"]
     said = out.stdout + out.stderr
     assert "LearningRateFinder left out: a resumed run keeps the values its checkpoint holds" in said
     assert "Finding best initial lr" not in said and "The tuner chose" not in said
-    settings, ckpt = recorded(tmp_path)
-    assert settings["model"]["init_args"]["lr"] == ckpt["hyper_parameters"]["lr"] == tuned
-    assert ckpt["optimizer_states"][0]["param_groups"][0]["max_lr"] == pytest.approx(tuned)
-    assert ckpt["global_step"] == 28
+    assert settings["model"]["init_args"]["lr"] == ckpt["hyper_parameters"]["lr"] == tuned_lr
+    assert ckpt["optimizer_states"][0]["param_groups"][0]["max_lr"] == pytest.approx(tuned_lr)
+    assert ckpt["lr_schedulers"][0]["total_steps"] == ckpt["global_step"] == 28
