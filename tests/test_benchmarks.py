@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -106,29 +107,38 @@ def test_speed_measures_project_bare_trainer_and_hand_loop_side_by_side(tmp_path
 
 
 # ---------------------------------------------------------------------------------------- runner
-@pytest.mark.slow
-def test_runner_fits_through_the_cli_and_reads_the_run_folder(tmp_path: Path):
-    flags = TINY_DATA["MNIST1D"](tmp_path)
-    r = runner.fit(
-        runner.PAIRS["mnist1d_resnet_bn"].config,
-        [*flags, "--trainer.max_epochs=2"],
-        seed=1,
-        save_dir=tmp_path / "run",
-    )
-    assert 0 <= r["test_acc"] <= 1 and 0 <= r["test_f1"] <= 1 and 0 <= r["best_val_acc"] <= 1
-    assert r["epochs"] == 2 and len(r["val_acc_per_epoch"]) == 2 and "last.ckpt" in r["checkpoints"]
-    assert r["wall_s"] > 0 and r["cpu_s"] > 0 and Path(r["run_dir"]).is_dir()
-
-
-@pytest.mark.slow
-def test_results_prints_the_table_of_its_variants(tmp_path: Path):
+@pytest.fixture(scope="module")
+def results_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
+    """``python -m benchmarks.results`` on MNIST-1D, one seed, 2 epochs: its output and its runs' folder.
+    Each of its two variants is a :func:`benchmarks.runner.fit` (``python -m src.cli fit`` in a subprocess)."""
+    tmp_path = tmp_path_factory.mktemp("results")
     flags = TINY_DATA["MNIST1D"](tmp_path)
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.results", "--pair", "mnist1d_resnet_bn", "--seeds", "1",
-         "--save-dir", str(tmp_path / "runs"), "--", *flags, "--trainer.max_epochs=1"],
+         "--save-dir", str(tmp_path / "runs"), "--", *flags, "--trainer.max_epochs=2"],
         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
+    return out, tmp_path / "runs"
+
+
+@pytest.mark.slow
+def test_runner_fits_through_the_cli_and_reads_the_run_folder(results_run):
+    out, runs = results_run
+    (save_dir,) = runs.glob("*/bn_on/seed0")  # runner.fit's save_dir: <save-dir>/<time>/<variant>/seed<n>
+    r = runner.figures(runner.run_folder(save_dir))
+    assert 0 <= r["test_acc"] <= 1 and 0 <= r["test_f1"] <= 1 and 0 <= r["best_val_acc"] <= 1
+    assert r["epochs"] == 2 and len(r["val_acc_per_epoch"]) == 2 and "last.ckpt" in r["checkpoints"]
+    assert Path(r["run_dir"]).is_dir()
+    # the command's wall and CPU time, as the runner measured them
+    line = next(line for line in out.stdout.splitlines() if line.startswith("bn_on") and " seed 0:" in line)
+    wall, cpu = re.search(r"wall (\S+)s\s+CPU (\S+)s", line).groups()
+    assert float(wall) > 0 and float(cpu) > 0 and "epochs   2" in line
+
+
+@pytest.mark.slow
+def test_results_prints_the_table_of_its_variants(results_run):
+    out, _ = results_run
     rows = [line for line in out.stdout.splitlines() if line.startswith("| bn_")]
     assert [r.split("|")[1].strip() for r in rows] == ["bn_on", "bn_off"]
     lines = out.stdout.splitlines()  # what the docs quote: the command, the load, the goal
@@ -218,8 +228,8 @@ def test_finite_losses_pass_every_check():
 
 @pytest.mark.slow
 def test_speed_command_prints_its_tables_and_writes_json(tmp_path: Path):
-    # 300 signals (6 steps per epoch): its (c) run trains the notebook's 60 epochs on them
-    flags = [*tiny("mnist1d_resnet_bn", tmp_path), "--data.init_args.num_samples=300"]
+    # 150 signals (2 training steps per epoch): its (c) run trains the notebook's 60 epochs on them
+    flags = [*tiny("mnist1d_resnet_bn", tmp_path), "--data.init_args.num_samples=150"]
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.speed", "--pairs", "mnist1d_resnet_bn", "--epochs", "2", "--repeats", "1",
          "--json", str(tmp_path / "speed.json"), "--", *flags, "--trainer.max_epochs=2"],

@@ -1,6 +1,6 @@
 """The test pair (tests/pair/: toy blobs × ToyMLP, added as README's "Add your own pair" says) through
-every command and tool, each run as a user runs it: fit; a SIGKILL mid-epoch and its resume; a kill
-before an epoch's save, then a resume after the data folder moved; checkpoint-only test and predict
+every command and tool, each run as a user runs it: fit; a SIGKILL mid-epoch, then a resume after the
+data folder moved, itself killed before an epoch's save, and its resume; checkpoint-only test and predict
 once the data folder is gone; ONNX export with parity; serving raw vectors over HTTP; a 2-trial
 search and a 2-run ablation.
 
@@ -133,32 +133,27 @@ def test_fit_learns_the_blobs_and_keeps_the_fitted_normalisation_in_the_checkpoi
 
 
 # ---------------------------------------------------------------------------------- kill and resume
-def test_a_sigkill_mid_epoch_resumes_to_the_uninterrupted_run(fitted: Fitted, tmp_path: Path):
-    args = fit_args(fitted.root, tmp_path / "logs")
-    out = run_cli(*args, *kill(17, "batch_end"), cwd=tmp_path, check=False)  # in epoch 2
-    assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
-    assert saved_step(tmp_path / "logs") in (7, 14)
-    out = run_cli(*args, "--ckpt_path=last", cwd=tmp_path)
-    assert "Restored all states" in out.stdout + out.stderr
-    assert_same_state(fitted.ckpt, last_ckpt(tmp_path / "logs"))
-
-
-def test_a_run_resumes_after_its_data_folder_moved(fitted: Fitted, tmp_path: Path):
+def test_kills_mid_epoch_and_before_a_save_resume_to_the_uninterrupted_run_after_the_data_moved(
+    fitted: Fitted, tmp_path: Path
+):
+    """One run killed twice and resumed twice: a SIGKILL mid-epoch; its resume, from a data folder
+    moved in between, killed after the last epoch's validation, before its save; then the resume that
+    finishes, in the state of the uninterrupted run."""
     before, after = tmp_path / "before", tmp_path / "after"
     shutil.copytree(fitted.root / "blobs", before)
     args = fit_args(fitted.root, tmp_path / "logs")
-    # killed after the last epoch's validation, before its save
     out = run_cli(
-        *args,
-        f"--data.init_args.data_root={before}",
-        *kill(21, "before_epoch_save"),
-        cwd=tmp_path,
-        check=False,
-    )
+        *args, f"--data.init_args.data_root={before}", *kill(17, "batch_end"), cwd=tmp_path, check=False
+    )  # in epoch 2
     assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
     assert saved_step(tmp_path / "logs") in (7, 14)
     before.rename(after)
-    out = run_cli(*args, f"--data.init_args.data_root={after}", "--ckpt_path=last", cwd=tmp_path)
+    moved = [f"--data.init_args.data_root={after}", "--ckpt_path=last"]
+    out = run_cli(*args, *moved, *kill(21, "before_epoch_save"), cwd=tmp_path, check=False)
+    assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
+    assert "Restored all states" in out.stdout + out.stderr
+    assert saved_step(tmp_path / "logs") in (7, 14)
+    out = run_cli(*args, *moved, cwd=tmp_path)
     assert "Restored all states" in out.stdout + out.stderr
     assert_same_state(fitted.ckpt, last_ckpt(tmp_path / "logs"))
 

@@ -1,6 +1,6 @@
 """`python -m src.tools.serve`: the real LitServe server in a subprocess, called over HTTP.
 
-Predictions equal ``python -m src.cli predict`` on the same inputs for every config; concurrent
+Predictions equal ``python -m src.cli predict`` on the same inputs for each kind of input; concurrent
 requests; bad requests answered with a 4xx JSON saying what was wrong, on the same keep-alive
 connection, while the server keeps serving; a small request answered while a large one is still
 being read; SIGTERM/SIGINT shutdown; bad checkpoint and busy port. Needs the serve extra (litserve,
@@ -39,12 +39,19 @@ from tests.helpers.serving import (  # noqa: E402
     HOLD,
     cli_predictions,
     held_checkpoint,
+    read_predictions,
     run_module,
     tiny_checkpoint,
+    tiny_predictions,
 )
 
 pytestmark = pytest.mark.slow  # each test trains or serves a model in a subprocess
 
+# Predictions are compared with `predict` once per DataModule (MNIST-1D signals, images, texts): the
+# server runs every network the same way. The other MNIST-1D network serves as the held server's.
+PREDICTED = ("mnist1d_resnet_bn", "fashion_mnist_mlp_bn", "ag_news_cnn_bn")
+HELD = "mnist1d_resconv_bn"
+assert {*PREDICTED, HELD} == set(CONFIG_NAMES)
 MAX_BYTES = 300_000
 MAX_INPUTS = 64
 PROB_ATOL = 2e-6  # predictions.csv rounds probabilities to 6 decimals
@@ -154,7 +161,7 @@ def servers(runs_root: Path, tmp_path_factory: pytest.TempPathFactory):
                 name == "ag_news_cnn_bn"
             ):  # two inference workers (and HTTP processes) for the concurrency test
                 args += ("--workers", "2")
-            ckpt = held_checkpoint(runs_root) if name == "held" else tiny_checkpoint(name, runs_root)
+            ckpt = held_checkpoint(runs_root, HELD) if name == "held" else tiny_checkpoint(name, runs_root)
             started[name] = Server(ckpt, logs / f"{name}.log", *args)
         return started[name]
 
@@ -213,7 +220,7 @@ def assert_same(served: list[dict], expected: list[dict], atol: float = PROB_ATO
 
 
 # ---------------------------------------------------------------------- predictions
-@pytest.mark.parametrize("name", CONFIG_NAMES)
+@pytest.mark.parametrize("name", PREDICTED)
 def test_predictions_equal_cli_predict_on_the_same_inputs(
     name: str, servers, runs_root: Path, tmp_path: Path
 ):
@@ -224,7 +231,9 @@ def test_predictions_equal_cli_predict_on_the_same_inputs(
         assert [row["text"] for row in expected] == AG_TEXTS
         served = server.predict(AG_TEXTS[:3]) + server.predict(AG_TEXTS[3:4]) + server.predict(AG_TEXTS[4:])
     else:
-        expected = cli_predictions(ckpt, tmp_path)  # on the test split
+        # `python -m src.cli predict --ckpt_path` on the test split (run once in the session: its
+        # output is tests/test_configs.py's too)
+        expected = read_predictions(tiny_predictions(name, runs_root)[0])
         raw, kind = raw_test_split(ckpt)
         if kind == "FashionMNIST":  # PNGs, nested pixel arrays and flat pixel arrays
             inputs = [png_base64(x) for x in raw[:8]] + [x.tolist() for x in raw[8:16]]

@@ -2,7 +2,7 @@
 
 Each config is fitted once per test session (on tiny data, 2 epochs, as a user runs the CLI) into
 the ``runs_root`` folder; later calls, from any pytest-xdist worker, reuse the checkpoint.
-:func:`held_checkpoint` is the MNIST-1D one with a DataModule whose reading of an input can be held
+:func:`held_checkpoint` is an MNIST-1D one with a DataModule whose reading of an input can be held
 (:class:`HeldSignals`), to see what the server does meanwhile.
 """
 
@@ -95,7 +95,26 @@ def cli_predictions(ckpt: Path, workdir: Path, *extra: str) -> list[dict[str, ob
         *extra,
         cwd=workdir,
     )
-    path = workdir / "predictions.csv"
+    return read_predictions(workdir / "predictions.csv")
+
+
+def tiny_predictions(name: str, root: Path) -> tuple[Path, str]:
+    """``predictions.csv`` of ``python -m src.cli predict --ckpt_path <tiny checkpoint of name>`` (on
+    its test split, its run under ``root/predicted/<name>``) and the command's stderr; run on first use
+    in the session."""
+    folder = root / "predicted" / name
+    with FileLock(root / f"{name}.predict.lock"):
+        if not (folder / "stderr.txt").is_file():
+            ckpt = tiny_checkpoint(name, root)
+            save_dir = f"--trainer.logger.init_args.save_dir={folder}"
+            proc = run_cli("predict", "--ckpt_path", str(ckpt), save_dir, cwd=root)
+            (folder / "stderr.txt").write_text(proc.stderr, encoding="utf-8")
+    (path,) = folder.rglob("predictions.csv")
+    return path, (folder / "stderr.txt").read_text(encoding="utf-8")
+
+
+def read_predictions(path: Path) -> list[dict[str, object]]:
+    """The rows of a ``predictions.csv``: predicted class name, probabilities by class (and the text)."""
     with path.open(encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
     return [
@@ -130,14 +149,14 @@ class HeldSignals(MNIST1D):
         return super().parse_raw_input(value)
 
 
-def held_checkpoint(root: Path) -> Path:
-    """``mnist1d_resnet_bn``'s tiny checkpoint with :class:`HeldSignals` as its DataModule class."""
-    path = root / "held" / "last.ckpt"
+def held_checkpoint(root: Path, name: str = "mnist1d_resnet_bn") -> Path:
+    """The tiny checkpoint of MNIST-1D config ``name`` with :class:`HeldSignals` as its DataModule class."""
+    path = root / "held" / name / "last.ckpt"
     with FileLock(root / "held.lock"):
         if not path.is_file():
-            ckpt = torch.load(tiny_checkpoint("mnist1d_resnet_bn", root), weights_only=True)
+            ckpt = torch.load(tiny_checkpoint(name, root), weights_only=True)
             ckpt["datamodule_hyper_parameters"]["_class_path"] = f"{__name__}.{HeldSignals.__qualname__}"
-            path.parent.mkdir(exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(ckpt, path)
     return path
 
@@ -148,6 +167,8 @@ __all__ = [
     "HOLD",
     "cli_predictions",
     "held_checkpoint",
+    "read_predictions",
     "run_module",
     "tiny_checkpoint",
+    "tiny_predictions",
 ]
