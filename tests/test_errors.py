@@ -15,6 +15,7 @@ import torch
 
 from tests.helpers.cli import config, env, read_only, refused, run_cli
 from tests.helpers.data import quiet, tiny_ag_news, tiny_mnist1d, write_tiny_ag_news
+from tests.helpers.serving import tiny_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -155,14 +156,14 @@ def test_bad_ag_news_rows(tmp_path: Path, texts: list, labels: list, message: st
 
 
 @pytest.fixture(scope="module")
-def ag_news_ckpt(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("ag_news")
-    run_cli("fit", "--config", AG_NEWS, *tiny_ag_news(root), *quiet(root), cwd=root)
-    return root, next(root.rglob("last.ckpt"))
+def ag_news_ckpt(runs_root: Path) -> Path:
+    """The session's tiny AG News checkpoint (shared with other modules: commands that write logs
+    write them under their own tmp_path)."""
+    return tiny_checkpoint("ag_news_cnn_bn", runs_root)
 
 
-def test_predict_inputs_that_cannot_be_read(ag_news_ckpt, tmp_path: Path):
-    _, ckpt = ag_news_ckpt
+def test_predict_inputs_that_cannot_be_read(ag_news_ckpt: Path, tmp_path: Path):
+    ckpt = ag_news_ckpt
     latin1, empty = tmp_path / "latin1.txt", tmp_path / "empty.txt"
     latin1.write_bytes("caf\xe9 au lait".encode("latin-1"))
     empty.write_bytes(b"")
@@ -182,8 +183,8 @@ def test_predict_inputs_that_cannot_be_read(ag_news_ckpt, tmp_path: Path):
         refused(out, message)
 
 
-def test_a_predictions_file_is_checked_before_predicting(ag_news_ckpt, tmp_path: Path):
-    _, ckpt = ag_news_ckpt
+def test_a_predictions_file_is_checked_before_predicting(ag_news_ckpt: Path, tmp_path: Path):
+    ckpt = ag_news_ckpt
     folder = run_cli(
         "predict",
         "--ckpt_path",
@@ -209,7 +210,8 @@ def test_a_predictions_file_is_checked_before_predicting(ag_news_ckpt, tmp_path:
     texts = json.dumps(["Stocks rise", "", "Café 東京"])
     out = run_cli(
         "predict", "--ckpt_path", str(ckpt), f"--data.init_args.predict_texts={texts}",
-        f"--trainer.callbacks.output={existing}", "--trainer.callbacks.overwrite=true", cwd=tmp_path,
+        f"--trainer.callbacks.output={existing}", "--trainer.callbacks.overwrite=true",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}", cwd=tmp_path,
     )  # fmt: skip
     assert "Wrote 3 predictions" in out.stdout + out.stderr
     assert existing.read_text().startswith("index,predicted") and len(existing.read_text().splitlines()) == 4

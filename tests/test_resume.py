@@ -142,14 +142,18 @@ def mnist1d_reference(tmp_path_factory) -> tuple[Path, Path]:
 def random_chain(
     seed: int, every_n_train_steps: int, at_boundaries: tuple[str, ...]
 ) -> list[tuple[int, str]]:
-    """Kills at increasing seeded random steps: mid-epoch before and after an epoch boundary, at
-    boundaries (one of ``at_boundaries`` each, at distinct seeded epoch ends) and during a save."""
+    """Kills at increasing seeded random steps: mid-epoch after an epoch boundary (and before the
+    first one, with step saves), at boundaries (one of ``at_boundaries`` each, at distinct seeded epoch
+    ends) and during a save."""
     rng = random.Random(seed)
     ends = [STEPS_PER_EPOCH * e for e in range(1, EPOCHS)]
     boundaries = sorted(rng.sample(ends, len(at_boundaries)))
     points = set(zip(boundaries, at_boundaries, strict=True))
     mid_epoch = [s for s in range(boundaries[0] + 1, STEPS_PER_EPOCH * EPOCHS - 1) if s not in ends]
-    points |= {(rng.randrange(2, boundaries[0] - 1), "batch_end"), (rng.choice(mid_epoch), "batch_end")}
+    early, late = (rng.randrange(2, boundaries[0] - 1), "batch_end"), (rng.choice(mid_epoch), "batch_end")
+    # Without step saves a kill before the first boundary finds no checkpoint: the next run starts
+    # afresh, as after a kill during the first epoch-end save and the step-save chain's first kill.
+    points |= {early, late} if every_n_train_steps else {late}
     if every_n_train_steps:
         save_step = every_n_train_steps * rng.randint(
             1, (STEPS_PER_EPOCH * EPOCHS - 2) // every_n_train_steps
@@ -162,29 +166,49 @@ def random_chain(
 
 # Between them the chains kill at every kind of point: mid-epoch, between training and validation,
 # before the epoch-end save, at the start of the next epoch, and half-way through an epoch-end and a
-# step save.
+# step save. Each chain is also stopped once by a signal (SIGTERM, a scheduler; SIGINT, Ctrl-C) at
+# step STOP_AT, mid-epoch: the run saves, says so in one line, exits non-zero, and the chain resumes
+# from that save to the uninterrupted run.
 CHAINS = {
-    "epoch-ends": (0, 7, ("before_epoch_save",)),
-    "every-3-steps": (3, 2, ("before_validation", "after_epoch_save")),
+    "epoch-ends": (0, 7, ("before_epoch_save",), signal.SIGTERM),
+    "every-3-steps": (3, 2, ("before_validation", "after_epoch_save"), signal.SIGINT),
 }
+STOP_AT, STOP_CODES = 20, {signal.SIGTERM: 143, signal.SIGINT: 130}
 
 
 @pytest.mark.parametrize(
-    ("every_n_train_steps", "seed", "at_boundaries"), list(CHAINS.values()), ids=list(CHAINS)
+    ("every_n_train_steps", "seed", "at_boundaries", "stop"), list(CHAINS.values()), ids=list(CHAINS)
 )
-def test_any_chain_of_sigkills_resumes_to_the_uninterrupted_run(
-    tmp_path: Path, mnist1d_reference, every_n_train_steps: int, seed: int, at_boundaries: tuple[str, ...]
+def test_any_chain_of_sigkills_and_stop_signals_resumes_to_the_uninterrupted_run(
+    tmp_path: Path,
+    mnist1d_reference,
+    every_n_train_steps: int,
+    seed: int,
+    at_boundaries: tuple[str, ...],
+    stop: signal.Signals,
 ):
     data_root, reference = mnist1d_reference
     run_dir = tmp_path / "logs"
     args = fit_args(data_root, run_dir, every_n_train_steps)
-    chain = random_chain(seed, every_n_train_steps, at_boundaries)
-    assert {where for _, where in chain} >= {"batch_end", "during_save", *at_boundaries}
-    for i, (step, where) in enumerate(chain):
+    kills = random_chain(seed, every_n_train_steps, at_boundaries)
+    assert {where for _, where in kills} >= {"batch_end", "during_save", *at_boundaries}
+    assert STOP_AT not in {step for step, _ in kills}
+    chain = sorted([(step, where, signal.SIGKILL) for step, where in kills] + [(STOP_AT, "batch_end", stop)])
+    for i, (step, where, signum) in enumerate(chain):
         out = run_cli(
-            *args, *(["--ckpt_path=last"] if i else []), *kill(step, where), cwd=tmp_path, check=False
+            *args, *(["--ckpt_path=last"] if i else []), *kill(step, where, signum), cwd=tmp_path, check=False
         )
-        assert out.returncode == -signal.SIGKILL, f"{(step, where)} did not die:\n{out.stderr[-3000:]}"
+        if signum == signal.SIGKILL:
+            assert out.returncode == -signal.SIGKILL, f"{(step, where)} did not die:\n{out.stderr[-3000:]}"
+            continue
+        said = refused(
+            out,
+            f"Stopped by {signum.name} at training step {step}.",
+            "--ckpt_path=last",
+            code=STOP_CODES[signum],
+        )
+        assert f"last.ckpt holds step {step}" in said
+        assert last_state(run_dir)["global_step"] == step
     resumed_from = last_state(run_dir)["global_step"] if list(run_dir.rglob("last.ckpt")) else 0
     out = run_cli(*args, "--ckpt_path=last", cwd=tmp_path)
     assert "Traceback" not in out.stderr and "not available" not in out.stderr
@@ -210,27 +234,6 @@ def test_a_kill_chain_on_ag_news_with_weight_averaging_and_mixup(tmp_path: Path)
     resumed_from = last_state(run_dir)["global_step"]
     run_cli(*fit_args(tmp_path, run_dir, 2, ag_news), "--ckpt_path=last", cwd=tmp_path)
     assert_same_run(reference, run_dir, resumed_from)
-
-
-# ---------------------------------------------------------------------------------- stop signals
-def test_a_stop_signal_saves_last_ckpt_exits_non_zero_and_resumes_exactly(tmp_path: Path, mnist1d_reference):
-    """SIGTERM (a scheduler) and SIGINT (Ctrl-C) each stop at step 20 with a one-line message and save
-    the same state there; the SIGTERM-stopped run resumes to the uninterrupted run."""
-    data_root, reference = mnist1d_reference
-    stopped = {}
-    for signum, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
-        run_dir = tmp_path / signum.name
-        out = run_cli(
-            *fit_args(data_root, run_dir), *kill(20, "batch_end", signum), cwd=tmp_path, check=False
-        )
-        said = refused(out, f"Stopped by {signum.name} at training step 20.", "--ckpt_path=last", code=code)
-        assert "last.ckpt holds step 20" in said
-        assert last_state(run_dir)["global_step"] == 20
-        stopped[signum] = next(run_dir.rglob("last.ckpt"))
-    assert_same_state(stopped[signal.SIGTERM], stopped[signal.SIGINT])
-    run_dir = tmp_path / signal.SIGTERM.name
-    run_cli(*fit_args(data_root, run_dir), "--ckpt_path=last", cwd=tmp_path)
-    assert_same_run(reference, run_dir, 20)
 
 
 # ---------------------------------------------------------------------------------- which run resumes
@@ -296,7 +299,9 @@ def test_ckpt_path_last_resumes_only_the_run_the_command_describes(tmp_path: Pat
     refused(mismatch, f"version_1: model.init_args.dropout: 0.4 -> {DROPOUT}")
 
 
-def test_a_run_being_resumed_cannot_be_resumed_twice_and_a_kill_frees_it(tmp_path: Path, one_epoch: Path):
+def test_a_run_being_resumed_cannot_be_resumed_twice_and_a_kill_frees_it_for_fit_from_its_file(
+    tmp_path: Path, one_epoch: Path
+):
     copy_of(one_epoch, tmp_path)
     first = start_cli(
         *short(tmp_path, *SETTINGS, "--trainer.max_epochs=100000", "--ckpt_path=last"), cwd=tmp_path
@@ -320,27 +325,25 @@ def test_a_run_being_resumed_cannot_be_resumed_twice_and_a_kill_frees_it(tmp_pat
     finally:
         first.send_signal(signal.SIGKILL)
         first.communicate()
-    epoch = last_state(tmp_path / "logs")["epoch"]
+    # freed, it continues: here by its file, which keeps the configured optimizer (RMSprop's state)
+    ckpt = lock.parent / "checkpoints" / "last.ckpt"
+    epoch = torch.load(ckpt, weights_only=True)["epoch"]
     again = run_cli(
-        *short(tmp_path, *SETTINGS, f"--trainer.max_epochs={epoch + 2}", "--ckpt_path=last"), cwd=tmp_path
+        *short(tmp_path, *SETTINGS, f"--trainer.max_epochs={epoch + 2}", f"--ckpt_path={ckpt}"), cwd=tmp_path
     )
     assert "Restored all states" in again.stdout + again.stderr
-
-
-def test_fit_from_a_file_keeps_the_configured_optimizer_and_refuses_other_model_settings(
-    tmp_path: Path, one_epoch: Path
-):
-    rms = SETTINGS
-    copy_of(one_epoch, tmp_path)
-    ckpt = next((tmp_path / "logs").rglob("last.ckpt"))
-    run_cli(*short(tmp_path, *rms, "--trainer.max_epochs=2", f"--ckpt_path={ckpt}"), cwd=tmp_path)
     state = torch.load(ckpt, weights_only=True)  # the same run folder's last.ckpt, continued
-    assert state["epoch"] == 1 and "square_avg" in next(iter(state["optimizer_states"][0]["state"].values()))
+    assert state["epoch"] == epoch + 1
+    assert "square_avg" in next(iter(state["optimizer_states"][0]["state"].values()))
     saved = yaml.safe_load((ckpt.parents[1] / "config.yaml").read_text())["model"]["init_args"]
     assert saved["optimizer"]["class_path"] == "torch.optim.RMSprop" and saved["lr_scheduler"] is None
 
+
+def test_fit_from_a_file_refuses_other_model_settings(tmp_path: Path, one_epoch: Path):
+    copy_of(one_epoch, tmp_path)
+    ckpt = next((tmp_path / "logs").rglob("last.ckpt"))
     other = run_cli(
-        *short(tmp_path, *rms, "--model.init_args.dropout=0.4", f"--ckpt_path={ckpt}"),
+        *short(tmp_path, *SETTINGS, "--model.init_args.dropout=0.4", f"--ckpt_path={ckpt}"),
         cwd=tmp_path,
         check=False,
     )
@@ -397,10 +400,4 @@ def test_a_read_only_checkpoint_folder_is_a_one_line_error(tmp_path: Path, one_e
     assert last.read_bytes() == before
 
 
-def test_a_file_that_is_not_a_checkpoint_is_named_as_such(tmp_path: Path):
-    bogus = tmp_path / "notes.ckpt"
-    bogus.write_text("trainer:\n  max_epochs: 3\n")
-    out = run_cli("test", "--ckpt_path", str(bogus), cwd=tmp_path, check=False)
-    said = refused(out, "not a PyTorch Lightning checkpoint", "Pass a .ckpt written by this project")
-    assert "pickled" not in said and "weights_only=False" not in said
-    assert bogus.read_text() == "trainer:\n  max_epochs: 3\n"
+# A file that is not a checkpoint (settings text, random bytes): tests/test_refused_commands.py.

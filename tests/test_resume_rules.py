@@ -73,7 +73,7 @@ def copy_of(stopped_at_20: Path, folder: Path) -> Path:
     return folder / "logs" / "mnist1d_resnet_bn" / "version_0"
 
 
-def test_a_run_whose_schedule_spans_its_length_resumes_only_with_that_length(
+def test_a_run_whose_schedule_spans_its_length_resumes_only_with_that_length_in_its_own_folder(
     tmp_path: Path, stopped_at_20: Path
 ):
     run_dir = copy_of(stopped_at_20, tmp_path)
@@ -90,11 +90,37 @@ def test_a_run_whose_schedule_spans_its_length_resumes_only_with_that_length(
     refused(from_file, "laid out over its length (max_epochs=3)")
     assert snapshot(run_dir) == before and sorted(p.name for p in run_dir.parent.iterdir()) == ["version_0"]
 
-    # its own length: it continues, and the start line gives the rate restored, not a fresh schedule's
-    out = run_cli(*fit(tmp_path, "--trainer.max_epochs=3", "--ckpt_path=last"), cwd=tmp_path)
+    # its own length, by its path from another directory with a relative save_dir (resolved there, it
+    # names no folder of this run): it continues in its own folder, a copy, with its best-checkpoint
+    # record, and the start line gives the rate restored, not a fresh schedule's
+    elsewhere, original = tmp_path / "elsewhere", snapshot(stopped_at_20 / "logs")
+    elsewhere.mkdir()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    out = run_cli(
+        *fit(
+            tmp_path,
+            "--trainer.max_epochs=3",
+            f"--ckpt_path={last}",
+            "--test_after_fit=true",
+            save_dir="logs",
+        ),
+        cwd=elsewhere,
+    )
     now, peak = start_lr(out.stdout + out.stderr)
     assert now == pytest.approx(restored_lr, rel=1e-3) and peak == pytest.approx(PEAK, rel=1e-3)
     assert state(run_dir)["epoch"] == 2 and state(run_dir)["global_step"] == 42
+    assert not list(elsewhere.iterdir())  # no new run folder where the command ran
+    assert [p.name for p in run_dir.parent.iterdir()] == ["version_0"]
+    assert "dirpath has changed" not in out.stderr
+    bests = list(run_dir.glob("checkpoints/epoch*.ckpt"))
+    assert len(bests) == 1, bests  # top-1: the epoch before the copy was compared, not forgotten
+    record = next(v for k, v in state(run_dir)["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    assert Path(record["best_model_path"]) == bests[0] and Path(record["dirpath"]) == run_dir / "checkpoints"
+    val_acc = [v for (tag, _), v in scalars(run_dir).items() if tag == "val_acc"]
+    assert len(val_acc) == 3 and float(record["best_model_score"]) == pytest.approx(max(val_acc))
+    # the test after fit tests that file
+    assert f"Restoring states from the checkpoint path at {bests[0]}" in out.stdout + out.stderr
+    assert snapshot(stopped_at_20 / "logs") == original  # the folder it was copied from is untouched
 
     # finished: nothing left to train, and the command says what to do instead
     again = run_cli(*fit(tmp_path, "--trainer.max_epochs=3", "--ckpt_path=last"), cwd=tmp_path, check=False)
@@ -138,41 +164,6 @@ def test_a_run_that_early_stopping_ended_is_not_continued(tmp_path: Path):
         "that run is finished: EarlyStopping ended it after epoch 0",
         "start a new run without --ckpt_path",
     )
-
-
-def test_a_copied_run_folder_continues_there_with_its_best_checkpoint_record(
-    tmp_path: Path, stopped_at_20: Path
-):
-    copy_of(stopped_at_20, tmp_path)
-    shutil.copytree(tmp_path / "logs", tmp_path / "b")
-    original = snapshot(tmp_path / "logs")
-    out = run_cli(*fit(tmp_path, "--trainer.max_epochs=3", "--ckpt_path=last", "--test_after_fit=true",
-                       save_dir=tmp_path / "b"), cwd=tmp_path)  # fmt: skip
-    assert "dirpath has changed" not in out.stderr
-    run_dir = tmp_path / "b" / "mnist1d_resnet_bn" / "version_0"
-    bests = list(run_dir.glob("checkpoints/epoch*.ckpt"))
-    assert len(bests) == 1, bests  # top-1: the epoch before the copy was compared, not forgotten
-    record = next(v for k, v in state(run_dir)["callbacks"].items() if k.startswith("ModelCheckpoint"))
-    assert Path(record["best_model_path"]) == bests[0] and Path(record["dirpath"]) == run_dir / "checkpoints"
-    val_acc = [v for (tag, _), v in scalars(run_dir).items() if tag == "val_acc"]
-    assert len(val_acc) == 3 and float(record["best_model_score"]) == pytest.approx(max(val_acc))
-    # the test after fit tests that file
-    assert f"Restoring states from the checkpoint path at {bests[0]}" in out.stdout + out.stderr
-    assert snapshot(tmp_path / "logs") == original
-
-
-def test_a_run_resumed_by_its_path_from_another_directory_continues_in_its_own_folder(
-    tmp_path: Path, stopped_at_20: Path
-):
-    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    last = copy_of(stopped_at_20, home) / "checkpoints" / "last.ckpt"
-    # a relative save_dir: resolved where the command runs, it names no folder of this run
-    run_cli(*fit(home, "--trainer.max_epochs=3", f"--ckpt_path={last}", save_dir="logs"), cwd=elsewhere)
-    assert not list(elsewhere.iterdir())  # no new run folder where the command ran
-    assert [p.name for p in (home / "logs" / "mnist1d_resnet_bn").iterdir()] == ["version_0"]
-    assert torch.load(last, weights_only=True)["epoch"] == 2
-    assert len(list(last.parent.glob("epoch*.ckpt"))) == 1
 
 
 def test_a_datamodule_declares_the_options_a_resume_may_change(tmp_path: Path, stopped_at_20: Path):

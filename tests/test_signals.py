@@ -155,12 +155,8 @@ def test_a_signal_while_the_run_is_built_stops_at_once_and_leaves_nothing(tmp_pa
     assert not list((tmp_path / "logs").rglob("version_*"))
 
 
-def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_save(tmp_path: Path):
-    step = point("second", signal.SIGINT, STEPS + 1, EPOCHS * STEPS - 1)
-    twice = signal_at("train", step, signal.SIGINT, "--trainer.callbacks.times=2")
-    out = run_cli(*fit_args(tmp_path, *twice), cwd=tmp_path, check=False)
-    stopped(out, signal.SIGINT, f"Stopped at once by SIGINT at training step {step}.", f"holds step {STEPS};")
-    assert last_step(tmp_path) == STEPS
+# A second Ctrl-C stops at once and keeps the last save: tests/test_cli.py's stopped_fit (two Ctrl-C at
+# step 7 of a run saving every 5 steps).
 
 
 # ---------------------------------------------------------------------------------- validate, test, predict
