@@ -113,6 +113,8 @@ class ClassifierCLI(LightningCLI):
                 resume.keep_tuned_values(cfg, self.checkpoint)
         if self.resume_dir is not None:
             resume.continue_in(cfg.trainer, self.resume_dir)
+            # ModelCheckpoint warns about any non-empty checkpoint folder; a resumed run's own always is.
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
         checks.check_command(sub, cfg, self.given_model)
         where = placement(
             cfg.trainer.get("accelerator"), cfg.trainer.get("devices"), cfg.trainer.get("num_nodes")
