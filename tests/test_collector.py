@@ -27,7 +27,7 @@ def test_collector_paused_while_importing_then_frozen() -> None:
         gc.unfreeze()
 
 
-@pytest.mark.parametrize("entry", ["src/cli.py", "src/tools/export.py", "src/tools/serve.py"])
+@pytest.mark.parametrize("entry", ["src/cli.py", "src/tools/export.py"])
 def test_entry_points_import_torch_with_the_collector_paused(entry: str) -> None:
     """An entry point's heavy imports sit inside its ``with collector_paused():`` block."""
     tree = ast.parse((ROOT / entry).read_text())
