@@ -45,16 +45,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from src.runtime.collector import collector_paused, fast_exit
+import torch
+from torch import Tensor, nn
 
-with collector_paused():  # torch's and Lightning's imports: see src/runtime/collector.py
-    import torch
-    from torch import Tensor, nn
-
-    from src.data.base import ClassificationDataModule
-    from src.runtime.devices import cpu_threads
-    from src.runtime.errors import RunFailure, UsageError, exit_on_error
-    from src.tools.inference import load_for_inference
+from src.data.base import ClassificationDataModule
+from src.runtime.collector import fast_exit
+from src.runtime.devices import cpu_threads
+from src.runtime.errors import RunFailure, UsageError, exit_on_error
+from src.tools.inference import load_for_inference
 
 FORMAT_VERSION = 1
 FORMATS = {"onnx": "model.onnx", "pt2": "model.pt2"}
