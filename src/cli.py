@@ -27,9 +27,8 @@ import src.callbacks  # noqa: F401  (registers the callbacks' short names for YA
 from src.data import ClassificationDataModule
 from src.models import ClassifierModule
 from src.runtime.checkpoints import with_stored_config
-from src.runtime.collector import fast_exit
 from src.runtime.devices import cpu_threads
-from src.runtime.errors import Interrupted, UsageError, exit_on_error
+from src.runtime.errors import Interrupted, UsageError, exit_on_error, fast_exit
 from src.runtime.hparams import HParamsTab
 from src.runtime.lightning_cli import ClassifierCLI
 from src.runtime.provenance import RunProvenance

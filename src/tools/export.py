@@ -49,9 +49,8 @@ import torch
 from torch import Tensor, nn
 
 from src.data.base import ClassificationDataModule
-from src.runtime.collector import fast_exit
 from src.runtime.devices import cpu_threads
-from src.runtime.errors import RunFailure, UsageError, exit_on_error
+from src.runtime.errors import RunFailure, UsageError, exit_on_error, fast_exit
 from src.tools.inference import load_for_inference
 
 FORMAT_VERSION = 1

@@ -55,9 +55,8 @@ import torch
 
 from src.data.base import ClassificationDataModule
 from src.data.raw_inputs import RawInputError, type_name
-from src.runtime.collector import fast_exit
 from src.runtime.devices import cpu_threads
-from src.runtime.errors import UsageError, exit_on_error
+from src.runtime.errors import UsageError, exit_on_error, fast_exit
 from src.tools.inference import load_for_inference
 
 try:
