@@ -19,24 +19,27 @@ import signal
 import sys
 import warnings
 
-import torch
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from src.runtime.collector import collector_paused, fast_exit
 
-import src.callbacks  # noqa: F401  (registers the callbacks' short names for YAML)
-from src.data import ClassificationDataModule
-from src.models import ClassifierModule
-from src.runtime.checkpoints import with_stored_config
-from src.runtime.devices import cpu_threads
-from src.runtime.errors import Interrupted, UsageError, exit_on_error, fast_exit
-from src.runtime.hparams import HParamsTab
-from src.runtime.lightning_cli import ClassifierCLI
-from src.runtime.provenance import RunProvenance
-from src.runtime.resume import ResumedRun
-from src.runtime.run_config import RunConfig
-from src.runtime.run_state import RunState, StopNow
-from src.runtime.scaling import ScalingReport
-from src.runtime.summary import RunSummary
+with collector_paused():  # torch's and Lightning's imports: see src/runtime/collector.py
+    import torch
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    import src.callbacks  # noqa: F401  (registers the callbacks' short names for YAML)
+    from src.data import ClassificationDataModule
+    from src.models import ClassifierModule
+    from src.runtime.checkpoints import with_stored_config
+    from src.runtime.devices import cpu_threads
+    from src.runtime.errors import Interrupted, UsageError, exit_on_error
+    from src.runtime.hparams import HParamsTab
+    from src.runtime.lightning_cli import ClassifierCLI
+    from src.runtime.provenance import RunProvenance
+    from src.runtime.resume import ResumedRun
+    from src.runtime.run_config import RunConfig
+    from src.runtime.run_state import RunState, StopNow
+    from src.runtime.scaling import ScalingReport
+    from src.runtime.summary import RunSummary
 
 
 class _NoAdverts(logging.Filter):

@@ -13,7 +13,6 @@ Each message says what was wrong and what to do; none is printed with a tracebac
 
 from __future__ import annotations
 
-import gc
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -67,18 +66,3 @@ def exit_on_error(cleanup: Callable[[ProjectError], None] | None = None) -> Iter
         if cleanup is not None:
             cleanup(err)
         err.report()
-
-
-@contextmanager
-def fast_exit() -> Iterator[None]:
-    """Wrap a command's entry point: once it is done (or exits), leave its objects to the process's end.
-
-    The interpreter's shutdown runs the garbage collector over every object the imports made
-    (~400,000 with torch and Lightning): over 1 s of CPU after each command, the same again in every
-    DDP rank and trial. Frozen (``gc.freeze``), they are released with the process instead. The
-    commands close their own files and loggers; none relies on a finalizer at exit.
-    """
-    try:
-        yield
-    finally:
-        gc.freeze()

@@ -30,7 +30,8 @@ from typing import Any
 
 import yaml
 
-from src.runtime.errors import Interrupted, UsageError, fast_exit
+from src.runtime.collector import fast_exit
+from src.runtime.errors import Interrupted, UsageError
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -45,13 +45,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from src.runtime.collector import collector_paused, fast_exit
 
-from src.data.base import ClassificationDataModule
-from src.runtime.devices import cpu_threads
-from src.runtime.errors import RunFailure, UsageError, exit_on_error, fast_exit
-from src.tools.inference import load_for_inference
+with collector_paused():  # torch's and Lightning's imports: see src/runtime/collector.py
+    import torch
+    from torch import Tensor, nn
+
+    from src.data.base import ClassificationDataModule
+    from src.runtime.devices import cpu_threads
+    from src.runtime.errors import RunFailure, UsageError, exit_on_error
+    from src.tools.inference import load_for_inference
 
 FORMAT_VERSION = 1
 FORMATS = {"onnx": "model.onnx", "pt2": "model.pt2"}

@@ -50,27 +50,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
+from src.runtime.collector import collector_paused, fast_exit
 
-from src.data.base import ClassificationDataModule
-from src.data.raw_inputs import RawInputError, type_name
-from src.runtime.devices import cpu_threads
-from src.runtime.errors import UsageError, exit_on_error, fast_exit
-from src.tools.inference import load_for_inference
+with collector_paused():  # torch's and Lightning's imports: see src/runtime/collector.py
+    import numpy as np
+    import torch
 
-try:
-    import litserve as ls
-    from starlette.concurrency import run_in_threadpool
-    from starlette.responses import JSONResponse
-    from starlette.types import ASGIApp, Message, Receive, Scope, Send
-except ImportError as _err:  # the serve extra is optional: say what to install when it is used
-    ls = None
-    _IMPORT_ERROR: ImportError | None = _err
-    _LitAPI: Any = object
-else:
-    _IMPORT_ERROR = None
-    _LitAPI = ls.LitAPI
+    from src.data.base import ClassificationDataModule
+    from src.data.raw_inputs import RawInputError, type_name
+    from src.runtime.devices import cpu_threads
+    from src.runtime.errors import UsageError, exit_on_error
+    from src.tools.inference import load_for_inference
+
+    try:
+        import litserve as ls
+        from starlette.concurrency import run_in_threadpool
+        from starlette.responses import JSONResponse
+        from starlette.types import ASGIApp, Message, Receive, Scope, Send
+    except ImportError as _err:  # the serve extra is optional: say what to install when it is used
+        ls = None
+        _IMPORT_ERROR: ImportError | None = _err
+        _LitAPI: Any = object
+    else:
+        _IMPORT_ERROR = None
+        _LitAPI = ls.LitAPI
 
 API_PATH = "/predict"
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024  # ~1,000 Fashion-MNIST images as JSON arrays
