@@ -11,7 +11,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from src.runtime.checkpoints import read_metadata
 from src.runtime.errors import UsageError
-from src.runtime.resume import config_differences, import_class
+from src.runtime.resume import import_class
+from src.runtime.settings import config_differences
 
 # Values the data knows and the model needs, linked at instantiation so they are never written twice.
 LINKED = ("num_classes", "input_size", "class_names")

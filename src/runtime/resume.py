@@ -32,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from src.models.schedules import spans_the_run
 from src.runtime.checkpoints import CONFIG_KEY, read_metadata
 from src.runtime.errors import UsageError
+from src.runtime.settings import config_differences
 from src.runtime.tuners import tuner_settings
 
 # Settings a resumed run may change: how long and where it runs, what it prints, the callbacks and
@@ -91,30 +92,6 @@ def tuned_settings(config: dict[str, Any]) -> list[str]:
     """The settings that the tuners listed in ``config``'s callbacks choose."""
     callbacks = (config.get("trainer") or {}).get("callbacks") or []
     return tuner_settings([import_class(c["class_path"]) for c in callbacks if isinstance(c, dict)])
-
-
-def config_differences(
-    saved: dict[str, Any], current: dict[str, Any], resumable: tuple[str, ...]
-) -> list[str]:
-    """``key: saved -> current`` for every leaf setting that differs and is not in ``resumable``."""
-    flat_saved, flat_current = _flatten(saved), _flatten(current)
-    out = []
-    for key in sorted(set(flat_saved) | set(flat_current)):
-        if any(key == k or key.startswith(k + ".") for k in resumable):
-            continue
-        a, b = flat_saved.get(key), flat_current.get(key)  # absent and null are the same
-        if a != b:
-            out.append(f"{key}: {a!r} -> {b!r}")
-    return out
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: tree}
 
 
 def _schedule(config: dict[str, Any]) -> Any:

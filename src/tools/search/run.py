@@ -73,10 +73,8 @@ class Search:
             raise TrialFailed("over the budget")
         values = {p: p.suggest(trial) for p in self.space}
         retried = RetryHeartbeatStaleTrialCallback.retry_history(study.get_trials(deepcopy=False)[number])
-        if retried:
-            note = f"runs trial {retried[-1]} again"
-        else:
-            note = "the config's own values (--baseline)" if trial.user_attrs.get("baseline") else ""
+        baseline = "the config's own values (--baseline)" if trial.user_attrs.get("baseline") else ""
+        note = f"runs trial {retried[-1]} again" if retried else baseline
         _record(trial, **dict.fromkeys(OUTCOME), worker=studies.worker_info(), note=note)
         self.current, log = number, self.folder(number) / "trial.log"
         env = child_env(**{studies.STORAGE_ENV: self.args.storage, studies.PID_ENV: str(os.getpid())})
@@ -92,8 +90,9 @@ class Search:
         if done.code != 0 and self.children.signum is not None:
             _record(trial, note="stopped with the interrupted search")
             studies.retry(study, stored)  # its values run again as a new trial
-            again = f"interrupted: trial {number} stopped; the same command runs it again"
-            raise Interrupted(self.children.signum, again)
+            raise Interrupted(
+                self.children.signum, f"interrupted: trial {number} stopped; the same command runs it again"
+            )
         if done.code != 0:
             tail = log_tail(log)
             last = next((line for line in reversed(tail.splitlines()) if line.strip()), "")

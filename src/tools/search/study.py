@@ -17,6 +17,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from src.runtime.errors import UsageError
+from src.runtime.settings import config_differences
 
 HEARTBEAT_S, GRACE_S = 60, 180  # a running trial beats every minute; 3 minutes without a beat: stale
 MAX_RETRY = 3  # how often a trial whose worker died is run again
@@ -95,8 +96,7 @@ def contract_differences(stored: dict[str, Any], mine: dict[str, Any], most: int
         for k in ("space", "metric", "direction")
         if stored.get(k) != mine[k]
     ]
-    a, b = _flatten(stored.get("config") or {}), _flatten(mine["config"])
-    config = [f"{k}: {_short(a.get(k))} -> {_short(b.get(k))}" for k in sorted(a | b) if a.get(k) != b.get(k)]
+    config = config_differences(stored.get("config") or {}, mine["config"])
     out += config[:most] + ([f"... and {len(config) - most} more settings"] if len(config) > most else [])
     theirs, ours = stored.get("overrides") or [], mine["overrides"]
     if config and theirs != ours:
@@ -111,17 +111,6 @@ def trial_config(config: dict[str, Any], resumable: list[str]) -> dict[str, Any]
     data = config.get("data") or {}
     init = {k: v for k, v in (data.get("init_args") or {}).items() if k not in resumable}
     return {**config, "data": {**data, "init_args": init}}
-
-
-def _short(value: Any) -> str:
-    return text if len(text := repr(value)) <= 60 else text[:57] + "..."
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": [1, 2]}}`` → ``{"a.b.0": 1, "a.b.1": 2}``: one entry per setting."""
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
-    flat = {k: v for key, sub in items for k, v in _flatten(sub, f"{prefix}{key}.").items()}
-    return flat or {prefix[:-1]: tree}
 
 
 # ---------------------------------------------------------------------- the budget, retries
