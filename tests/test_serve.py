@@ -81,7 +81,11 @@ def children_of(pid: int) -> set[int]:
 
 
 class Server:
-    """``python -m src.tools.serve`` in a subprocess (output in a log file), ready when /health says ok."""
+    """``python -m src.tools.serve`` in a subprocess (output in a log file), ready when /health says ok.
+
+    It starts with SIGINT ignored, as a script's background job (``cmd &``) does, and the fixture
+    stops it with SIGINT: the server must stop on it all the same (Python leaves an ignored SIGINT
+    ignored)."""
 
     def __init__(self, ckpt: Path, log: Path, *args: str) -> None:
         self.port = free_port()
@@ -89,6 +93,10 @@ class Server:
         self.log = log
         env = {**os.environ, "PYTHONPATH": str(ROOT), "BN_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
         cmd = [
+            "sh",
+            "-c",
+            'trap "" INT && exec "$@"',
+            "sh",
             sys.executable,
             "-m",
             "src.tools.serve",

@@ -400,9 +400,11 @@ def _check_port(host: str, port: int) -> None:
             ) from None
 
 
-def _stop_on_sigterm() -> None:
-    """SIGTERM shuts down like Ctrl+C: LitServe then stops its HTTP and inference processes (by
-    default SIGTERM would kill this process alone and leave them running)."""
+def _stop_on_signals() -> None:
+    """SIGINT and SIGTERM shut down: LitServe then stops its HTTP and inference processes (by
+    default SIGTERM would kill this process alone and leave them running). SIGINT raises
+    ``KeyboardInterrupt`` even where the server was started with it ignored (a script's background
+    job, ``cmd &``), where Python would leave it ignored: the server stops on it as ``src.cli`` does."""
     main_pid = os.getpid()
 
     def handler(signum: int, frame: Any) -> None:
@@ -414,6 +416,7 @@ def _stop_on_sigterm() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class MonitorGoneAtShutdown(logging.Filter):
@@ -478,7 +481,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("litserve").setLevel(args.log_level.upper())
     logging.getLogger("litserve.server").addFilter(MonitorGoneAtShutdown())
     server = build_server(args, datamodule, metadata)
-    _stop_on_sigterm()
+    _stop_on_signals()
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "127.0.0.1") else f"[{args.host}]"
     print(
         f"Serving {metadata['model']} from {args.ckpt_path} on http://{shown}:{args.port}{API_PATH} "
