@@ -255,3 +255,37 @@ def test_speed_command_prints_its_tables_and_writes_json(tmp_path: Path):
     assert full["c"]["epochs"] == runner.PAIRS["mnist1d_resnet_bn"].seed_epochs
     assert full["a"]["startup_s"] > 0 and len(full["a"]["accs"]) == 2
     assert all(f"| mnist1d_resnet_bn | ({side}) | " in out.stdout for side in "abc")
+
+
+# ---------------------------------------------------------------------------------------- hooks.py
+def test_hook_times_are_summed_per_callback_class_and_hook_per_epoch():
+    from benchmarks.hooks import per_epoch
+
+    durations = {
+        "run_training_epoch": [0.1, 0.3],
+        "save_checkpoint": [0.01, 0.01, 0.02],
+        "[Callback]ModelCheckpoint{'monitor': 'val_acc', 'mode': 'max'}.on_train_epoch_end": [0.01, 0.01],
+        "[Callback]ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min'}.on_train_epoch_end": [0.002, 0.002],
+        "[Callback]RunConfig.on_fit_start": [0.05],
+        "[LightningModule]ResidualBN.training_step": [0.5],  # not a callback: left out
+    }
+    epochs, epoch_ms, recurring, once = per_epoch(durations)
+    assert epochs == 2 and math.isclose(epoch_ms, 200.0)
+    assert recurring.keys() == {"save_checkpoint", "ModelCheckpoint.on_train_epoch_end"}
+    assert math.isclose(recurring["save_checkpoint"], 20.0)
+    assert math.isclose(recurring["ModelCheckpoint.on_train_epoch_end"], 12.0)
+    assert once.keys() == {"RunConfig.on_fit_start"} and math.isclose(once["RunConfig.on_fit_start"], 50.0)
+
+
+@pytest.mark.slow
+def test_hooks_command_prints_the_callback_hooks_of_a_real_fit(tmp_path: Path):
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.hooks", "--pair", "mnist1d_resnet_bn", "--epochs", "2", "--",
+         *tiny("mnist1d_resnet_bn", tmp_path)],
+        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stdout.startswith("command: python -m benchmarks.hooks --pair mnist1d_resnet_bn")
+    assert "load average at the start" in out.stdout and "2 epochs, a training epoch" in out.stdout
+    assert "| save_checkpoint |" in out.stdout and "| LastCheckpoint.on_train_epoch_end |" in out.stdout
+    assert "| RunConfig.on_fit_start |" in out.stdout  # a hook of the run's start, in the second table
