@@ -401,10 +401,8 @@ def _check_port(host: str, port: int) -> None:
 
 
 def _stop_on_signals() -> None:
-    """SIGINT and SIGTERM shut down: LitServe then stops its HTTP and inference processes (by
-    default SIGTERM would kill this process alone and leave them running). SIGINT raises
-    ``KeyboardInterrupt`` even where the server was started with it ignored (a script's background
-    job, ``cmd &``), where Python would leave it ignored: the server stops on it as ``src.cli`` does."""
+    """SIGINT and SIGTERM shut down, LitServe stopping its HTTP and inference processes (SIGTERM
+    would kill this process alone), SIGINT also where it was inherited ignored (``cmd &`` in a script)."""
     main_pid = os.getpid()
 
     def handler(signum: int, frame: Any) -> None:
