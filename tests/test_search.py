@@ -159,7 +159,10 @@ def test_malformed_space_specs_are_refused(spec: str, message: str):
 
 
 def test_baseline_takes_the_configs_own_values_when_inside_the_space():
-    config = yaml.safe_load((ROOT / "configs" / "fashion_mnist_mlp_bn.yaml").read_text())
+    config = {  # a resolved config's settings, as the CLI prints them
+        "model": {"init_args": {"hidden_sizes": [512, 256], "dropout": 0.3, "lr": 0.01}},
+        "data": {"init_args": {"batch_size": 256, "hflip": False}},
+    }
     space = [
         parse_space("model.init_args.hidden_sizes=choice([1024,512],[512,256])"),
         parse_space("model.init_args.dropout=float(0.1,0.5)"),
