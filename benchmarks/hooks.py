@@ -3,6 +3,7 @@ CLI's ``--trainer.profiler``), each callback hook and checkpoint save summed ove
 training epoch.
 
     python -m benchmarks.hooks --pair mnist1d_resnet_bn --epochs 25 [-- CLI overrides]
+    python -m benchmarks.hooks --config configs/my_pair.yaml --epochs 5   # any config, a pair of your own
 
 The fit is ``python -m src.cli fit`` in a subprocess, as in :mod:`benchmarks.runner`, without the
 test; Lightning's profiler writes what it timed to a JSON file (:class:`HookTimes`). Rows under
@@ -66,11 +67,20 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = argv.index("--") if "--" in argv else len(argv)
     parser = argparse.ArgumentParser(prog="python -m benchmarks.hooks", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pair", choices=sorted(PAIRS), default="mnist1d_resnet_bn")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
+        "--pair", choices=sorted(PAIRS), help="a shipped pair, its data local (default mnist1d_resnet_bn)"
+    )
+    which.add_argument("--config", type=Path, help="any config instead, e.g. a pair of your own")
     parser.add_argument("--epochs", type=int, default=25, help="max_epochs of the fit (default 25)")
     parser.add_argument("--min_ms", type=float, default=0.2, help="rows below this are summed (default 0.2)")
     args, extra = parser.parse_args(argv[:cut]), argv[cut + 1 :]
-    config = PAIRS[args.pair].config
+    if args.epochs < 1:
+        parser.error("--epochs must be at least 1")
+    if args.config is not None and not args.config.is_file():
+        parser.error(f"--config {args.config}: no such file")
+    config = str(args.config.resolve()) if args.config else PAIRS[args.pair or "mnist1d_resnet_bn"].config
+    name = args.config.stem if args.config else args.pair or "mnist1d_resnet_bn"
     print(f"command: python -m benchmarks.hooks {shlex.join(argv)}")
     print(f"load average at the start: {load_average()}")
     with tempfile.TemporaryDirectory(prefix="bench_hooks_") as tmp:
@@ -84,11 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         done = run_command(flags)
         if done["returncode"] != 0 or not output.is_file():
             print(done["output"][-3000:], file=sys.stderr)
-            print(f"error: the fit failed (exit {done['returncode']})", file=sys.stderr)
-            return 1
+            print(f"error: the fit failed (exit {done['returncode']}); its output is above", file=sys.stderr)
+            return done["returncode"] or 1
         epochs, epoch_ms, recurring, once = per_epoch(json.loads(output.read_text()))
     print(f"load average at the end: {load_average()}")
-    print(f"\n{args.pair}: {epochs} epochs, a training epoch {epoch_ms:.1f} ms (run_training_epoch)")
+    print(f"\n{name}: {epochs} epochs, a training epoch {epoch_ms:.1f} ms (run_training_epoch)")
     print("Nested rows overlap: `save_checkpoint` runs inside the checkpoint callbacks' hooks, and the")
     print("`on_save_checkpoint` hooks inside it.\n")
     print("| callback hook (every epoch) | ms per epoch | % of an epoch |\n|---|---|---|")

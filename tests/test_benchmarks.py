@@ -278,14 +278,38 @@ def test_hook_times_are_summed_per_callback_class_and_hook_per_epoch():
 
 
 @pytest.mark.slow
-def test_hooks_command_prints_the_callback_hooks_of_a_real_fit(tmp_path: Path):
+def test_hooks_command_prints_the_callback_hooks_of_a_real_fit_of_a_pair_added_as_readme_says(tmp_path: Path):
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.hooks", "--pair", "mnist1d_resnet_bn", "--epochs", "2", "--",
-         *tiny("mnist1d_resnet_bn", tmp_path)],
+        [sys.executable, "-m", "benchmarks.hooks", "--config", "tests/pair/toy.yaml", "--epochs", "2", "--",
+         *TINY_DATA["ToyBlobs"](tmp_path)],
         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
-    assert out.stdout.startswith("command: python -m benchmarks.hooks --pair mnist1d_resnet_bn")
-    assert "load average at the start" in out.stdout and "2 epochs, a training epoch" in out.stdout
+    assert out.stdout.startswith("command: python -m benchmarks.hooks --config tests/pair/toy.yaml")
+    assert "load average at the start" in out.stdout and "toy: 2 epochs, a training epoch" in out.stdout
     assert "| save_checkpoint |" in out.stdout and "| LastCheckpoint.on_train_epoch_end |" in out.stdout
     assert "| RunConfig.on_fit_start |" in out.stdout  # a hook of the run's start, in the second table
+
+
+@pytest.mark.slow
+def test_hooks_command_refuses_bad_input_saying_what_to_do(tmp_path: Path):
+    def hooks(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "benchmarks.hooks", *args],
+            cwd=ROOT,
+            env=env(),
+            capture_output=True,
+            text=True,
+        )
+
+    for args, message in (
+        (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--config", str(tmp_path / "none.yaml")], "none.yaml: no such file"),
+        (
+            ["--epochs", "1", "--", "--trainer.max_epoch=1"],
+            "unknown option --trainer.max_epoch. Did you mean --trainer.max_epochs",
+        ),
+    ):
+        out = hooks(*args)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, (args, out.stderr[-3000:])
+        assert message in out.stderr, (args, out.stderr[-3000:])
