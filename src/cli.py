@@ -55,6 +55,9 @@ def main(args: list[str] | None = None, run: bool = True) -> ClassifierCLI:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdverts())
     # Lightning 2.6 calls a torch pytree API that torch deprecated: nothing a user can act on.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # Under bf16-mixed the model summary sizes the parameters at 32 bits and warns that it does; they
+    # are float32 under autocast, so its figure is right and the warning is nothing to act on.
+    warnings.filterwarnings("ignore", message=r"Precision bf16-mixed is not supported by the model summary")
     given = list(sys.argv[1:] if args is None else args)
     state = RunState(command=given)
     with exit_on_error(cleanup=lambda _: state.discard_unused()), state.stop_signals():

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from tests.helpers.cli import CONFIGS, build, data_class
-from tests.helpers.data import TINY_DATA
+from tests.helpers.cli import CONFIGS, ROOT, build, data_class, run_cli
+from tests.helpers.data import TINY_DATA, quiet
 
 pytestmark = pytest.mark.slow  # every test trains a model
 
@@ -48,6 +48,16 @@ def test_bf16_mixed_fits_with_batch_norm_in_float32(config: Path, tmp_path: Path
     assert torch.isfinite(cli.trainer.callback_metrics["val_loss"])
     state = torch.load(next((tmp_path / "logs").rglob("last.ckpt")), weights_only=True)["state_dict"]
     assert all(v.dtype == torch.float32 for k, v in state.items() if k.endswith("running_var"))
+
+
+@pytest.mark.slow
+def test_a_bf16_mixed_fit_prints_no_warning_about_the_model_summary(tmp_path: Path):
+    config = ROOT / "configs" / "fashion_mnist_mlp_bn.yaml"  # trains in bf16-mixed as shipped
+    data = TINY_DATA[data_class(config)](tmp_path)
+    out = run_cli("fit", "--config", str(config), *data, *quiet(tmp_path), cwd=tmp_path)
+    assert "bfloat16" in out.stderr and "Traceback" not in out.stderr
+    said = out.stdout + out.stderr
+    assert "model summary" not in said and "Total estimated model params size" in said, said[-3000:]
 
 
 def test_fp16_mixed_on_cpu_falls_back_to_bf16(tmp_path: Path):
