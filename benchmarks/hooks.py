@@ -66,7 +66,11 @@ def per_epoch(durations: dict[str, list[float]]) -> tuple[int, float, dict[str, 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = argv.index("--") if "--" in argv else len(argv)
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.hooks", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.hooks",
+        description=__doc__.split("\n\n")[0],
+        epilog="Everything after `--` goes to the fit's command line (python -m src.cli fit ...).",
+    )
     which = parser.add_mutually_exclusive_group()
     which.add_argument(
         "--pair", choices=sorted(PAIRS), help="a shipped pair, its data local (default mnist1d_resnet_bn)"
