@@ -19,9 +19,9 @@ import signal
 import sys
 import warnings
 
-from src.runtime.collector import collector_paused, fast_exit
+from src.runtime.startup import fast_exit, heavy_imports
 
-with collector_paused():  # torch's and Lightning's imports: see src/runtime/collector.py
+with heavy_imports():  # torch and Lightning: see src/runtime/startup.py
     import torch
     from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.utilities.exceptions import SIGTERMException

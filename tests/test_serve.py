@@ -492,6 +492,64 @@ def test_health_and_info(servers):
 
 
 # ---------------------------------------------------------------------- start and stop
+def _cpu_s(pids: set[int]) -> float:
+    """CPU time (user + system) of the processes ``pids`` so far."""
+    ticks = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            ticks += sum(
+                int(v) for v in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[11:13]
+            )
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def test_an_idle_server_waits_for_requests_without_using_the_cpu(servers):
+    """Two inference workers batching requests, idle: no process of the server polls."""
+    server = servers("ag_news_cnn_bn")
+    server.predict(["warm up"])
+    pids = children_of(server.proc.pid) | {server.proc.pid}
+    before = _cpu_s(pids)
+    time.sleep(3.0)
+    used = _cpu_s(pids) - before
+    assert used < 0.15, f"the idle server and its workers used {used:.2f} s of CPU in 3 s"
+
+
+def test_the_batched_loop_blocks_on_an_empty_queue_then_batches_what_arrives(monkeypatch):
+    """The loop's wait, with LitServe's own gathering: one blocking ``get`` while idle (LitServe
+    0.2's loop asks every millisecond), then the request that ended the wait and those after it in
+    one batch, in order."""
+    import queue
+    from types import SimpleNamespace
+
+    from src.tools import serve_loop
+
+    class Counting(queue.Queue):
+        gets = 0
+
+        def get(self, block: bool = True, timeout: float | None = None):
+            Counting.gets += 1
+            return super().get(block, timeout)
+
+    class Transport:
+        def send(self, item, consumer_id: int) -> None:  # LitServe's "started" notices
+            pass
+
+    monkeypatch.setattr(serve_loop, "IDLE_WAIT_S", 0.3)
+    api = SimpleNamespace(max_batch_size=4, batch_timeout=0.05, request_timeout=30, stream=False)
+    loop, requests = serve_loop.IdleWaitingBatchedLoop(), Counting()
+    assert loop.get_batch_requests(api, requests, Transport()) == ([], [])
+    assert Counting.gets == 1
+
+    def arrive() -> None:
+        time.sleep(0.1)
+        for uid in ("a", "b"):
+            requests.put((0, uid, time.monotonic(), uid.upper()))
+
+    threading.Thread(target=arrive).start()
+    batch, timed_out = loop.get_batch_requests(api, requests, Transport())
+    assert [(uid, x) for _, uid, x in batch] == [("a", "A"), ("b", "B")] and timed_out == []
+
+
 def test_sigterm_stops_the_server_and_its_workers(servers, runs_root: Path):
     server = servers("mnist1d_resnet_bn")
     assert children_of(server.proc.pid)  # HTTP and inference worker processes

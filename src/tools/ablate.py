@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from src.runtime.collector import fast_exit
 from src.runtime.errors import RunFailure, UsageError, exit_on_error
+from src.runtime.startup import fast_exit
 from src.tools.child_run import (
     Children,
     child_env,

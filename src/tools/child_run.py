@@ -30,8 +30,8 @@ from typing import Any
 
 import yaml
 
-from src.runtime.collector import fast_exit
 from src.runtime.errors import Interrupted, UsageError
+from src.runtime.startup import fast_exit
 
 ROOT = Path(__file__).resolve().parents[2]
 

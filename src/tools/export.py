@@ -45,9 +45,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from src.runtime.collector import collector_paused, fast_exit
+from src.runtime.startup import fast_exit, heavy_imports
 
-with collector_paused():  # torch's and Lightning's imports: see src/runtime/collector.py
+with heavy_imports():  # torch and Lightning: see src/runtime/startup.py
     import torch
     from torch import Tensor, nn
 

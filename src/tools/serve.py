@@ -50,9 +50,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from src.runtime.collector import collector_paused, fast_exit
+from src.runtime.startup import fast_exit, heavy_imports
 
-with collector_paused():  # torch's and Lightning's imports: see src/runtime/collector.py
+with heavy_imports():  # torch and Lightning: see src/runtime/startup.py
     import numpy as np
     import torch
 
@@ -74,6 +74,7 @@ with collector_paused():  # torch's and Lightning's imports: see src/runtime/col
     else:
         _IMPORT_ERROR = None
         _LitAPI = ls.LitAPI
+        from src.tools.serve_loop import IdleWaitingBatchedLoop
 
 API_PATH = "/predict"
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024  # ~1,000 Fashion-MNIST images as JSON arrays
@@ -198,7 +199,10 @@ class ClassifierAPI(_LitAPI):
         with warnings.catch_warnings():
             # with --max_batch_size 1 LitServe never calls batch/unbatch, and warns that they exist
             warnings.filterwarnings("ignore", message=r".*max_batch_size parameter was not set")
-            super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=API_PATH)
+            loop = IdleWaitingBatchedLoop() if max_batch_size > 1 else "auto"  # 1: LitServe's blocking loop
+            super().__init__(
+                max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=API_PATH, loop=loop
+            )
         self.ckpt_path = ckpt_path
         self.threads = threads
 

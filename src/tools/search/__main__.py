@@ -10,8 +10,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from src.runtime.collector import fast_exit
 from src.runtime.errors import UsageError, exit_on_error
+from src.runtime.startup import fast_exit
 from src.tools.child_run import Children, cli_command, print_configs
 from src.tools.search.space import Param, build_pruner, format_value, lookup, parse_space
 
