@@ -57,7 +57,7 @@ class RunConfig(SaveConfigCallback):
             path = Path(log_dir) / self.config_filename
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            self.parser.save(self.config, tmp, skip_unset=False, overwrite=True)
+            tmp.write_text(self._dump())
             os.replace(tmp, path)
         if trainer.is_global_zero:
             self.save_config(trainer, pl_module, stage)
@@ -67,6 +67,10 @@ class RunConfig(SaveConfigCallback):
     def on_save_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        checkpoint[CONFIG_KEY] = self._dump()
+
+    def _dump(self) -> str:
+        """The config as YAML: the text of config.yaml and of every checkpoint's copy."""
         if self._dumped is None:
             self._dumped = self.parser.dump(self.config, skip_unset=False)
-        checkpoint[CONFIG_KEY] = self._dumped
+        return self._dumped
