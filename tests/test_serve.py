@@ -492,26 +492,17 @@ def test_health_and_info(servers):
 
 
 # ---------------------------------------------------------------------- start and stop
-def _cpu_s(pids: set[int]) -> float:
-    """CPU time (user + system) of the processes ``pids`` so far."""
-    ticks = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            ticks += sum(
-                int(v) for v in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[11:13]
-            )
-    return ticks / os.sysconf("SC_CLK_TCK")
+def test_a_batching_server_waits_for_requests_with_the_blocking_loop(tmp_path: Path):
+    """With batching on, the API runs :class:`IdleWaitingBatchedLoop` (idle, LitServe 0.2's own
+    batched loop asks its queue every millisecond: ``benchmarks.serve`` prints the idle CPU); with
+    ``--max_batch_size 1``, LitServe's unbatched loop, which blocks already."""
+    from litserve.loops import BatchedLoop
 
+    from src.tools.serve import ClassifierAPI
+    from src.tools.serve_loop import IdleWaitingBatchedLoop
 
-def test_an_idle_server_waits_for_requests_without_using_the_cpu(servers):
-    """Two inference workers batching requests, idle: no process of the server polls."""
-    server = servers("ag_news_cnn_bn")
-    server.predict(["warm up"])
-    pids = children_of(server.proc.pid) | {server.proc.pid}
-    before = _cpu_s(pids)
-    time.sleep(3.0)
-    used = _cpu_s(pids) - before
-    assert used < 0.15, f"the idle server and its workers used {used:.2f} s of CPU in 3 s"
+    assert isinstance(ClassifierAPI(str(tmp_path / "c.ckpt"), max_batch_size=16).loop, IdleWaitingBatchedLoop)
+    assert not isinstance(ClassifierAPI(str(tmp_path / "c.ckpt"), max_batch_size=1).loop, BatchedLoop)
 
 
 def test_the_batched_loop_blocks_on_an_empty_queue_then_batches_what_arrives(monkeypatch):

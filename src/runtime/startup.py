@@ -67,11 +67,11 @@ class _SignalOnFirstUse(types.ModuleType):
     """
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(_import_scipy_signal(self), name)
+        return getattr(_import_scipy_signal(), name)
 
     @staticmethod
     def hamming(*args: Any, **kwargs: Any) -> Any:
-        return _import_scipy_signal(None).windows.hamming(*args, **kwargs)
+        return _import_scipy_signal().windows.hamming(*args, **kwargs)
 
 
 def _defer_scipy_signal() -> None:
@@ -90,14 +90,9 @@ def _defer_scipy_signal() -> None:
     sys.modules["scipy"].signal = placeholder
 
 
-def _import_scipy_signal(placeholder: _SignalOnFirstUse | None) -> types.ModuleType:
+def _import_scipy_signal() -> types.ModuleType:
     module = sys.modules.get(_SIGNAL)
     if isinstance(module, _SignalOnFirstUse):
         del sys.modules[_SIGNAL]
         module = importlib.import_module(_SIGNAL)  # also sets ``scipy.signal`` to the real module
-    if placeholder is not None:
-        # Submodules imported through the placeholder were set on it; keep them on the real module.
-        for key, value in vars(placeholder).items():
-            if isinstance(value, types.ModuleType) and not hasattr(module, key):
-                setattr(module, key, value)
     return module
